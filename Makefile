@@ -1,0 +1,63 @@
+# jaxrec: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-all demo bench-dlrm clean
+
+help:
+	@echo "make setup      create $(VENV) with Python 3.12+ and install jaxrec with pinned dependencies"
+	@echo "make test       setup, then run the CPU test suite (what CI runs)"
+	@echo "make test-all   setup, then also run the slow quality tests (real data, NE targets)"
+	@echo "make demo       setup, then train the DCNv2 ranker on the synthetic ads world into $(DEMO_DIR)"
+	@echo "make bench-dlrm DLRMv2-like training throughput benchmark (meant for a GPU machine)"
+	@echo "make clean      remove $(VENV), caches and runs/"
+
+# Find a Python >= 3.12: PATH first, then pyenv. Prints the interpreter path or fails clearly.
+$(VENV)/bin/python:
+	@set -e; PYBIN=""; \
+	for c in python3.12 python3.13 python3.14 python3; do \
+	  p=$$(command -v $$c 2>/dev/null) || continue; \
+	  if $$p -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then PYBIN=$$p; break; fi; \
+	done; \
+	if [ -z "$$PYBIN" ] && command -v pyenv >/dev/null 2>&1; then \
+	  for v in $$(ls "$$(pyenv root)/versions" 2>/dev/null | sort -rV); do \
+	    p="$$(pyenv root)/versions/$$v/bin/python3"; \
+	    if [ -x "$$p" ] && $$p -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then PYBIN=$$p; break; fi; \
+	  done; \
+	fi; \
+	if [ -z "$$PYBIN" ]; then \
+	  echo "error: jaxrec needs Python 3.12 or newer, and none was found on PATH (python3.12, python3.13, python3) or under pyenv." >&2; \
+	  echo "       Install Python 3.12 (e.g. 'pyenv install 3.12' or your OS package) and run make again." >&2; \
+	  exit 1; \
+	fi; \
+	echo "using $$PYBIN ($$($$PYBIN --version))"; \
+	$$PYBIN -m venv $(VENV)
+
+$(STAMP): $(VENV)/bin/python pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	@# pytest exits 5 when it collects nothing: treat that as a failure, never a pass.
+	@set +e; $(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-all: $(STAMP)
+	@set +e; $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: $(STAMP)
+	$(PY) -m train.ranker --workdir $(DEMO_DIR) --fresh
+
+bench-dlrm: $(STAMP)
+	$(PY) -m train.bench_dlrm
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis runs build *.egg-info
