@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxrec.data.batch import Batch, Schema, batch_from_numpy
+from jaxrec.data.batch import Batch, Schema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +57,14 @@ class Examples:
     if np.any((d.domain < 0) | (d.domain >= s.num_domains)):
       raise ValueError(f"{self.source or 'examples'}: field domain outside [0, {s.num_domains})")
 
+  def rows(self, idx: np.ndarray) -> Batch:
+    """The rows `idx` (any integer index array) as a host Batch (no re-validation)."""
+    return Batch(**{f.name: (None if getattr(self.data, f.name) is None else getattr(self.data, f.name)[idx])
+                    for f in dataclasses.fields(Batch)})
+
   def take(self, idx: np.ndarray) -> "Examples":
     """The rows `idx` (any integer index array), as new Examples."""
-    fields = {f.name: (None if getattr(self.data, f.name) is None else getattr(self.data, f.name)[idx])
-              for f in dataclasses.fields(Batch)}
-    return Examples(self.schema, batch_from_numpy(**fields), self.source)
+    return Examples(self.schema, self.rows(idx), self.source)
 
   def split(self, eval_fraction: float = 0.2, seed: int = 0) -> tuple["Examples", "Examples"]:
     """A seeded random (train, eval) split; the same seed always gives the same rows."""

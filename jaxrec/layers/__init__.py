@@ -1,0 +1,9 @@
+"""Flax NNX layers: embeddings, MLP, DCNv2 cross network, multi-task heads."""
+
+from jaxrec.layers.dcn import CrossLayer, CrossNetwork
+from jaxrec.layers.embedding import FusedEmbedding, TableConfig, hash_ids, pool, table_configs
+from jaxrec.layers.heads import MultiTaskHeads
+from jaxrec.layers.mlp import MLP, activation
+
+__all__ = ["CrossLayer", "CrossNetwork", "FusedEmbedding", "TableConfig", "hash_ids", "pool",
+           "table_configs", "MultiTaskHeads", "MLP", "activation"]

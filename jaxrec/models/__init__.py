@@ -1,0 +1,9 @@
+"""Models built from jaxrec.layers."""
+
+from jaxrec.models.dcnv2 import DCNv2Config, DCNv2Ranker
+from jaxrec.models.logreg import LogisticRegression, LogRegConfig
+
+__all__ = ["DCNv2Config", "DCNv2Ranker", "LogisticRegression", "LogRegConfig"]
+from jaxrec.models.factory import ModelConfig, build_model
+
+__all__ += ["ModelConfig", "build_model"]

@@ -1,0 +1,170 @@
+"""Data specs `FORMAT:PATH[@SPLIT]` -> batch sources.
+
+    adsworld[:STREAM]          the synthetic ads world; STREAM names an independent example
+                               stream (default "train"; use "eval" for evaluation)
+    criteo:PATH                Criteo Kaggle TSV (label, 13 ints, 26 hex categoricals)
+    libfm:PATH                 libFM lines (Frappe)
+    movielens:DIR              MovieLens-100k folder (u.data, u.user, u.item)
+    aliccp:PATH                Ali-CCP CSV (click, purchase)
+    aliexpress:PATH            AliExpress CSV (click, conversion)
+
+SPLIT is `train` or `eval` for a seeded random split of one file (`DataConfig.eval_fraction`,
+`DataConfig.split_seed`), or `all` (the default). A relative PATH that does not exist is also
+looked up under the shared data folder (`jaxrec.data.paths.default_data_dir()`), so
+`libfm:frappe/frappe.validation.libfm@train` works from the repository root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Callable, Iterator
+
+from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
+from jaxrec.data.batch import Batch
+from jaxrec.data.errors import DataSpecError
+from jaxrec.data.examples import Examples
+from jaxrec.data.paths import default_data_dir
+from jaxrec.data.pipeline import BatchSource, ExamplesSource
+from jaxrec.data import readers
+
+SPLITS = ("train", "eval", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  train: str = "adsworld:train"
+  """training data as FORMAT:PATH[@SPLIT] (formats: adsworld, criteo, libfm, movielens, aliccp, aliexpress)"""
+  eval: str = ""
+  """eval data as FORMAT:PATH[@SPLIT]; empty = adsworld:eval for the ads world, or the @eval split of --data.train"""
+  batch_size: int = 1024
+  """global training batch size (a multiple of the device count)"""
+  eval_batch_size: int = 4096
+  """eval batch size (the last batch is padded with weight-0 rows)"""
+  eval_examples: int = 200_000
+  """how many examples an ads-world eval stream holds (real data: the whole eval split)"""
+  eval_fraction: float = 0.2
+  """fraction of rows in the @eval split of a file"""
+  split_seed: int = 0
+  """seed of the train/eval split of a file"""
+  shuffle_seed: int = 0
+  """seed of the per-epoch shuffle of real-data training rows"""
+  world: AdsWorldConfig = AdsWorldConfig()
+  """the synthetic ads world's knobs (see jaxrec.data.adsworld.AdsWorldConfig)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  format: str
+  path: str
+  split: str
+
+  def __str__(self) -> str:
+    return f"{self.format}:{self.path}@{self.split}"
+
+
+def _load_taobao(path: str) -> Examples:
+  return readers.taobao_examples(readers.read_taobao_events(path))
+
+
+READERS: dict[str, Callable[[str], Examples]] = {
+    "criteo": readers.read_criteo,
+    "libfm": readers.read_libfm,
+    "movielens": readers.read_movielens,
+    "aliccp": readers.read_aliccp,
+    "aliexpress": readers.read_aliexpress,
+    "taobao": _load_taobao,
+}
+FORMATS = ("adsworld",) + tuple(READERS)
+
+
+def parse_spec(spec: str) -> DataSpec:
+  """Parses FORMAT:PATH[@SPLIT]; raises DataSpecError with the accepted forms."""
+  fmt, _, rest = spec.partition(":")
+  fmt = fmt.strip().lower()
+  if fmt not in FORMATS:
+    raise DataSpecError(f"data spec {spec!r}: unknown format {fmt!r}; formats: {', '.join(FORMATS)} "
+                        "(write FORMAT:PATH[@SPLIT], e.g. libfm:frappe/frappe.validation.libfm@train)")
+  if fmt == "adsworld":
+    return DataSpec("adsworld", rest or "train", "all")
+  path, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "all")
+  if not path:
+    raise DataSpecError(f"data spec {spec!r}: format {fmt} needs a path, as {fmt}:PATH[@SPLIT]")
+  if split not in SPLITS:
+    raise DataSpecError(f"data spec {spec!r}: split must be one of {SPLITS}, got {split!r}")
+  return DataSpec(fmt, path, split)
+
+
+def resolve_path(path: str) -> Path:
+  p = Path(path).expanduser()
+  if p.exists() or p.is_absolute():
+    return p
+  shared = default_data_dir() / p
+  return shared if shared.exists() else p
+
+
+@functools.lru_cache(maxsize=8)
+def _read(fmt: str, path: Path) -> Examples:
+  return READERS[fmt](str(path))
+
+
+class AdsWorldSource:
+  """One named example stream of the ads world; batch i is generated on demand."""
+
+  def __init__(self, world: AdsWorld, stream: str, eval_examples: int):
+    self.world, self.stream, self.eval_examples = world, stream, eval_examples
+    self.schema = world.schema
+
+  def train_batch(self, index: int, batch_size: int) -> Batch:
+    return self.world.batch(self.stream, index, batch_size)
+
+  def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+    for i in range(-(-self.eval_examples // batch_size)):
+      yield self.world.batch(self.stream, i, batch_size)
+
+
+def open_source(spec: DataSpec, cfg: DataConfig) -> BatchSource:
+  if spec.format == "adsworld":
+    return AdsWorldSource(_world(cfg.world), spec.path, cfg.eval_examples)
+  examples = _read(spec.format, resolve_path(spec.path))
+  if spec.split != "all":
+    train, evl = examples.split(cfg.eval_fraction, cfg.split_seed)
+    examples = train if spec.split == "train" else evl
+  return ExamplesSource(examples, seed=cfg.shuffle_seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _world(cfg: AdsWorldConfig) -> AdsWorld:
+  return AdsWorld(cfg)
+
+
+def open_train_eval(cfg: DataConfig) -> tuple[BatchSource, BatchSource]:
+  """The training and eval sources of a DataConfig, with the eval spec defaulted and checked."""
+  train_spec = parse_spec(cfg.train)
+  if cfg.eval:
+    eval_spec = parse_spec(cfg.eval)
+  elif train_spec.format == "adsworld":
+    eval_spec = DataSpec("adsworld", "eval", "all")
+  elif train_spec.split == "train":
+    eval_spec = dataclasses.replace(train_spec, split="eval")
+  else:
+    raise DataSpecError(f"no eval data: pass --data.eval FORMAT:PATH[@SPLIT], or train on "
+                        f"{train_spec.format}:{train_spec.path}@train to hold out a seeded split")
+  if train_spec == eval_spec:
+    raise DataSpecError(f"--data.train and --data.eval are the same data ({train_spec}); "
+                        "evaluating on training rows would overstate quality")
+  train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg)
+  check_compatible(train, evl, str(train_spec), str(eval_spec))
+  return train, evl
+
+
+def check_compatible(train: BatchSource, evl: BatchSource, train_name: str, eval_name: str) -> None:
+  a, b = train.schema, evl.schema
+  if (a.dense, a.labels, tuple(f.name for f in a.sparse)) != (b.dense, b.labels, tuple(f.name for f in b.sparse)):
+    raise DataSpecError(f"{eval_name} has different features or labels than {train_name}; "
+                        "eval data must share the training schema")
+  for fa, fb in zip(a.sparse, b.sparse):
+    if fa.vocab_size is not None and (fb.vocab_size is None or fb.vocab_size > fa.vocab_size):
+      raise DataSpecError(f"feature {fa.name}: eval ids reach {fb.vocab_size}, beyond the training "
+                          f"vocabulary of {fa.vocab_size}")

@@ -1,0 +1,195 @@
+"""The training loop: data -> jitted steps -> metrics, checkpoints, summary, plot.
+
+`train_and_evaluate(cfg, workdir)` trains a ranker, resuming from the newest checkpoint in
+`workdir` when there is one, and writes there:
+
+    checkpoints/<step>/   orbax checkpoints of the TrainState
+    config.json           the full config (a resumed run must match it, `train.steps` aside)
+    schema.json           the feature schema the model was built for
+    metrics.jsonl         one JSON object per log or eval event
+    summary.json          final eval metrics, steps, examples/s
+    curves.png            training curves
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.config import config_to_dict
+from jaxrec.data.batch import Batch, Schema
+from jaxrec.data.pipeline import BatchSource, train_iterator
+from jaxrec.data.sources import DataConfig, open_train_eval
+from jaxrec.metrics import MetricAccumulator
+from jaxrec.models import ModelConfig, build_model
+from jaxrec.plotting import plot_training_curves
+from jaxrec.progress import progress
+from jaxrec.training import sharding
+from jaxrec.training.checkpoint import Checkpointer
+from jaxrec.training.state import TrainState, create_train_state
+from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  steps: int = 3000
+  """total training steps (a resumed run continues up to this many)"""
+  log_every: int = 100
+  """write the mean training loss and throughput every this many steps"""
+  eval_every: int = 0
+  """evaluate every this many steps (0 = only at the end)"""
+  checkpoint_every: int = 1000
+  """save a checkpoint every this many steps (and always at the end)"""
+  max_to_keep: int = 2
+  """checkpoints kept on disk"""
+  num_devices: int = 0
+  """devices in the data-parallel mesh (0 = all local devices)"""
+  progress: bool = True
+  """show a progress bar"""
+
+
+@dataclasses.dataclass(frozen=True)
+class RankerConfig:
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  optim: OptimConfig = OptimConfig()
+  train: LoopConfig = LoopConfig()
+  fresh: bool = False
+  """start over: delete this run's checkpoints, metrics and summary in the workdir first"""
+
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json")
+
+
+def _prepare_workdir(cfg: RankerConfig, workdir: Path) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  if cfg.fresh:
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    for name in RUN_FILES:
+      (workdir / name).unlink(missing_ok=True)
+  saved = workdir / "config.json"
+  mine = config_to_dict(cfg)
+  if saved.exists() and (workdir / "checkpoints").exists():
+    old = json.loads(saved.read_text())
+    for section in ("data", "model", "optim"):
+      if old.get(section) != mine[section]:
+        raise SystemExit(f"error: {workdir} holds a run with a different '{section}' config; resume it "
+                         f"with the same settings, pass --fresh to start over, or use another --workdir")
+  saved.write_text(json.dumps(mine, indent=2) + "\n")
+
+
+def evaluate(eval_step, state: TrainState, source: BatchSource, schema: Schema, batch_size: int,
+             batch_sh: Batch) -> dict[str, float]:
+  """Runs the whole eval stream; returns metrics keyed "<task>/<metric>"."""
+  acc = MetricAccumulator(schema.labels)
+  for b in source.eval_batches(batch_size):
+    probs = np.asarray(eval_step(state, jax.device_put(b, batch_sh)))
+    acc.add(b.labels, probs, b.weights, b.true_prob)
+  return acc.result()
+
+
+def _append(path: Path, record: dict) -> None:
+  with path.open("a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
+  """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
+  workdir = Path(workdir)
+  _prepare_workdir(cfg, workdir)
+  train_src, eval_src = open_train_eval(cfg.data)
+  schema = train_src.schema
+  (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
+
+  mesh = sharding.make_mesh(cfg.train.num_devices)
+  sharding.check_batch_size(cfg.data.batch_size, mesh)
+  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
+  n_dev = mesh.devices.size
+  tx = dense_optimizer(cfg.optim)
+  graphdef, state, state_sh = create_train_state(
+      lambda: build_model(schema, cfg.model, row_multiple=n_dev), tx, mesh)
+
+  ckpt = Checkpointer(workdir, max_to_keep=cfg.train.max_to_keep)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(jax.eval_shape(lambda: state), state_sh)
+  start = int(state.step)
+
+  with_truth = next(iter(eval_src.eval_batches(cfg.data.eval_batch_size))).true_prob is not None
+  train_truth = train_src.train_batch(0, min(cfg.data.batch_size, 8)).true_prob is not None
+  train_step = make_train_step(graphdef, tx, cfg.optim, state_sh, batch_shardings(mesh, train_truth))
+  eval_bsh = batch_shardings(mesh, with_truth)
+  eval_step = make_eval_step(graphdef, state_sh, eval_bsh)
+  train_bsh = batch_shardings(mesh, train_truth)
+
+  metrics_path = workdir / "metrics.jsonl"
+  steps, bs = cfg.train.steps, cfg.data.batch_size
+  batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
+  losses: list[jax.Array] = []
+  timed_steps, timed_seconds = 0, 0.0
+  t_mark = None  # start of the current timed segment (after the first, compiling step)
+  seg_steps = 0
+  with progress(steps - start, f"train {cfg.model.kind}", enabled=cfg.train.progress) as bar:
+    for step in range(start, steps):
+      batch = jax.device_put(next(batches), train_bsh)
+      state, m = train_step(state, batch)
+      losses.append(m["loss"])
+      seg_steps += 1
+      done = step + 1
+      if t_mark is None:  # first step of this process: includes compilation, not timed
+        jax.block_until_ready(state)
+        t_mark, seg_steps = time.perf_counter(), 0
+      boundary_log = done % cfg.train.log_every == 0 or done == steps
+      boundary_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
+      boundary_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
+      if boundary_log or boundary_eval or boundary_ckpt:
+        loss = float(jnp.mean(jnp.stack(losses)))
+        losses = []
+        now = time.perf_counter()
+        timed_steps += seg_steps
+        timed_seconds += now - t_mark
+        rate = bs * timed_steps / timed_seconds if timed_seconds > 0 else float("nan")
+        if boundary_log:
+          _append(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
+        if boundary_eval:
+          res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
+          _append(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in res.items()}})
+        if boundary_ckpt:
+          ckpt.save(done, state)
+        bar.update(0, loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}")
+        seg_steps = 0
+        t_mark = time.perf_counter()
+      bar.update(1)
+
+  res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
+  final_step = int(state.step)
+  _append(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in res.items()}})
+  ckpt.close()
+  main_task = schema.labels[0]
+  summary = {
+      "steps": final_step,
+      "examples_per_sec": bs * timed_steps / timed_seconds if timed_seconds > 0 else None,
+      "eval_ne": res[f"{main_task}/ne"],
+      "eval_auc": res[f"{main_task}/auc"],
+      "eval_logloss": res[f"{main_task}/logloss"],
+      "eval_calibration": res[f"{main_task}/calibration"],
+      "task": main_task,
+      "eval": res,
+      "devices": n_dev,
+      "device_kind": jax.devices()[0].device_kind,
+      "model": cfg.model.kind,
+      "train_data": cfg.data.train,
+  }
+  if f"{main_task}/oracle_ne" in res:
+    summary["oracle_ne"] = res[f"{main_task}/oracle_ne"]
+    summary["ne_over_oracle"] = summary["eval_ne"] / summary["oracle_ne"] - 1.0
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  plot_training_curves(metrics_path, workdir / "curves.png", title=f"{cfg.model.kind} on {cfg.data.train}")
+  return summary

@@ -1,0 +1,89 @@
+"""The jitted training and eval steps.
+
+    train_step(state, batch) -> (state, {"loss": f32 []})
+    eval_step(state, batch) -> probabilities f32 [B, T]
+
+There is no randomness in the step (no dropout), so it takes no rng. The embedding table is
+updated by sparse row-wise Adagrad from the gradient with respect to the looked-up rows; the
+dense parameters by optax (Adam by default). State buffers are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxrec.data.batch import Batch
+from jaxrec.layers import pool
+from jaxrec.training import sharding
+from jaxrec.training.losses import weighted_bce
+from jaxrec.training.sparse_adagrad import sparse_rowwise_adagrad
+from jaxrec.training.state import TrainState, merge_model
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  dense_lr: float = 1e-3
+  """Adam learning rate of the dense parameters"""
+  embedding_lr: float = 0.05
+  """row-wise Adagrad learning rate of the embedding table"""
+  warmup_steps: int = 0
+  """linear warm-up of the dense learning rate over this many steps"""
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adagrad_eps: float = 1e-8
+  """epsilon of the row-wise Adagrad denominator"""
+
+
+def dense_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  lr = cfg.dense_lr if cfg.warmup_steps <= 0 else optax.linear_schedule(0.0, cfg.dense_lr, cfg.warmup_steps)
+  return optax.adam(lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
+
+
+def batch_shardings(mesh: Mesh, with_truth: bool) -> Batch:
+  rows = sharding.row_sharded(mesh)
+  return Batch(dense=rows, sparse=rows, sparse_mask=rows, labels=rows, weights=rows, domain=rows,
+               timestamp=rows, true_prob=rows if with_truth else None)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
+                    state_sh: TrainState, batch_sh: Batch) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    model = merge_model(graphdef, state.params, state.table)
+    row_ids = model.embedding.row_ids(batch.sparse)
+    rows = model.embedding.gather(state.table, row_ids)
+    combiner = model.combiner
+
+    def loss_fn(params, rows):
+      m = merge_model(graphdef, params, state.table)
+      logits = m.from_pooled(batch.dense, pool(rows, batch.sparse_mask, combiner))
+      return weighted_bce(logits, batch.labels, batch.weights)
+
+    loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, rows)
+    updates, opt_state = tx.update(g_params, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    live = batch.sparse_mask & (batch.weights > 0)[:, None, None]
+    table, acc = sparse_rowwise_adagrad(state.table, state.table_acc, row_ids, g_rows, live,
+                                        lr=cfg.embedding_lr, eps=cfg.adagrad_eps)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, table=table, table_acc=acc)
+    return new, {"loss": loss}
+
+  rep = NamedSharding(state_sh.table.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, {"loss": rep}),
+                 donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, state_sh: TrainState, batch_sh: Batch) -> Callable[[TrainState, Batch], jax.Array]:
+
+  def eval_step(state: TrainState, batch: Batch) -> jax.Array:
+    return jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch))
+
+  rep = NamedSharding(state_sh.table.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=rep)
