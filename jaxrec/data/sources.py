@@ -38,7 +38,7 @@ class DataConfig:
   """training data as FORMAT:PATH[@SPLIT] (formats: adsworld, criteo, libfm, movielens, aliccp, aliexpress)"""
   eval: str = ""
   """eval data as FORMAT:PATH[@SPLIT]; empty = adsworld:eval for the ads world, or the @eval split of --data.train"""
-  batch_size: int = 1024
+  batch_size: int = 2048
   """global training batch size (a multiple of the device count)"""
   eval_batch_size: int = 4096
   """eval batch size (the last batch is padded with weight-0 rows)"""
@@ -110,23 +110,33 @@ def _read(fmt: str, path: Path) -> Examples:
 
 
 class AdsWorldSource:
-  """One named example stream of the ads world; batch i is generated on demand."""
+  """One named example stream of the ads world; batch i is generated on demand.
 
-  def __init__(self, world: AdsWorld, stream: str, eval_examples: int):
+  The world's streams run forward in world time (batch i holds examples [i B, (i + 1) B) of a
+  time-ordered request log). Evaluation should cover the period training saw, so `eval_batches`
+  spreads its `eval_examples` evenly over the first `span_examples` of the stream (the training
+  run's steps x batch size) instead of taking only its first minutes.
+  """
+
+  def __init__(self, world: AdsWorld, stream: str, eval_examples: int, span_examples: int = 0):
     self.world, self.stream, self.eval_examples = world, stream, eval_examples
+    self.span_examples = span_examples
     self.schema = world.schema
 
   def train_batch(self, index: int, batch_size: int) -> Batch:
     return self.world.batch(self.stream, index, batch_size)
 
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-    for i in range(-(-self.eval_examples // batch_size)):
-      yield self.world.batch(self.stream, i, batch_size)
+    n = -(-self.eval_examples // batch_size)
+    slots = max(self.span_examples // batch_size, n)
+    for k in range(n):
+      yield self.world.batch(self.stream, (k * slots) // n, batch_size)
 
 
-def open_source(spec: DataSpec, cfg: DataConfig) -> BatchSource:
+def open_source(spec: DataSpec, cfg: DataConfig, span_examples: int = 0) -> BatchSource:
+  """A batch source for one spec; `span_examples` is the training run's length in examples."""
   if spec.format == "adsworld":
-    return AdsWorldSource(_world(cfg.world), spec.path, cfg.eval_examples)
+    return AdsWorldSource(_world(cfg.world), spec.path, cfg.eval_examples, span_examples)
   examples = _read(spec.format, resolve_path(spec.path))
   if spec.split != "all":
     train, evl = examples.split(cfg.eval_fraction, cfg.split_seed)
@@ -139,8 +149,11 @@ def _world(cfg: AdsWorldConfig) -> AdsWorld:
   return AdsWorld(cfg)
 
 
-def open_train_eval(cfg: DataConfig) -> tuple[BatchSource, BatchSource]:
-  """The training and eval sources of a DataConfig, with the eval spec defaulted and checked."""
+def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSource, BatchSource]:
+  """The training and eval sources of a DataConfig, with the eval spec defaulted and checked.
+
+  `train_examples` (steps x batch size) lets an ads-world eval stream cover the training period.
+  """
   train_spec = parse_spec(cfg.train)
   if cfg.eval:
     eval_spec = parse_spec(cfg.eval)
@@ -154,7 +167,7 @@ def open_train_eval(cfg: DataConfig) -> tuple[BatchSource, BatchSource]:
   if train_spec == eval_spec:
     raise DataSpecError(f"--data.train and --data.eval are the same data ({train_spec}); "
                         "evaluating on training rows would overstate quality")
-  train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg)
+  train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
   check_compatible(train, evl, str(train_spec), str(eval_spec))
   return train, evl
 

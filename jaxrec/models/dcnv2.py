@@ -25,7 +25,7 @@ class DCNv2Config:
   """width D of every embedding (and of the bottom MLP's output)"""
   bottom_mlp: tuple[int, ...] = (64,)
   """hidden sizes of the bottom MLP over dense features; a final layer of width D is added"""
-  num_cross: int = 2
+  num_cross: int = 3
   """number of DCNv2 cross layers"""
   cross_rank: int | None = None
   """low-rank size of each cross layer (None = full rank)"""

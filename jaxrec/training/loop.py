@@ -40,13 +40,13 @@ from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-  steps: int = 3000
+  steps: int = 12000
   """total training steps (a resumed run continues up to this many)"""
-  log_every: int = 100
+  log_every: int = 200
   """write the mean training loss and throughput every this many steps"""
-  eval_every: int = 0
+  eval_every: int = 3000
   """evaluate every this many steps (0 = only at the end)"""
-  checkpoint_every: int = 1000
+  checkpoint_every: int = 3000
   """save a checkpoint every this many steps (and always at the end)"""
   max_to_keep: int = 2
   """checkpoints kept on disk"""
@@ -105,7 +105,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
   workdir = Path(workdir)
   _prepare_workdir(cfg, workdir)
-  train_src, eval_src = open_train_eval(cfg.data)
+  train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
 
@@ -155,7 +155,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
         now = time.perf_counter()
         timed_steps += seg_steps
         timed_seconds += now - t_mark
-        rate = bs * timed_steps / timed_seconds if timed_seconds > 0 else float("nan")
+        rate = bs * timed_steps / timed_seconds if timed_seconds > 0 else None
         if boundary_log:
           _append(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
         if boundary_eval:
@@ -163,7 +163,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
           _append(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in res.items()}})
         if boundary_ckpt:
           ckpt.save(done, state)
-        bar.update(0, loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}")
+        bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
         seg_steps = 0
         t_mark = time.perf_counter()
       bar.update(1)

@@ -29,9 +29,9 @@ from jaxrec.training.state import TrainState, merge_model
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  dense_lr: float = 1e-3
+  dense_lr: float = 2e-3
   """Adam learning rate of the dense parameters"""
-  embedding_lr: float = 0.05
+  embedding_lr: float = 0.3
   """row-wise Adagrad learning rate of the embedding table"""
   warmup_steps: int = 0
   """linear warm-up of the dense learning rate over this many steps"""

@@ -108,3 +108,11 @@ def test_killed_and_resumed_matches_uninterrupted(tmp_path):
   assert not (killed / "summary.json").exists()
   subprocess.run(cmd + ["--workdir", str(killed)] + args, cwd=REPO, env=env, check=True, capture_output=True)
   assert_trees_equal(final_params(full, 300), final_params(killed, 300))
+
+
+def test_smoke_config_trains_and_restores(tmp_path):
+  from jaxrec.training.loop import train_and_evaluate
+  s = train_and_evaluate(ranker.smoke(), tmp_path / "smoke")
+  assert s["steps"] == 20 and np.isfinite(s["eval_ne"]) and np.isfinite(s["oracle_ne"])
+  restored = final_params(tmp_path / "smoke", 20)
+  assert int(restored["step"]) == 20 and np.all(np.isfinite(restored["table"]))
