@@ -39,6 +39,9 @@ class DCNv2Config:
   """vocabularies up to this size get one row per id; larger ones are hashed"""
   compute_dtype: str = "float32"
   """dtype of the matmuls and activations: float32 or bfloat16 (parameters stay float32)"""
+  embedding_init: float = 0.0
+  """embedding rows start uniform in [-s, s] with this s (0 = 1/sqrt(embed_dim)); a small s keeps
+  rarely seen ids near zero instead of at random positions, which matters on small datasets"""
   combiner: str = "sum"
   """how multi-id features pool their rows: sum or mean"""
 
@@ -52,7 +55,7 @@ class DCNv2Ranker(nnx.Module):
     self.embedding = FusedEmbedding(
         table_configs(schema.sparse, dim=cfg.embed_dim, hash_rows=cfg.hash_rows,
                       max_rows_per_feature=cfg.max_rows_per_feature),
-        row_multiple=row_multiple, rngs=rngs)
+        row_multiple=row_multiple, init_scale=cfg.embedding_init or None, rngs=rngs)
     d = cfg.embed_dim
     if schema.num_dense:
       self.bottom = MLP(schema.num_dense, tuple(cfg.bottom_mlp) + (d,), act=cfg.activation, dtype=dtype, rngs=rngs)

@@ -33,6 +33,11 @@ class OptimConfig:
   """Adam learning rate of the dense parameters"""
   embedding_lr: float = 0.3
   """row-wise Adagrad learning rate of the embedding table"""
+  embedding_l2: float = 0.0
+  """L2 penalty on looked-up embedding rows: adds embedding_l2 * row to each lookup's gradient
+  (the batch-level embedding regularizer of FuxiCTR/BARS; rows seen more often are pulled harder)"""
+  weight_decay: float = 0.0
+  """decoupled weight decay of the dense parameters (AdamW); 0 = plain Adam"""
   warmup_steps: int = 0
   """linear warm-up of the dense learning rate over this many steps"""
   adam_b1: float = 0.9
@@ -43,6 +48,8 @@ class OptimConfig:
 
 def dense_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   lr = cfg.dense_lr if cfg.warmup_steps <= 0 else optax.linear_schedule(0.0, cfg.dense_lr, cfg.warmup_steps)
+  if cfg.weight_decay > 0:
+    return optax.adamw(lr, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay)
   return optax.adam(lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
 
 
@@ -70,6 +77,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     live = batch.sparse_mask & (batch.weights > 0)[:, None, None]
+    if cfg.embedding_l2 > 0:
+      g_rows = g_rows + cfg.embedding_l2 * rows * live[..., None]
     table, acc = sparse_rowwise_adagrad(state.table, state.table_acc, row_ids, g_rows, live,
                                         lr=cfg.embedding_lr, eps=cfg.adagrad_eps)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, table=table, table_acc=acc)
