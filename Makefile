@@ -16,7 +16,8 @@ help:
 	@echo "make bench-dlrm DLRMv2-like training throughput benchmark (meant for a GPU machine)"
 	@echo "make clean      remove $(VENV), caches and runs/"
 
-# Find a Python >= 3.12: PATH first, then pyenv. Prints the interpreter path or fails clearly.
+# Find a Python >= 3.12: PATH first, then pyenv (3.12.x preferred, the version CI and the GPU
+# machines run). Prints the interpreter it chose, or fails with a clear message.
 $(VENV)/bin/python:
 	@set -e; PYBIN=""; \
 	for c in python3.12 python3.13 python3.14 python3; do \
@@ -24,7 +25,8 @@ $(VENV)/bin/python:
 	  if $$p -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then PYBIN=$$p; break; fi; \
 	done; \
 	if [ -z "$$PYBIN" ] && command -v pyenv >/dev/null 2>&1; then \
-	  for v in $$(ls "$$(pyenv root)/versions" 2>/dev/null | sort -rV); do \
+	  for v in $$(ls "$$(pyenv root)/versions" 2>/dev/null | grep '^3\.12' | sort -rV) \
+	           $$(ls "$$(pyenv root)/versions" 2>/dev/null | grep -v '^3\.12' | sort -rV); do \
 	    p="$$(pyenv root)/versions/$$v/bin/python3"; \
 	    if [ -x "$$p" ] && $$p -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then PYBIN=$$p; break; fi; \
 	  done; \

@@ -19,7 +19,7 @@ from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
 from jaxrec.models import ModelConfig
-from jaxrec.training.loop import LoopConfig, RankerConfig, train_and_evaluate
+from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
 from jaxrec.training.step import OptimConfig
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.ranker", description=__doc__.split("\n\n")[0])
   try:
     summary = train_and_evaluate(args.ranker_config(), args.workdir)
-  except (DataFormatError, DataSpecError) as e:
+  except (DataFormatError, DataSpecError, WorkdirConflictError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   keys = ("steps", "eval_ne", "oracle_ne", "ne_over_oracle", "eval_auc", "eval_calibration", "examples_per_sec")

@@ -7,6 +7,7 @@
     movielens:DIR              MovieLens-100k folder (u.data, u.user, u.item)
     aliccp:PATH                Ali-CCP CSV (click, purchase)
     aliexpress:PATH            AliExpress CSV (click, conversion)
+    taobao:PATH                Taobao UserBehavior events (one example per page view; cart_or_fav, buy)
 
 SPLIT is `train` or `eval` for a seeded random split of one file (`DataConfig.eval_fraction`,
 `DataConfig.split_seed`), or `all` (the default). A relative PATH that does not exist is also
@@ -35,7 +36,7 @@ SPLITS = ("train", "eval", "all")
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   train: str = "adsworld:train"
-  """training data as FORMAT:PATH[@SPLIT] (formats: adsworld, criteo, libfm, movielens, aliccp, aliexpress)"""
+  """training data as FORMAT:PATH[@SPLIT] (formats: adsworld, criteo, libfm, movielens, aliccp, aliexpress, taobao)"""
   eval: str = ""
   """eval data as FORMAT:PATH[@SPLIT]; empty = adsworld:eval for the ads world, or the @eval split of --data.train"""
   batch_size: int = 2048
@@ -52,6 +53,13 @@ class DataConfig:
   """seed of the per-epoch shuffle of real-data training rows"""
   world: AdsWorldConfig = AdsWorldConfig()
   """the synthetic ads world's knobs (see jaxrec.data.adsworld.AdsWorldConfig)"""
+
+  def __post_init__(self):
+    for name in ("batch_size", "eval_batch_size", "eval_examples"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+    if not 0.0 < self.eval_fraction < 1.0:
+      raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)

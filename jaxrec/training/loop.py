@@ -55,6 +55,13 @@ class LoopConfig:
   progress: bool = True
   """show a progress bar"""
 
+  def __post_init__(self):
+    for name in ("steps", "log_every", "checkpoint_every", "max_to_keep"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_every < 0 or self.num_devices < 0:
+      raise ValueError("train.eval_every and train.num_devices must be >= 0")
+
 
 @dataclasses.dataclass(frozen=True)
 class RankerConfig:
@@ -64,6 +71,10 @@ class RankerConfig:
   train: LoopConfig = LoopConfig()
   fresh: bool = False
   """start over: delete this run's checkpoints, metrics and summary in the workdir first"""
+
+
+class WorkdirConflictError(ValueError):
+  """The workdir holds a run whose config differs from the one asked to resume it."""
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json")
@@ -81,8 +92,9 @@ def _prepare_workdir(cfg: RankerConfig, workdir: Path) -> None:
     old = json.loads(saved.read_text())
     for section in ("data", "model", "optim"):
       if old.get(section) != mine[section]:
-        raise SystemExit(f"error: {workdir} holds a run with a different '{section}' config; resume it "
-                         f"with the same settings, pass --fresh to start over, or use another --workdir")
+        raise WorkdirConflictError(
+            f"{workdir} holds a run with a different '{section}' config; resume it with the same "
+            "settings, pass --fresh to start over, or use another --workdir")
   saved.write_text(json.dumps(mine, indent=2) + "\n")
 
 

@@ -45,6 +45,13 @@ class OptimConfig:
   adagrad_eps: float = 1e-8
   """epsilon of the row-wise Adagrad denominator"""
 
+  def __post_init__(self):
+    if self.dense_lr <= 0 or self.embedding_lr <= 0:
+      raise ValueError(f"optim learning rates must be > 0, got dense_lr={self.dense_lr}, "
+                       f"embedding_lr={self.embedding_lr}")
+    if self.embedding_l2 < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+      raise ValueError("optim.embedding_l2, weight_decay and warmup_steps must be >= 0")
+
 
 def dense_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   lr = cfg.dense_lr if cfg.warmup_steps <= 0 else optax.linear_schedule(0.0, cfg.dense_lr, cfg.warmup_steps)
