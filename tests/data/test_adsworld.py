@@ -264,3 +264,18 @@ def test_config_validation():
     AdsWorldConfig(conflict_domain=7)
   with pytest.raises(ValueError, match="num_users"):
     AdsWorldConfig(num_users=0)
+
+
+def test_threads_sharing_a_world_get_the_same_batches():
+  """grain's prefetch threads share one AdsWorld; its page caches must not mix batches up."""
+  from concurrent.futures import ThreadPoolExecutor
+  cfg = AdsWorldConfig()
+  idx = list(range(0, 240, 7))
+  alone = AdsWorld(cfg)
+  want = [alone.batch("train", i, 512) for i in idx]
+  shared = AdsWorld(cfg)
+  with ThreadPoolExecutor(4) as ex:
+    got = list(ex.map(lambda i: shared.batch("train", i, 512), idx))
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(a.sparse, b.sparse)
+    np.testing.assert_array_equal(a.labels, b.labels)
