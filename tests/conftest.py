@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Strict dtype promotion (../shared/STYLE.md 14) is not switched on for the whole suite: optax
+# 0.2.8's Adam bias correction computes `float ** int32 count`, which strict promotion rejects
+# inside optax itself (TypePromotionError in optax/tree_utils/_tree_math.py).
+
 from jaxrec.data.paths import default_data_dir
 
 

@@ -53,3 +53,9 @@ def test_negative_control_wrong_grad_detected():
   want_t, _ = dense_rowwise_adagrad(table, acc, dense_g, lr=0.1)
   got_t, _ = sparse_rowwise_adagrad(table, acc, ids, -g, mask, lr=0.1)
   assert not np.allclose(got_t, want_t, rtol=1e-5, atol=1e-6)
+
+
+def test_strict_dtype_promotion_clean():
+  table, acc, ids, g, mask = _case(5)
+  with jax.numpy_dtype_promotion("strict"):
+    sparse_rowwise_adagrad(table, acc, ids, g, mask, lr=0.1)

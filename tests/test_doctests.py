@@ -1,0 +1,16 @@
+"""Runs the `>>>` examples in the library's docstrings."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["jaxrec.layers.embedding", "jaxrec.metrics", "jaxrec.progress", "jaxrec.data.adsworld",
+           "jaxrec.data.readers.criteo"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0, f"{name} has no examples"
+  assert result.failed == 0
