@@ -22,14 +22,21 @@ pytestmark = pytest.mark.slow
 
 
 def _loop(steps: int) -> LoopConfig:
-  return LoopConfig(steps=steps, log_every=max(steps // 10, 1), checkpoint_every=steps, progress=False)
+  # one device, as the documented runs (tests/conftest.py gives this process 8 host devices)
+  return LoopConfig(steps=steps, log_every=max(steps // 10, 1), checkpoint_every=steps, progress=False,
+                    num_devices=1)
+
+
+def _demo() -> RankerConfig:
+  cfg = demo_config()
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_devices=1))
 
 
 def test_adsworld_dcnv2_near_oracle_and_lr_far(tmp_path):
-  dcn = train_and_evaluate(demo_config(), tmp_path / "dcn")
+  dcn = train_and_evaluate(_demo(), tmp_path / "dcn")
   print("dcnv2", dcn)
   assert dcn["ne_over_oracle"] < 0.03
-  lr_cfg = dataclasses.replace(demo_config(), model=ModelConfig(kind="logreg"))
+  lr_cfg = dataclasses.replace(_demo(), model=ModelConfig(kind="logreg"))
   lr = train_and_evaluate(lr_cfg, tmp_path / "lr")
   print("logreg", lr)
   assert lr["ne_over_oracle"] >= 0.05
