@@ -1,5 +1,6 @@
 """Pallas GPU kernels (Mosaic GPU for sm90), arrays in and arrays out.
 
-Empty until the FP8 GEMM issue lands: each kernel will sit in its own file with a plain-jnp
-`*_reference`, a frozen TuningConfig and an interpret flag for CPU (see ../shared/STYLE.md).
+Each kernel sits in its own file with a plain-jnp `*_reference`, a frozen TuningConfig and an
+`interpret` flag that runs it on CPU through jax's Mosaic GPU interpreter (../shared/STYLE.md):
+    fp8_gemm_sm90   FP8 GEMM with a row/column scale epilogue (first, plain version)
 """

@@ -7,7 +7,8 @@ each operand quantized along its own contraction axis for that GEMM. Shapes: x [
 -> y [M, N] in x's dtype; gradients in the dtypes of x and w.
 
 `impl="xla"` is plain JAX (the CPU path, and the reference for the Pallas kernels);
-`impl="pallas"` will route to kernels_pallas once the FP8 kernels exist and raises until then.
+`impl="pallas"` will route to kernels_pallas once the forward and gradient kernels of every recipe
+exist; it raises until then (kernels_pallas.fp8_gemm_sm90 is the first, forward-only kernel).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def fp8_dense(x: jax.Array, w: jax.Array, *, recipe: Recipe = "row", impl: str =
   if recipe not in RECIPES:
     raise ValueError(f"unknown FP8 recipe {recipe!r}; choose one of {RECIPES}")
   if impl == "pallas":
-    raise NotImplementedError("impl='pallas': the Pallas FP8 kernels are not built yet (FP8 kernel "
-                              "issue); use impl='xla'")
+    raise NotImplementedError("impl='pallas' is not wired yet: kernels_pallas.fp8_gemm_sm90 covers only "
+                              "the forward GEMM of the tensor and row recipes so far; use impl='xla'")
   if impl != "xla":
     raise ValueError(f"impl must be 'xla' or 'pallas', got {impl!r}")
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
