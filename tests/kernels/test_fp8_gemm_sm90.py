@@ -82,3 +82,30 @@ def test_compiled_on_gpu_matches_reference():
   a, b, sa, sb = operands(1024, 1024, 1024, seed=5)
   y = jax.jit(lambda *args: fp8_gemm(*args, out_dtype=jnp.bfloat16))(a, b, sa, sb)
   assert check(y, a, b, sa, sb, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "hard_swish"])
+def test_fused_bias_and_activation(activation):
+  a, b, sa, sb = operands(128, 256, 256, seed=6)
+  bias = jnp.asarray(np.random.default_rng(7).normal(size=256) * 5, jnp.float32)
+  y = np.asarray(fp8_gemm(a, b, sa, sb, bias=bias, activation=activation, out_dtype=jnp.float32,
+                          interpret=not on_gpu), np.float64)
+  ref = np.asarray(fp8_gemm_reference(a, b, sa, sb, bias=bias, activation=activation, out_dtype=jnp.float32),
+                   np.float64)
+  mag = (np.abs(np.asarray(a, np.float64)) @ np.abs(np.asarray(b, np.float64)).T
+         * np.asarray(sa)[:, None] * np.asarray(sb)[None, :]) + np.abs(np.asarray(bias))[None, :]
+  # activations here are at most 1.5-Lipschitz; f32 summation-order error as in `check`
+  assert np.all(np.abs(y - ref) <= 1.5 * (258 * 2.0 ** -24) * mag + 1e-30)
+  if activation == "relu":
+    assert y.min() == 0.0 and (y == 0).mean() > 0.2  # the activation really ran
+  wrong = np.asarray(fp8_gemm(a, b, sa, sb, bias=-bias, activation=activation, out_dtype=jnp.float32,
+                              interpret=not on_gpu), np.float64)
+  assert not np.allclose(wrong, ref)  # negative control: the bias really matters
+
+
+def test_bad_epilogue_arguments():
+  a = jnp.zeros((128, 128), jnp.float8_e4m3fn)
+  with pytest.raises(ValueError, match="activation must be one of"):
+    fp8_gemm(a, a, jnp.ones(128), jnp.ones(128), activation="gelu", interpret=True)
+  with pytest.raises(ValueError, match="bias must be"):
+    fp8_gemm(a, a, jnp.ones(128), jnp.ones(128), bias=jnp.ones(64), interpret=True)
