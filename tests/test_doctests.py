@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["jaxrec.layers.embedding", "jaxrec.metrics", "jaxrec.progress", "jaxrec.data.adsworld",
-           "jaxrec.data.readers.criteo"]
+           "jaxrec.data.readers.criteo", "jaxrec.layers.blocknorm"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,9 +1,10 @@
 """Flax NNX layers: embeddings, MLP, DCNv2 cross network, multi-task heads."""
 
+from jaxrec.layers.blocknorm import block_norm
 from jaxrec.layers.dcn import CrossLayer, CrossNetwork
 from jaxrec.layers.embedding import FusedEmbedding, TableConfig, hash_ids, pool, table_configs
 from jaxrec.layers.heads import MultiTaskHeads
 from jaxrec.layers.mlp import MLP, activation
 
-__all__ = ["CrossLayer", "CrossNetwork", "FusedEmbedding", "TableConfig", "hash_ids", "pool",
+__all__ = ["block_norm", "CrossLayer", "CrossNetwork", "FusedEmbedding", "TableConfig", "hash_ids", "pool",
            "table_configs", "MultiTaskHeads", "MLP", "activation"]

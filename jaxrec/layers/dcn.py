@@ -14,15 +14,16 @@ from flax import nnx
 
 class CrossLayer(nnx.Module):
 
-  def __init__(self, dim: int, *, rank: int | None, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, rank: int | None, use_bias: bool = True, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     kw = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=init, rngs=rngs)
     if rank is None:
       self.u = None
-      self.v = nnx.Linear(dim, dim, use_bias=True, **kw)
+      self.v = nnx.Linear(dim, dim, use_bias=use_bias, **kw)
     else:
       self.u = nnx.Linear(dim, rank, use_bias=False, **kw)
-      self.v = nnx.Linear(rank, dim, use_bias=True, **kw)
+      self.v = nnx.Linear(rank, dim, use_bias=use_bias, **kw)
 
   def __call__(self, x0: jax.Array, x: jax.Array) -> jax.Array:
     h = x if self.u is None else self.u(x)
@@ -31,9 +32,10 @@ class CrossLayer(nnx.Module):
 
 class CrossNetwork(nnx.Module):
 
-  def __init__(self, dim: int, num_layers: int, *, rank: int | None = None,
+  def __init__(self, dim: int, num_layers: int, *, rank: int | None = None, use_bias: bool = True,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    self.layers = nnx.List([CrossLayer(dim, rank=rank, dtype=dtype, rngs=rngs) for _ in range(num_layers)])
+    self.layers = nnx.List([CrossLayer(dim, rank=rank, use_bias=use_bias, dtype=dtype, rngs=rngs)
+                            for _ in range(num_layers)])
 
   def __call__(self, x0: jax.Array) -> jax.Array:
     x = x0

@@ -1,7 +1,9 @@
 """A multilayer perceptron of nnx.Linear layers.
 
-x [B, in] -> [B, sizes[-1]]. Activation after every layer except, when `final_activation` is
-False, the last one. Parameters are f32; the matmuls run in `dtype` (bf16 on GPU).
+x [B, in] -> [B, sizes[-1]]. Each layer is Linear -> (BlockNorm) -> activation; the activation
+(and BlockNorm) are skipped after the last layer when `final_activation` is False. Parameters are
+f32; the matmuls run in `dtype` (bf16 on GPU). `use_bias=False` and `block_norm=True` are LoKA's
+NoBias and BlockNorm Mods.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxrec.layers.blocknorm import BLOCK, block_norm as _block_norm
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -30,12 +34,17 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 class MLP(nnx.Module):
 
   def __init__(self, in_features: int, sizes: tuple[int, ...], *, act: str = "relu",
-               final_activation: bool = True, use_bias: bool = True,
+               final_activation: bool = True, use_bias: bool = True, block_norm: bool = False,
                dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if not sizes:
       raise ValueError("an MLP needs at least one layer size")
     self.act = activation(act)
     self.final_activation = final_activation
+    self.block_norm = block_norm
+    if block_norm:
+      for s in sizes:
+        if s % min(BLOCK, s):
+          raise ValueError(f"BlockNorm needs layer widths that are multiples of {BLOCK} (or below it), got {s}")
     dims = (in_features,) + tuple(sizes)
     self.layers = nnx.List([
         nnx.Linear(a, b, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
@@ -49,5 +58,5 @@ class MLP(nnx.Module):
     for i, layer in enumerate(self.layers):
       x = layer(x)
       if self.final_activation or i < n - 1:
-        x = self.act(x)
+        x = self.act(_block_norm(x) if self.block_norm else x)
     return x

@@ -32,7 +32,11 @@ class DCNv2Config:
   top_mlp: tuple[int, ...] = (256, 128)
   """hidden sizes of the top MLP before the per-task heads"""
   activation: str = "relu"
-  """activation of the MLPs: relu, silu, gelu, hard_swish"""
+  """activation of the MLPs: relu, silu, gelu, hard_swish (LoKA's Mod: hard_swish)"""
+  use_bias: bool = True
+  """biases in the MLP and cross layers (LoKA's NoBias Mod: False; the prediction heads keep theirs)"""
+  block_norm: bool = False
+  """BlockNorm (parameter-free RMS norm over 256-feature blocks) before each MLP activation (LoKA's Mod)"""
   hash_rows: int = 1 << 17
   """rows per feature for raw-hash features (and vocabularies over max_rows_per_feature)"""
   max_rows_per_feature: int = 1 << 20
@@ -58,13 +62,16 @@ class DCNv2Ranker(nnx.Module):
         row_multiple=row_multiple, init_scale=cfg.embedding_init or None, rngs=rngs)
     d = cfg.embed_dim
     if schema.num_dense:
-      self.bottom = MLP(schema.num_dense, tuple(cfg.bottom_mlp) + (d,), act=cfg.activation, dtype=dtype, rngs=rngs)
+      self.bottom = MLP(schema.num_dense, tuple(cfg.bottom_mlp) + (d,), act=cfg.activation,
+                        use_bias=cfg.use_bias, block_norm=cfg.block_norm, dtype=dtype, rngs=rngs)
       x_dim = (schema.num_sparse + 1) * d
     else:
       self.bottom = None
       x_dim = schema.num_sparse * d
-    self.cross = CrossNetwork(x_dim, cfg.num_cross, rank=cfg.cross_rank, dtype=dtype, rngs=rngs)
-    self.top = MLP(x_dim, tuple(cfg.top_mlp), act=cfg.activation, dtype=dtype, rngs=rngs)
+    self.cross = CrossNetwork(x_dim, cfg.num_cross, rank=cfg.cross_rank, use_bias=cfg.use_bias, dtype=dtype,
+                              rngs=rngs)
+    self.top = MLP(x_dim, tuple(cfg.top_mlp), act=cfg.activation, use_bias=cfg.use_bias,
+                   block_norm=cfg.block_norm, dtype=dtype, rngs=rngs)
     self.heads = MultiTaskHeads(cfg.top_mlp[-1] if cfg.top_mlp else x_dim, schema.num_tasks, rngs=rngs)
 
   def from_pooled(self, dense: jax.Array, pooled: jax.Array) -> jax.Array:
