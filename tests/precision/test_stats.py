@@ -43,7 +43,7 @@ def test_flip_flop_recovers_known_factors():
   w = _samples(u0, v0, 2000, 3, mean=np.arange(30.0).reshape(6, 5))
   m, u, v = flip_flop(jnp.asarray(w, jnp.float32))
   np.testing.assert_allclose(m, np.arange(30.0).reshape(6, 5), atol=0.15)
-  assert _kron_err(u, v, u0, v0) < 0.08
+  assert _kron_err(u, v, u0, v0) < 0.06  # measured 0.028
   assert float(jnp.trace(u)) == pytest.approx(6.0, rel=1e-4)
   # negative control: identity factors are far from the truth
   assert _kron_err(np.eye(6), np.eye(5), u0, v0) > 0.3
