@@ -1,7 +1,8 @@
 """grain pipelines that turn a batch source into fixed-shape host batches.
 
-A *batch source* is anything with `.schema` and `.train_batch(index, batch_size) -> Batch`
-(deterministic in index) and `.eval_batches(batch_size) -> iterator of Batch`. Two exist:
+A *batch source* is anything with `.schema`, `.has_truth` (its batches carry `true_prob`),
+`.train_batch(index, batch_size) -> Batch` (deterministic in index) and
+`.eval_batches(batch_size) -> iterator of Batch`. Two exist:
 `ExamplesSource` (a dataset parsed into memory) and `AdsWorldSource` (the synthetic world,
 generated on the fly). Because training batch i is a pure function of i, resuming at step N
 only needs N: a restored run sees exactly the batches an uninterrupted run would have seen.
@@ -23,6 +24,7 @@ from jaxrec.data.examples import Examples
 
 class BatchSource(Protocol):
   schema: Schema
+  has_truth: bool  # batches carry `true_prob`
 
   def train_batch(self, index: int, batch_size: int) -> Batch: ...
 
@@ -52,6 +54,7 @@ class ExamplesSource:
   def __init__(self, examples: Examples, *, seed: int = 0, shuffle: bool = True):
     self.examples, self.seed, self.shuffle = examples, seed, shuffle
     self.schema = examples.schema
+    self.has_truth = examples.data.true_prob is not None
     self._cache: tuple[int, np.ndarray] = (-1, np.arange(0))  # (epoch, permutation), swapped atomically
 
   def __len__(self) -> int:

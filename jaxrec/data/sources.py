@@ -130,6 +130,7 @@ class AdsWorldSource:
     self.world, self.stream, self.eval_examples = world, stream, eval_examples
     self.span_examples = span_examples
     self.schema = world.schema
+    self.has_truth = True
 
   def train_batch(self, index: int, batch_size: int) -> Batch:
     return self.world.batch(self.stream, index, batch_size)

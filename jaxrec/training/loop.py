@@ -34,7 +34,7 @@ from jaxrec.plotting import plot_training_curves
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
-from jaxrec.training.state import TrainState, create_train_state
+from jaxrec.training.state import TrainState, plan_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
 
@@ -126,20 +126,17 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
   n_dev = mesh.devices.size
   tx = dense_optimizer(cfg.optim)
-  graphdef, state, state_sh = create_train_state(
+  graphdef, init, abstract, state_sh = plan_train_state(
       lambda: build_model(schema, cfg.model, row_multiple=n_dev), tx, mesh)
 
   ckpt = Checkpointer(workdir, max_to_keep=cfg.train.max_to_keep)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(jax.eval_shape(lambda: state), state_sh)
+  state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh)
   start = int(state.step)
 
-  with_truth = next(iter(eval_src.eval_batches(cfg.data.eval_batch_size))).true_prob is not None
-  train_truth = train_src.train_batch(0, min(cfg.data.batch_size, 8)).true_prob is not None
-  train_step = make_train_step(graphdef, tx, cfg.optim, state_sh, batch_shardings(mesh, train_truth))
-  eval_bsh = batch_shardings(mesh, with_truth)
+  train_bsh = batch_shardings(mesh, train_src.has_truth)
+  eval_bsh = batch_shardings(mesh, eval_src.has_truth)
+  train_step = make_train_step(graphdef, tx, cfg.optim, state_sh, train_bsh)
   eval_step = make_eval_step(graphdef, state_sh, eval_bsh)
-  train_bsh = batch_shardings(mesh, train_truth)
 
   metrics_path = workdir / "metrics.jsonl"
   steps, bs = cfg.train.steps, cfg.data.batch_size

@@ -58,11 +58,13 @@ def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
   )
 
 
-def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                       mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """Builds the model directly into its shardings (no host copy of the table).
+def plan_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                     mesh: Mesh) -> tuple[nnx.GraphDef, Callable[[], TrainState], TrainState, TrainState]:
+  """Everything about the state except its values, allocating nothing.
 
-  Returns (graphdef, state, shardings of the state).
+  Returns (graphdef, init, abstract state, shardings): `init()` builds the model directly into
+  its shardings (no host copy of the table); a run that restores a checkpoint skips it and
+  restores into (abstract, shardings) instead.
   """
   graphdef = nnx.split(nnx.eval_shape(model_fn))[0]
 
@@ -71,5 +73,13 @@ def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTra
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       table=table, table_acc=jnp.zeros(table.shape[:1], jnp.float32))
 
-  shardings = state_shardings(jax.eval_shape(init), mesh)
-  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+  abstract = jax.eval_shape(init)
+  shardings = state_shardings(abstract, mesh)
+  return graphdef, jax.jit(init, out_shardings=shardings), abstract, shardings
+
+
+def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                       mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """A freshly initialised state: (graphdef, state, shardings of the state)."""
+  graphdef, init, _, shardings = plan_train_state(model_fn, tx, mesh)
+  return graphdef, init(), shardings
