@@ -4,11 +4,22 @@
     python -m kernels_pallas.bench --out runs/bench   # also writes bench.csv and bench.png
     python -m kernels_pallas.bench --smoke            # tiny sweep (the default without a GPU)
 
-Variants per shape (M x K x N):
-    xla_bf16      bf16 a [M, K] @ bf16 w [K, N]
-    xla_fp8_nk    pre-quantized e4m3 a [M, K] and w [N, K], per-tensor scales, bf16 out: the layout
-                  that makes XLA call cuBLASLt's FP8 GEMM (no per-call transpose or quantization)
-    jaxrec_fp8    kernels_pallas.fp8_gemm_sm90, row-wise scales, bf16 out (tile multiples only)
+Variants per shape (M x K x N), two ops:
+  op "gemm": y = a @ w, bf16 out
+    xla_bf16          bf16 a [M, K] @ bf16 w [K, N]
+    xla_fp8_nk        pre-quantized e4m3 a [M, K] and w [N, K], per-tensor scales, bf16 out: the layout
+                      that makes XLA call cuBLASLt's FP8 GEMM (no per-call transpose or quantization)
+    jaxrec_fp8        kernels_pallas.fp8_gemm_sm90.fp8_gemm, row-wise scales, bf16 out
+    xla_fp8_block_nk  pre-quantized e4m3 a [M, K] and w [N, K] with block-wise scales (1 x 128 / 128 x 128),
+                      as jaxrec.ops.fp8_scaling.scaled_matmul computes it in XLA: one batched FP8 dot over
+                      the K blocks into f32 [M, K/128, N], scaled and summed (memory: 4 M N K/128 bytes)
+    jaxrec_fp8_block  fp8_gemm_blockwise, the same block-wise operands, scales promoted inside the K loop
+  op "layer": y = hard_swish(block_norm(a @ w)), BlockNorm over 256-feature blocks (min(256, N)), bf16 out
+    xla_bf16_layer    bf16 matmul, then the jnp BlockNorm + HardSwish epilogue (XLA fuses it after the GEMM)
+    xla_fp8_nk_layer  the xla_fp8_nk GEMM, then the same jnp epilogue
+    jaxrec_fp8_layer  fp8_gemm(norm="block", activation="hard_swish"), row-wise scales: the whole layer
+                      (GEMM -> BlockNorm -> HardSwish -> bf16) in one kernel
+TF/s counts the GEMM's 2 M N K for both ops; speedups are against the op's XLA bf16 variant.
 Every output is checked against an f32 reference of the same operands (relative Frobenius error
 within bf16 output rounding, 2^-7). On a GPU the time is the median of `--iters` calls of summed
 CUPTI kernel time (jax.experimental.mosaic.gpu.profiler.measure) after a warm-up; without a GPU
@@ -28,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.fp8_gemm_sm90 import fp8_gemm
+from kernels_pallas.fp8_gemm_sm90 import epilogue_reference, fp8_gemm, fp8_gemm_blockwise
 
 M_SWEEP = (4096, 16384, 65536)
 KN_SWEEP = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (4096, 1024), (1024, 4096))
 SMOKE = ((128, 128, 128), (256, 256, 256))
 E4M3 = jnp.float8_e4m3fn
+BLOCK = 128  # the block recipe's block
 TOL = 2.0 ** -7
 
 
@@ -50,30 +62,84 @@ def _quantize(x: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
   return jnp.clip(xs, -448, 448).astype(E4M3), s
 
 
+def _quantize_act_blocks(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x [M, K] -> (e4m3 [M, K], scales [M, K/128]): one scale per 1 x 128 block (recipe "block")."""
+  r, k = x.shape
+  s = jnp.max(jnp.abs(x.reshape(r, k // BLOCK, BLOCK)), axis=2)
+  s = jnp.where(s > 0, s / 448.0, 1.0).astype(jnp.float32)
+  q = jnp.clip(x / jnp.repeat(s, BLOCK, axis=1), -448, 448).astype(E4M3)
+  return q, s
+
+
+def _quantize_weight_blocks(w_nk: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """w [N, K] -> (e4m3 [N, K], scales [N/128, K/128]): one scale per 128 x 128 block."""
+  n, k = w_nk.shape
+  s = jnp.max(jnp.abs(w_nk.reshape(n // BLOCK, BLOCK, k // BLOCK, BLOCK)), axis=(1, 3))
+  s = jnp.where(s > 0, s / 448.0, 1.0).astype(jnp.float32)
+  full = jnp.repeat(jnp.repeat(s, BLOCK, axis=0), BLOCK, axis=1)
+  return jnp.clip(w_nk / full, -448, 448).astype(E4M3), s
+
+
+def _block_dot_f32(a8, w8, sa, sw, precision=None):
+  """The block recipe in XLA (jaxrec.ops.fp8_scaling.scaled_matmul's formulation), f32 [M, N]."""
+  m, k = a8.shape
+  n, kb = w8.shape[0], k // BLOCK
+  parts = jnp.einsum("mkc,nkc->mkn", a8.reshape(m, kb, BLOCK), w8.reshape(n, kb, BLOCK),
+                     preferred_element_type=jnp.float32, precision=precision)
+  return jnp.sum(parts * sa[:, :, None] * jnp.repeat(sw, BLOCK, axis=0).T[None], axis=1)
+
+
+def _layer_epilogue(y: jax.Array) -> jax.Array:
+  return epilogue_reference(y, norm="block", activation="hard_swish").astype(jnp.bfloat16)
+
+
+def _ref_dot(a, b_nk):
+  return jnp.dot(a.astype(jnp.float32), b_nk.astype(jnp.float32).T, precision="highest")
+
+
 def variants(m: int, k: int, n: int, on_gpu: bool):
-  """[(name, fn, args, reference f32 [M, N])] for one shape."""
+  """[(op, name, fn, args, reference f32 [M, N])] for one shape."""
+  interpret = not on_gpu
   ka, kw = jax.random.split(jax.random.key(m * 31 + k * 7 + n))
   a = jax.random.normal(ka, (m, k), jnp.float32)
   w = jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)
   a16, w16 = a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  out = [("xla_bf16", jax.jit(lambda x, y: x @ y), (a16, w16),
-          jnp.dot(a16.astype(jnp.float32), w16.astype(jnp.float32), precision="highest"))]
+  ref16 = jnp.dot(a16.astype(jnp.float32), w16.astype(jnp.float32), precision="highest")
+  out = [("gemm", "xla_bf16", jax.jit(lambda x, y: x @ y), (a16, w16), ref16)]
 
   a8, sa = _quantize(a, None)
   w8, sw = _quantize(w.T, None)  # (N, K), quantized once
   def xla_fp8(x8, y8, s):
     y = jax.lax.dot_general(x8, y8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.bfloat16)
     return (y * s).astype(jnp.bfloat16)
-  ref8 = jnp.dot(a8.astype(jnp.float32), w8.astype(jnp.float32).T, precision="highest") * (sa * sw)
-  out.append(("xla_fp8_nk", jax.jit(xla_fp8), (a8, w8, sa * sw), ref8))
+  ref8 = _ref_dot(a8, w8) * (sa * sw)
+  out.append(("gemm", "xla_fp8_nk", jax.jit(xla_fp8), (a8, w8, sa * sw), ref8))
 
-  if m % 128 == 0 and n % 128 == 0 and k % 128 == 0:
-    ar, sar = _quantize(a, 1)
-    wr, swr = _quantize(w.T, 1)
-    kern = jax.jit(lambda x, y, s1, s2: fp8_gemm(x, y, s1, s2, interpret=not on_gpu))
-    refr = (jnp.dot(ar.astype(jnp.float32), wr.astype(jnp.float32).T, precision="highest")
-            * sar[:, None] * swr[None, :])
-    out.append(("jaxrec_fp8", kern, (ar, wr, sar, swr), refr))
+  ar, sar = _quantize(a, 1)
+  wr, swr = _quantize(w.T, 1)
+  kern = jax.jit(lambda x, y, s1, s2: fp8_gemm(x, y, s1, s2, interpret=interpret))
+  refr = _ref_dot(ar, wr) * sar[:, None] * swr[None, :]
+  out.append(("gemm", "jaxrec_fp8", kern, (ar, wr, sar, swr), refr))
+
+  if k % BLOCK == 0 and n % BLOCK == 0:  # the block recipe's own constraint (its quantizer pads)
+    ab, sab = _quantize_act_blocks(a)
+    wb, swb = _quantize_weight_blocks(w.T)
+    refb = _block_dot_f32(ab.astype(jnp.float32), wb.astype(jnp.float32), sab, swb, precision="highest")
+    out.append(("gemm", "xla_fp8_block_nk",
+                jax.jit(lambda x, y, s1, s2: _block_dot_f32(x, y, s1, s2).astype(jnp.bfloat16)),
+                (ab, wb, sab, swb), refb))
+    kernb = jax.jit(lambda x, y, s1, s2: fp8_gemm_blockwise(x, y, s1, s2, interpret=interpret))
+    out.append(("gemm", "jaxrec_fp8_block", kernb, (ab, wb, sab, swb), refb))
+
+  if n % min(256, n) == 0:  # BlockNorm's block structure
+    epi = lambda y: epilogue_reference(y, norm="block", activation="hard_swish")
+    out.append(("layer", "xla_bf16_layer", jax.jit(lambda x, y: _layer_epilogue(x @ y)), (a16, w16),
+                epi(ref16)))
+    out.append(("layer", "xla_fp8_nk_layer", jax.jit(lambda *args: _layer_epilogue(xla_fp8(*args))),
+                (a8, w8, sa * sw), epi(ref8)))
+    kern_layer = jax.jit(lambda x, y, s1, s2: fp8_gemm(x, y, s1, s2, norm="block", activation="hard_swish",
+                                                       interpret=interpret))
+    out.append(("layer", "jaxrec_fp8_layer", kern_layer, (ar, wr, sar, swr), epi(refr)))
   return out
 
 
@@ -94,17 +160,17 @@ def time_us(fn, args, iters: int, on_gpu: bool) -> float:
 def run(shapes, iters: int, on_gpu: bool) -> list[dict]:
   rows = []
   for m, k, n in shapes:
-    base = None
-    for name, fn, args, ref in variants(m, k, n, on_gpu):
+    base = {}
+    for op, name, fn, args, ref in variants(m, k, n, on_gpu):
       y = jax.block_until_ready(fn(*args)).astype(jnp.float32)
       err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
       us = time_us(fn, args, iters, on_gpu)
       tfs = 2.0 * m * k * n / (us * 1e-6) / 1e12
-      base = us if name == "xla_bf16" else base
-      rows.append(dict(m=m, k=k, n=n, variant=name, us=us, tflops=tfs, speedup_vs_bf16=base / us,
-                       rel_err=err, ok=err <= TOL))
-      print(f"{m:>6}x{k:>5}x{n:>5}  {name:<11} {us:>10.1f} us  {tfs:>7.1f} TF/s  "
-            f"x{base / us:5.2f} vs bf16  err {err:.2e} {'ok' if err <= TOL else 'WRONG'}", flush=True)
+      base.setdefault(op, us)  # each op's first variant is its XLA bf16 baseline
+      rows.append(dict(m=m, k=k, n=n, op=op, variant=name, us=us, tflops=tfs,
+                       speedup_vs_bf16=base[op] / us, rel_err=err, ok=err <= TOL))
+      print(f"{m:>6}x{k:>5}x{n:>5}  {name:<17} {us:>10.1f} us  {tfs:>7.1f} TF/s  "
+            f"x{base[op] / us:5.2f} vs bf16  err {err:.2e} {'ok' if err <= TOL else 'WRONG'}", flush=True)
   return rows
 
 
@@ -127,7 +193,7 @@ def write_outputs(rows: list[dict], out: Path, on_gpu: bool) -> None:
   ax.set_xticks(np.arange(len(shapes)) + width * (len(names) - 1) / 2,
                 [f"{m}x{k}x{n}" for m, k, n in shapes], rotation=60, ha="right", fontsize=7)
   ax.set_ylabel("TF/s" if on_gpu else "TF/s (CPU interpreter: not a speed)")
-  ax.set_title(f"FP8 GEMM, {jax.devices()[0].device_kind}")
+  ax.set_title(f"FP8 GEMM and fused GEMM -> BlockNorm -> HardSwish, {jax.devices()[0].device_kind}")
   ax.legend()
   ax.grid(axis="y", alpha=0.3)
   fig.savefig(out / "bench.png", dpi=120)

@@ -9,7 +9,14 @@ def test_smoke_bench_runs_checks_and_writes(tmp_path, capsys):
   assert bench.main(["--smoke", "--iters", "1", "--out", str(tmp_path)]) == 0
   with (tmp_path / "bench.csv").open() as f:
     rows = list(csv.DictReader(f))
-  assert {r["variant"] for r in rows} == {"xla_bf16", "xla_fp8_nk", "jaxrec_fp8"}
+  assert {(r["op"], r["variant"]) for r in rows} == {
+      ("gemm", "xla_bf16"), ("gemm", "xla_fp8_nk"), ("gemm", "jaxrec_fp8"),
+      ("gemm", "xla_fp8_block_nk"), ("gemm", "jaxrec_fp8_block"),
+      ("layer", "xla_bf16_layer"), ("layer", "xla_fp8_nk_layer"), ("layer", "jaxrec_fp8_layer")}
+  assert len(rows) == 8 * len(bench.SMOKE)  # every variant on every smoke shape
+  # speedups are against each op's own XLA bf16 variant
+  baselines = [r for r in rows if r["variant"] in ("xla_bf16", "xla_bf16_layer")]
+  assert baselines and all(float(r["speedup_vs_bf16"]) == 1.0 for r in baselines)
   assert all(r["ok"] == "True" for r in rows)
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
