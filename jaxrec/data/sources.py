@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch
+from jaxrec.data.count_features import add_count_features
 from jaxrec.data.errors import DataSpecError
 from jaxrec.data.examples import Examples
 from jaxrec.data.paths import default_data_dir
@@ -53,6 +54,12 @@ class DataConfig:
   """seed of the per-epoch shuffle of real-data training rows"""
   world: AdsWorldConfig = AdsWorldConfig()
   """the synthetic ads world's knobs (see jaxrec.data.adsworld.AdsWorldConfig)"""
+  count_features: tuple[str, ...] = ()
+  """counting features to add (real data only): crosses of one-hot sparse features, e.g.
+  user*item,item; each adds log1p(positive, negative training counts) per objective as dense
+  features, out-of-fold on training rows (jaxrec.data.count_features)"""
+  count_folds: int = 5
+  """folds of the out-of-fold training counts"""
 
   def __post_init__(self):
     for name in ("batch_size", "eval_batch_size", "eval_examples"):
@@ -60,6 +67,8 @@ class DataConfig:
         raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
     if not 0.0 < self.eval_fraction < 1.0:
       raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+    if self.count_features and self.count_folds < 2:
+      raise ValueError(f"data.count_folds must be >= 2, got {self.count_folds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +151,20 @@ class AdsWorldSource:
       yield self.world.batch(self.stream, (k * slots) // n, batch_size)
 
 
-def open_source(spec: DataSpec, cfg: DataConfig, span_examples: int = 0) -> BatchSource:
-  """A batch source for one spec; `span_examples` is the training run's length in examples."""
-  if spec.format == "adsworld":
-    return AdsWorldSource(_world(cfg.world), spec.path, cfg.eval_examples, span_examples)
+def open_examples(spec: DataSpec, cfg: DataConfig) -> Examples:
+  """The in-memory rows of a file spec (after its @train/@eval split)."""
   examples = _read(spec.format, resolve_path(spec.path))
   if spec.split != "all":
     train, evl = examples.split(cfg.eval_fraction, cfg.split_seed)
     examples = train if spec.split == "train" else evl
-  return ExamplesSource(examples, seed=cfg.shuffle_seed)
+  return examples
+
+
+def open_source(spec: DataSpec, cfg: DataConfig, span_examples: int = 0) -> BatchSource:
+  """A batch source for one spec; `span_examples` is the training run's length in examples."""
+  if spec.format == "adsworld":
+    return AdsWorldSource(_world(cfg.world), spec.path, cfg.eval_examples, span_examples)
+  return ExamplesSource(open_examples(spec, cfg), seed=cfg.shuffle_seed)
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,7 +190,15 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
   if train_spec == eval_spec:
     raise DataSpecError(f"--data.train and --data.eval are the same data ({train_spec}); "
                         "evaluating on training rows would overstate quality")
-  train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
+  if cfg.count_features:
+    if "adsworld" in (train_spec.format, eval_spec.format):
+      raise DataSpecError("--data.count_features needs finite training rows in memory (a file); the ads "
+                          "world is a stream: drop --data.count_features")
+    tr_ex, ev_ex = add_count_features(open_examples(train_spec, cfg), open_examples(eval_spec, cfg),
+                                      cfg.count_features, folds=cfg.count_folds, seed=cfg.split_seed)
+    train, evl = ExamplesSource(tr_ex, seed=cfg.shuffle_seed), ExamplesSource(ev_ex, seed=cfg.shuffle_seed)
+  else:
+    train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
   check_compatible(train, evl, str(train_spec), str(eval_spec))
   return train, evl
 

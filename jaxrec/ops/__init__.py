@@ -1,7 +1,8 @@
-"""Functional ops over kernels: FP8 scaling recipes and fp8_dense (custom_vjp, impl="xla"|"pallas")."""
+"""Functional ops over kernels: FP8 scaling recipes and fp8_dense (custom_vjp; impl="xla" or
+impl="pallas", the latter with interpret=True to run the kernels on CPU through the interpreter)."""
 
-from jaxrec.ops.fp8_dense import dense_reference, fp8_dense
+from jaxrec.ops.fp8_dense import IMPLS, dense_reference, fp8_dense
 from jaxrec.ops.fp8_scaling import E4M3, E5M2, RECIPES, quantize_lhs, quantize_rhs, scaled_matmul
 
-__all__ = ["dense_reference", "fp8_dense", "E4M3", "E5M2", "RECIPES", "quantize_lhs", "quantize_rhs",
+__all__ = ["IMPLS", "dense_reference", "fp8_dense", "E4M3", "E5M2", "RECIPES", "quantize_lhs", "quantize_rhs",
            "scaled_matmul"]

@@ -6,9 +6,40 @@ Backward: the output gradient in e5m2 (wider range, fewer mantissa bits), so
 each operand quantized along its own contraction axis for that GEMM. Shapes: x [M, K], w [K, N]
 -> y [M, N] in x's dtype; gradients in the dtypes of x and w.
 
-`impl="xla"` is plain JAX (the CPU path, and the reference for the Pallas kernels);
-`impl="pallas"` will route to kernels_pallas once the forward and gradient kernels of every recipe
-exist; it raises until then (kernels_pallas.fp8_gemm_sm90 is the first, forward-only kernel).
+Two implementations of the same numerics, chosen by argument:
+  impl="xla"     plain JAX (`scaled_matmul`): the CPU path, and the reference for the kernels.
+  impl="pallas"  kernels_pallas (Mosaic GPU, sm90). Each GEMM is a @ b_nk.T with both operands
+                 K-major (contraction axis last), the layout the FP8 WGMMA needs:
+                     GEMM     contracts   a               b_nk
+                     y        K           x [M, K]        w.T [N, K]
+                     dx       N           dy [M, N]       w [K, N]
+                     dw       M           x.T [K, M]      dy.T [N, M]
+                 so w is transposed per forward call and x, dy per dw call (XLA transposes
+                 before quantization). Quantization along the contraction axis, per recipe:
+                     "tensor"  both operands with fp8_scaling.quantize_lhs (a global amax is no
+                               one-pass kernel), then fp8_gemm_sm90.fp8_gemm with constant scale
+                               vectors
+                     "row"     both operands with fp8_quantize_sm90.fp8_quantize(recipe="row"),
+                               then fp8_gemm
+                     "block"   a with fp8_quantize(recipe="block") (1 x 128), b_nk with
+                               fp8_scaling.quantize_rhs (128 x 128 blocks have no kernel yet),
+                               then fp8_gemm_sm90.fp8_gemm_blockwise
+                 The quantize kernel keeps a whole row in shared memory: for a contraction
+                 longer than it takes (padded to 128: 8320 bf16, 10112 f32 elements; in
+                 practice the dw GEMM at batch sizes above that) the row and block quantization
+                 of that GEMM run in XLA (fp8_scaling.quantize_lhs, the kernel's definition;
+                 same values). The GEMMs always run in the kernels.
+                 The two impls agree up to f32 summation order (and, on CPU only, the rare fp8
+                 rounding tie that fp8_quantize_sm90's docstring describes).
+
+`interpret=True` (impl="pallas" only) runs the kernels through jax's Mosaic GPU interpreter, which
+is how they are tested on CPU; it is slow and for tests only. impl="pallas" without it on a
+backend other than GPU raises a ValueError rather than picking the interpreter behind the caller's
+back.
+
+>>> y = fp8_dense(jnp.ones((2, 3)), jnp.full((3, 4), 0.5), recipe="row")
+>>> y.shape, bool(jnp.allclose(y, 1.5, rtol=2 ** -4))
+((2, 4), True)
 """
 
 from __future__ import annotations
@@ -18,40 +49,91 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxrec.ops.fp8_scaling import E4M3, E5M2, RECIPES, Recipe, scaled_matmul
+from jaxrec.ops.fp8_scaling import E4M3, E5M2, RECIPES, Recipe, quantize_lhs, quantize_rhs, scaled_matmul
+from kernels_pallas.fp8_gemm_sm90 import fp8_gemm, fp8_gemm_blockwise
+from kernels_pallas.fp8_quantize_sm90 import fp8_quantize
+
+IMPLS: tuple[str, ...] = ("xla", "pallas")
+# fp8_quantize's longest padded row per input dtype (its docstring: one row tile must fit in
+# shared memory); tests/ops/test_fp8_dense.py checks these against the kernel
+QUANTIZE_MAX_K = {jnp.dtype(jnp.bfloat16): 8320, jnp.dtype(jnp.float32): 10112}
 
 
-def fp8_dense(x: jax.Array, w: jax.Array, *, recipe: Recipe = "row", impl: str = "xla") -> jax.Array:
-  """x [M, K] @ w [K, N] through FP8 GEMMs (forward e4m3, gradients e5m2)."""
+def fp8_dense(x: jax.Array, w: jax.Array, *, recipe: Recipe = "row", impl: str = "xla",
+              interpret: bool = False) -> jax.Array:
+  """x [M, K] @ w [K, N] -> [M, N] through FP8 GEMMs (forward e4m3, gradients e5m2).
+
+  impl "xla" or "pallas" (see the module docstring); interpret=True runs the Pallas kernels
+  through the Mosaic GPU interpreter (CPU tests).
+  """
   if recipe not in RECIPES:
     raise ValueError(f"unknown FP8 recipe {recipe!r}; choose one of {RECIPES}")
-  if impl == "pallas":
-    raise NotImplementedError("impl='pallas' is not wired yet: kernels_pallas.fp8_gemm_sm90 covers only "
-                              "the forward GEMM of the tensor and row recipes so far; use impl='xla'")
-  if impl != "xla":
-    raise ValueError(f"impl must be 'xla' or 'pallas', got {impl!r}")
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"fp8_dense needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
-  return _fp8_dense(recipe, x, w)
+  if interpret and impl != "pallas":
+    raise ValueError("interpret=True applies to impl='pallas' only")
+  if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"impl='pallas' runs Mosaic GPU kernels (sm90) and the default backend is "
+                     f"{jax.default_backend()!r}: use impl='xla', or interpret=True to run the kernels "
+                     "through the Mosaic GPU interpreter (slow; for tests)")
+  return _fp8_dense(recipe, impl, interpret, x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fp8_dense(recipe: Recipe, x: jax.Array, w: jax.Array) -> jax.Array:
-  return scaled_matmul(x, w, recipe=recipe, a_dtype=E4M3, b_dtype=E4M3, out_dtype=x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fp8_dense(recipe: Recipe, impl: str, interpret: bool, x: jax.Array, w: jax.Array) -> jax.Array:
+  return _gemm_nt(x, w.T, recipe=recipe, a_dtype=E4M3, b_dtype=E4M3, out_dtype=x.dtype, impl=impl,
+                  interpret=interpret)
 
 
-def _fwd(recipe, x, w):
-  return _fp8_dense(recipe, x, w), (x, w)
+def _fwd(recipe, impl, interpret, x, w):
+  return _fp8_dense(recipe, impl, interpret, x, w), (x, w)
 
 
-def _bwd(recipe, res, dy):
+def _bwd(recipe, impl, interpret, res, dy):
   x, w = res
-  dx = scaled_matmul(dy, w.T, recipe=recipe, a_dtype=E5M2, b_dtype=E4M3, out_dtype=x.dtype)
-  dw = scaled_matmul(x.T, dy, recipe=recipe, a_dtype=E4M3, b_dtype=E5M2, out_dtype=w.dtype)
+  gemm = functools.partial(_gemm_nt, recipe=recipe, impl=impl, interpret=interpret)
+  dx = gemm(dy, w, a_dtype=E5M2, b_dtype=E4M3, out_dtype=x.dtype)      # dy @ w.T, contracts N
+  dw = gemm(x.T, dy.T, a_dtype=E4M3, b_dtype=E5M2, out_dtype=w.dtype)  # x.T @ dy, contracts M
   return dx, dw
 
 
 _fp8_dense.defvjp(_fwd, _bwd)
+
+
+def _gemm_nt(a: jax.Array, b_nk: jax.Array, *, recipe: Recipe, a_dtype, b_dtype, out_dtype, impl: str,
+             interpret: bool) -> jax.Array:
+  """a [M, C] @ b_nk [N, C].T -> [M, N], both operands quantized along the contraction C."""
+  if impl == "xla":
+    return scaled_matmul(a, b_nk.T, recipe=recipe, a_dtype=a_dtype, b_dtype=b_dtype, out_dtype=out_dtype)
+  m, n = a.shape[0], b_nk.shape[0]
+  if recipe == "tensor":
+    qa, sa = quantize_lhs(a, a_dtype, "tensor")
+    qb, sb = quantize_lhs(b_nk, b_dtype, "tensor")  # one global amax: the layout does not matter
+    return fp8_gemm(qa, qb, jnp.full((m,), sa), jnp.full((n,), sb), out_dtype=out_dtype,
+                    interpret=interpret)
+  qa, sa = _quantize_rows(a, a_dtype, recipe, interpret)
+  if recipe == "row":
+    qb, sb = _quantize_rows(b_nk, b_dtype, "row", interpret)
+    return fp8_gemm(qa, qb, sa, sb, out_dtype=out_dtype, interpret=interpret)
+  # 128 x 128 blocks are symmetric, so quantize_rhs of b_nk is quantize_rhs of b transposed:
+  # qb [N', C'], sb [N'/128, C'/128], the (N, K) layout fp8_gemm_blockwise takes
+  qb, sb = quantize_rhs(b_nk, b_dtype, "block")
+  return fp8_gemm_blockwise(qa, qb, sa, sb, out_dtype=out_dtype, interpret=interpret)[:, :n]
+
+
+def _quantize_rows(v: jax.Array, dtype, recipe: Recipe, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """v [R, C] quantized along C: row -> (q [R, C], scale [R]); block -> (q [R, C'], scale [R, C'/128]).
+
+  fp8_quantize where one padded row fits its shared-memory tile, else quantize_lhs (same values).
+  """
+  if v.dtype not in QUANTIZE_MAX_K:
+    v = v.astype(jnp.float32)  # exact, and what quantize_lhs computes in anyway
+  if -(-v.shape[1] // 128) * 128 <= QUANTIZE_MAX_K[v.dtype]:
+    return fp8_quantize(v, recipe=recipe, dtype=dtype, interpret=interpret)
+  q, s = quantize_lhs(v, dtype, recipe)
+  return q, (s[:, 0] if recipe == "row" else s)
 
 
 def dense_reference(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -6,15 +6,29 @@ For y = a @ b computed from FP8 copies â = s_a q_a, b̂ = s_b q_b (round to nea
 so elementwise |ŷ - y| <= sum_k (e_a |b| + |a| e_b + e_a e_b) plus f32 accumulation error.
 The scales s are recomputed here from the recipe's definition (numpy amax), not read from the
 implementation, so a wrong scale or a wrong operand breaks the bound.
+
+impl="pallas" (run through the Mosaic GPU interpreter on CPU) is held to the same bound, and to
+impl="xla" itself: both sum the same FP8 products in f32, in different orders, so each is within
+gamma_n sum_k |â_k b̂_k| of the exact sum of those products (Higham; n = the contraction length plus
+the block partial sums and scale multiplications), and they differ by at most twice that.
 """
+
+import doctest
+import functools
+import importlib
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.ops.fp8_dense import dense_reference, fp8_dense
+from jaxrec.ops.fp8_dense import QUANTIZE_MAX_K, _fp8_dense, _quantize_rows, dense_reference, fp8_dense
 from jaxrec.ops.fp8_scaling import BLOCK, RECIPES, scaled_matmul
+from kernels_pallas.fp8_quantize_sm90 import fp8_quantize, fp8_quantize_reference
+
+E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
+on_gpu = any(d.platform == "gpu" for d in jax.devices())
 
 FORMATS = {  # mantissa bits, max, smallest subnormal
     jnp.float8_e4m3fn: (3, 448.0, 2.0 ** -9),
@@ -44,11 +58,15 @@ def _scales(x, recipe, side, fmax):
   return np.where(amax > 0, amax / fmax, 1.0)
 
 
+def quantization_error(x, recipe, side, dtype):
+  """Elementwise bound on |x̂ - x| for operand x ('a' [M, K] or 'b' [K, N]) quantized to dtype."""
+  mant, fmax, sub = FORMATS[dtype]
+  return 2.0 ** -(mant + 1) * np.abs(x) + _scales(x, recipe, side, fmax) * sub / 2
+
+
 def error_bound(a, b, recipe, a_dtype, b_dtype):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  (ma, fa, sub_a), (mb, fb, sub_b) = FORMATS[a_dtype], FORMATS[b_dtype]
-  ea = 2.0 ** -(ma + 1) * np.abs(a) + _scales(a, recipe, "a", fa) * sub_a / 2
-  eb = 2.0 ** -(mb + 1) * np.abs(b) + _scales(b, recipe, "b", fb) * sub_b / 2
+  ea, eb = quantization_error(a, recipe, "a", a_dtype), quantization_error(b, recipe, "b", b_dtype)
   bound = ea @ np.abs(b) + np.abs(a) @ eb + ea @ eb
   k = a.shape[1]
   return bound + (k + 2) * 2.0 ** -23 * (np.abs(a) @ np.abs(b)) + 1e-30
@@ -130,5 +148,166 @@ def test_bad_arguments_are_clear():
     fp8_dense(x, w, recipe="channel")  # type: ignore[arg-type]
   with pytest.raises(ValueError, match=r"x \[M, K\] and w \[K, N\]"):
     fp8_dense(x, jnp.ones((7, 3)))
-  with pytest.raises(NotImplementedError, match="not wired yet"):
-    fp8_dense(x, w, impl="pallas")
+  with pytest.raises(ValueError, match="impl must be one of"):
+    fp8_dense(x, w, impl="cuda")
+  with pytest.raises(ValueError, match="interpret=True applies to impl='pallas' only"):
+    fp8_dense(x, w, interpret=True)
+  if not on_gpu:
+    with pytest.raises(ValueError, match="interpret=True to run the kernels"):
+      fp8_dense(x, w, impl="pallas")
+
+
+def test_docstring_example():
+  result = doctest.testmod(importlib.import_module("jaxrec.ops.fp8_dense"))
+  assert result.attempted > 0 and result.failed == 0
+
+
+# impl="pallas": the kernels, through the Mosaic GPU interpreter on CPU
+
+
+def summation_bound(a, b, recipe, a_dtype, b_dtype):
+  """Elementwise bound on |pallas - xla| for a @ b: 2 gamma_n sum_k |â_k||b̂_k|, |x̂| <= |x| + e_x.
+
+  n = C + ceil(C / 128) + 3: C products summed, the block recipe's partial sums, two scale
+  multiplications and the output rounding.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  mag = ((np.abs(a) + quantization_error(a, recipe, "a", a_dtype))
+         @ (np.abs(b) + quantization_error(b, recipe, "b", b_dtype)))
+  c = a.shape[1]
+  n = c + -(-c // BLOCK) + 3
+  u = 2.0 ** -24
+  return 2 * n * u / (1 - n * u) * mag + 1e-30
+
+
+def agree(got, want, a, b, recipe, a_dtype, b_dtype):
+  diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+  return bool(np.all(diff <= summation_bound(a, b, recipe, a_dtype, b_dtype)))
+
+
+@functools.cache
+def _y_and_grads_fn(impl, recipe):
+  interpret = impl == "pallas" and not on_gpu
+
+  def f(x, w, c):
+    y, vjp = jax.vjp(lambda x, w: fp8_dense(x, w, recipe=recipe, impl=impl, interpret=interpret), x, w)
+    return (y, *vjp(c))
+
+  return jax.jit(f)
+
+
+def _y_and_grads(impl, recipe, x, w, c):
+  """(y, dx, dw) for cotangent c: one jitted forward + backward (compiled once per shape)."""
+  return _y_and_grads_fn(impl, recipe)(x, w, c)
+
+
+# M = 1 and 200 pad to the GEMM's row tile; K = 136 and N = 72, 130 are not multiples of 128, so
+# every GEMM (forward, dx contracting N, dw contracting M) has padded tiles and block remainders
+PALLAS_SHAPES = [(1, 136, 72), (200, 136, 72), (64, 256, 130)]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("m,k,n", PALLAS_SHAPES)
+def test_pallas_matches_xla_and_reference(recipe, m, k, n):
+  x, w, c = realistic((m, k), 21), realistic((k, n), 22, 0), realistic((m, n), 23, 0)
+  y, dx, dw = _y_and_grads("pallas", recipe, x, w, c)
+  y_x, dx_x, dw_x = _y_and_grads("xla", recipe, x, w, c)
+  assert (y.shape, dx.shape, dw.shape) == ((m, n), (m, k), (k, n))
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  # the same numerics as impl="xla", up to f32 summation order
+  assert agree(y, y_x, x, w, recipe, E4M3, E4M3)
+  assert agree(dx, dx_x, c, w.T, recipe, E5M2, E4M3)
+  assert agree(dw, dw_x, x.T, c, recipe, E4M3, E5M2)
+  # and within the format bound of the exact product and of jax.grad of the reference
+  ref_dx, ref_dw = jax.grad(lambda x, w: jnp.sum(dense_reference(x, w) * c), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(ref_dx, np.asarray(c) @ np.asarray(w).T, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(ref_dw, np.asarray(x).T @ np.asarray(c), rtol=1e-4, atol=1e-3)
+  assert within(y, x, w, recipe, E4M3, E4M3)
+  assert within(dx, c, w.T, recipe, E5M2, E4M3)
+  assert within(dw, x.T, c, recipe, E4M3, E5M2)
+
+
+def test_pallas_negative_control_wrong_operands_fail():
+  """The same checks on a product of the wrong weight and cotangent: every one must fail."""
+  m, k, n = PALLAS_SHAPES[1]
+  x, w, c = realistic((m, k), 21), realistic((k, n), 22, 0), realistic((m, n), 23, 0)
+  w_bad, c_bad = realistic((k, n), 24, 0), realistic((m, n), 25, 0)
+  y, dx, dw = _y_and_grads("pallas", "row", x, w_bad, c_bad)
+  y_x, dx_x, dw_x = _y_and_grads("xla", "row", x, w, c)
+  assert not agree(y, y_x, x, w, "row", E4M3, E4M3)
+  assert not agree(dx, dx_x, c, w.T, "row", E5M2, E4M3)
+  assert not agree(dw, dw_x, x.T, c, "row", E4M3, E5M2)
+  assert not within(y, x, w, "row", E4M3, E4M3)
+  assert not within(dx, c, w.T, "row", E5M2, E4M3)
+  assert not within(dw, x.T, c, "row", E4M3, E5M2)
+
+
+def test_pallas_bf16_in_bf16_out():
+  """bf16 x and w: y, dx, dw in bf16, each one bf16 rounding of f32 results that agree as above."""
+  m, k, n = PALLAS_SHAPES[2]
+  bf16 = jnp.bfloat16
+  x, w, c = (realistic(s, seed, o).astype(bf16) for s, seed, o in (((m, k), 26, 2), ((k, n), 27, 0),
+                                                                     ((m, n), 28, 0)))
+  got = _y_and_grads("pallas", "block", x, w, c)
+  want = _y_and_grads("xla", "block", x, w, c)
+  assert all(v.dtype == bf16 for v in (*got, *want))
+  for g, v, a, b, a_dtype, b_dtype in zip(got, want, (x, c, x.T), (w, w.T, c), (E4M3, E5M2, E4M3),
+                                          (E4M3, E4M3, E5M2)):
+    g, v = np.asarray(g, np.float64), np.asarray(v, np.float64)
+    tol = summation_bound(a, b, "block", a_dtype, b_dtype) + 2.0 ** -8 * (np.abs(g) + np.abs(v))
+    assert np.all(np.abs(g - v) <= tol)
+
+
+@pytest.mark.parametrize("dtype", list(QUANTIZE_MAX_K), ids=str)
+def test_quantize_row_limit_is_the_kernels(dtype):
+  """QUANTIZE_MAX_K restates fp8_quantize's shared-memory limit: the kernel takes that row, not one more."""
+  limit = QUANTIZE_MAX_K[dtype]
+  quantize = lambda v: fp8_quantize(v, interpret=True)  # noqa: E731
+  jax.eval_shape(quantize, jax.ShapeDtypeStruct((8, limit), dtype))
+  with pytest.raises(NotImplementedError, match="too large"):
+    jax.eval_shape(quantize, jax.ShapeDtypeStruct((8, limit + 1), dtype))
+
+
+@pytest.mark.parametrize("recipe", ["row", "block"])
+def test_rows_longer_than_the_kernel_quantize_in_xla(recipe):
+  """A contraction past the kernel's limit (the dw GEMM at large batch) quantizes in XLA, same values."""
+  k = QUANTIZE_MAX_K[jnp.dtype(jnp.bfloat16)] + 1
+  v = realistic((4, k), 29).astype(jnp.bfloat16)
+  q, s = jax.jit(lambda v: _quantize_rows(v, E5M2, recipe, True))(v)
+  q_ref, s_ref = fp8_quantize_reference(v, recipe=recipe, dtype=E5M2)
+  assert q.shape == q_ref.shape and s.shape == s_ref.shape
+  np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(q_ref, np.float32))
+  np.testing.assert_array_equal(s, s_ref)
+
+
+# Mosaic GPU kernels per forward + backward: 3 GEMMs, plus the quantize kernels of the row (6
+# operands) and block (the 3 activation-side operands) recipes; "tensor" quantizes in XLA
+KERNELS_PER_STEP = {"tensor": 3, "row": 9, "block": 6}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_pallas_forward_and_backward_lower_for_sm90_without_a_gpu(recipe, dtype):
+  """The compiled (not interpreted) path: every GEMM and quantization of the step is a Mosaic GPU
+  kernel, and each passes Mosaic GPU's layout inference and lowering for sm90 (the interpreter
+  checks neither). _fp8_dense directly: fp8_dense refuses impl="pallas" on a CPU backend."""
+  def step(x, w, c):
+    y, vjp = jax.vjp(lambda x, w: _fp8_dense(recipe, "pallas", False, x, w), x, w)
+    return (y, *vjp(c))
+
+  m, k, n = PALLAS_SHAPES[1]
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape in ((m, k), (k, n), (m, n))]
+  text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == KERNELS_PER_STEP[recipe]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_gpu, reason="needs an NVIDIA Hopper GPU (compiled Mosaic GPU kernels)")
+def test_compiled_on_gpu_matches_xla():
+  m, k, n = 1000, 1024, 520
+  x, w, c = realistic((m, k), 30), realistic((k, n), 31, 0), realistic((m, n), 32, 0)
+  for recipe in RECIPES:
+    got, want = _y_and_grads("pallas", recipe, x, w, c), _y_and_grads("xla", recipe, x, w, c)
+    for g, v, a, b, a_dtype, b_dtype in zip(got, want, (x, c, x.T), (w, w.T, c), (E4M3, E5M2, E4M3),
+                                            (E4M3, E4M3, E5M2)):
+      assert agree(g, v, a, b, recipe, a_dtype, b_dtype)

@@ -2,8 +2,9 @@
 
 - ads world: the DCNv2 ranker's eval NE within 3% of the oracle NE (the true probabilities),
   while logistic regression on the same features stays at least 5% above it;
-- Frappe (seeded 80/20 split of frappe.validation): eval AUC >= 0.96 (NOT reached yet: 0.953;
-  the target test is a strict xfail, a guard test holds the measured level);
+- Frappe (seeded 80/20 split of frappe.validation): eval AUC >= 0.96 (NOT reached yet: 0.9583 with
+  counting features, 0.9529 without; the target test is a strict xfail, a guard test holds the
+  measured level);
 - MovieLens-100k (seeded split, label = rating >= 4): eval AUC >= 0.78.
 The commands and measured values are in docs/BENCHMARKS.md.
 """
@@ -43,26 +44,42 @@ def test_adsworld_dcnv2_near_oracle_and_lr_far(tmp_path):
   assert lr["oracle_ne"] == pytest.approx(dcn["oracle_ne"])  # same eval rows
 
 
+# Counting features over the user, the item and the item's context (jaxrec.data.count_features)
+FRAPPE_COUNTS = ("user*item", "item", "user", "item*cost", "item*country", "item*city", "item*daytime",
+                 "item*weekday", "item*homework", "item*weather", "user*daytime", "user*weekday",
+                 "item*isweekend")
+
+
+def frappe_config(data_dir, counts: bool) -> RankerConfig:
+  data = DataConfig(train=f"libfm:{data_dir}/frappe/frappe.validation.libfm@train", batch_size=512,
+                    eval_batch_size=4096)
+  if not counts:  # embeddings only: 0.9529 (2026-11-23)
+    return RankerConfig(
+        data=data,
+        model=ModelConfig(dcnv2=DCNv2Config(embed_dim=64, top_mlp=(64,), num_cross=2, embedding_init=0.01)),
+        optim=OptimConfig(dense_lr=1e-3, embedding_lr=0.5), train=_loop(600))
+  # with counts the embeddings overfit: a tiny embedding learning rate does best (docs/BENCHMARKS.md)
+  return RankerConfig(
+      data=dataclasses.replace(data, count_features=FRAPPE_COUNTS),
+      model=ModelConfig(dcnv2=DCNv2Config(embed_dim=64, bottom_mlp=(256, 64), top_mlp=(256, 128), num_cross=2,
+                                          embedding_init=0.01)),
+      optim=OptimConfig(dense_lr=1e-3, embedding_lr=0.001), train=_loop(1200))
+
+
 @pytest.fixture(scope="module")
 def frappe_summary(tmp_path_factory, data_dir):
-  cfg = RankerConfig(
-      data=DataConfig(train=f"libfm:{data_dir}/frappe/frappe.validation.libfm@train", batch_size=512,
-                      eval_batch_size=4096),
-      model=ModelConfig(dcnv2=DCNv2Config(embed_dim=64, top_mlp=(64,), num_cross=2, embedding_init=0.01)),
-      optim=OptimConfig(dense_lr=1e-3, embedding_lr=0.5),
-      train=_loop(600))
-  s = train_and_evaluate(cfg, tmp_path_factory.mktemp("frappe"))
+  s = train_and_evaluate(frappe_config(data_dir, counts=True), tmp_path_factory.mktemp("frappe"))
   print("frappe", s)
   return s
 
 
 @pytest.mark.realdata
 def test_frappe_auc_does_not_regress(frappe_summary):
-  assert frappe_summary["eval_auc"] >= 0.95  # measured 0.9529 on 2026-11-23
+  assert frappe_summary["eval_auc"] >= 0.953  # measured 0.9583 on 2026-11-23 (0.9529 without counts)
 
 
 @pytest.mark.realdata
-@pytest.mark.xfail(strict=True, reason="the issue's target 0.96 is not reached yet: 0.9529 measured on "
+@pytest.mark.xfail(strict=True, reason="the issue's target 0.96 is not reached yet: 0.9583 measured on "
                    "2026-11-23 (docs/BENCHMARKS.md explains the gap); when it passes, drop this mark")
 def test_frappe_auc_target(frappe_summary):
   assert frappe_summary["eval_auc"] >= 0.96
