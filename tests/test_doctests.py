@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["jaxrec.layers.embedding", "jaxrec.metrics", "jaxrec.progress", "jaxrec.data.adsworld",
-           "jaxrec.data.readers.criteo", "jaxrec.layers.blocknorm", "jaxrec.data.count_features", "jaxrec.ops.fp8_dense"]
+           "jaxrec.data.readers.criteo", "jaxrec.layers.blocknorm", "jaxrec.data.count_features", "jaxrec.ops.fp8_dense", "jaxrec.precision.plan"]
 
 
 @pytest.mark.parametrize("name", MODULES)

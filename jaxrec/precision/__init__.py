@@ -5,8 +5,9 @@ from jaxrec.precision.error_model import (CANDIDATES, GEMMS, Candidate, Gaussian
                                           check_real_quantization, get_candidates, mere, mere_for_site,
                                           mere_on_operands, reference_matmul, sample_gaussian,
                                           sample_matrix_normal)
+from jaxrec.precision.plan import GemmChoice, PrecisionPlan, SitePrecision
 from jaxrec.precision.stats import MatrixNormalEMA, Welford, flip_flop
 
-__all__ = ["CANDIDATES", "GEMMS", "Candidate", "Gaussian", "MatrixNormal", "MatrixNormalEMA", "MereEstimate",
+__all__ = ["CANDIDATES", "GEMMS", "Candidate", "GemmChoice", "PrecisionPlan", "SitePrecision", "Gaussian", "MatrixNormal", "MatrixNormalEMA", "MereEstimate",
            "Welford", "check_real_quantization", "flip_flop", "get_candidates", "mere", "mere_for_site",
            "mere_on_operands", "reference_matmul", "sample_gaussian", "sample_matrix_normal"]

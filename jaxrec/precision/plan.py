@@ -1,0 +1,120 @@
+"""A precision plan: which numerics each GEMM site of a model runs, forward and gradients separately.
+
+A GEMM site is one dense layer y = x @ w (+ b) of a model, named by its module path with dots,
+e.g. "top.layers.0" or "cross.layers.1.v". Each site runs three GEMMs (jaxrec.precision.GEMMS):
+
+    fwd    y  = x  @ w       [B, K] x [K, N]
+    dgrad  dx = dy @ w.T     [B, N] x [N, K]
+    wgrad  dw = x.T @ dy     [K, B] x [B, N]
+
+and each GEMM gets a `GemmChoice`: a numerics name ("f32", "bf16", "fp8_tensor", "fp8_row",
+"fp8_block") and, for fp8, the implementation ("xla" or "pallas"). The plan is an explicit
+argument of model construction (never a global): sites it does not name use `default`.
+
+>>> plan = PrecisionPlan(sites={"top.layers.0": SitePrecision.uniform("fp8_row")})
+>>> plan.site("top.layers.0").fwd.numerics, plan.site("top.layers.1").fwd.numerics
+('fp8_row', 'bf16')
+>>> PrecisionPlan.from_json(plan.to_json()) == plan
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+NUMERICS = ("f32", "bf16", "fp8_tensor", "fp8_row", "fp8_block")
+IMPLS = ("xla", "pallas")
+GEMMS = ("fwd", "dgrad", "wgrad")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmChoice:
+  numerics: str = "bf16"
+  """f32, bf16, fp8_tensor, fp8_row or fp8_block"""
+  impl: str = "xla"
+  """xla, or pallas (the jaxrec kernels; fp8 numerics only)"""
+
+  def __post_init__(self):
+    if self.numerics not in NUMERICS:
+      raise ValueError(f"unknown GEMM numerics {self.numerics!r}; choose one of {NUMERICS}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"unknown GEMM impl {self.impl!r}; choose one of {IMPLS}")
+    if self.impl == "pallas" and not self.is_fp8:
+      raise ValueError(f"impl 'pallas' runs fp8 numerics only, got {self.numerics!r}")
+
+  @property
+  def is_fp8(self) -> bool:
+    return self.numerics.startswith("fp8_")
+
+  @property
+  def recipe(self) -> str | None:
+    """The fp8 scaling recipe ("tensor", "row", "block"), or None for f32/bf16."""
+    return self.numerics[4:] if self.is_fp8 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePrecision:
+  fwd: GemmChoice = GemmChoice()
+  dgrad: GemmChoice = GemmChoice()
+  wgrad: GemmChoice = GemmChoice()
+
+  @classmethod
+  def uniform(cls, numerics: str, impl: str = "xla") -> "SitePrecision":
+    c = GemmChoice(numerics, impl)
+    return cls(c, c, c)
+
+  def gemm(self, which: str) -> GemmChoice:
+    if which not in GEMMS:
+      raise ValueError(f"unknown GEMM {which!r}; choose one of {GEMMS}")
+    return getattr(self, which)
+
+  @property
+  def any_fp8(self) -> bool:
+    return any(self.gemm(g).is_fp8 for g in GEMMS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionPlan:
+  sites: dict[str, SitePrecision] = dataclasses.field(default_factory=dict)
+  default: SitePrecision = SitePrecision()
+
+  def site(self, name: str) -> SitePrecision:
+    return self.sites.get(name, self.default)
+
+  def __hash__(self) -> int:  # frozen + dict field: hash by content so plans can be static args
+    return hash((tuple(sorted(self.sites.items())), self.default))
+
+  @classmethod
+  def uniform(cls, numerics: str, impl: str = "xla") -> "PrecisionPlan":
+    """Every site (named or not) runs `numerics` for all three GEMMs."""
+    return cls(default=SitePrecision.uniform(numerics, impl))
+
+  def check_sites(self, known: list[str] | tuple[str, ...]) -> None:
+    """Raises ValueError naming plan sites that the model does not have (a stale or foreign plan)."""
+    unknown = sorted(set(self.sites) - set(known))
+    if unknown:
+      raise ValueError(f"precision plan names GEMM sites the model does not have: {unknown}; "
+                       f"the model's sites are {sorted(known)}")
+
+  def to_json(self) -> dict:
+    return {"default": dataclasses.asdict(self.default),
+            "sites": {k: dataclasses.asdict(v) for k, v in sorted(self.sites.items())}}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "PrecisionPlan":
+    def site(s: dict) -> SitePrecision:
+      return SitePrecision(**{g: GemmChoice(**s[g]) for g in GEMMS})
+
+    return cls(sites={k: site(v) for k, v in d.get("sites", {}).items()},
+               default=site(d["default"]) if "default" in d else SitePrecision())
+
+  def save(self, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+  @classmethod
+  def load(cls, path: str | Path) -> "PrecisionPlan":
+    """Reads a plan JSON (precision_plan.json's "plan" entry or a bare plan)."""
+    d = json.loads(Path(path).read_text())
+    return cls.from_json(d.get("plan", d))
