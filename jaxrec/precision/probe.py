@@ -1,0 +1,88 @@
+"""LoKA's Probe: online statistics of every GEMM site's operands during training.
+
+Per GEMM site (a dense layer y = x @ w, named as in `jaxrec.precision.plan`):
+
+    activations  x [B, K]  -> a streaming Gaussian over the K features (stats.Welford, f32)
+    weight       w [K, N]  -> a matrix-normal tracked with an EMA (stats.MatrixNormalEMA)
+
+`ProbeConfig.every` sets the cadence: the training loop calls the (jitted) probe step on one batch
+every `every` steps, so the Probe costs one extra forward pass plus the statistics updates per
+`every` training steps. Output gradients are not probed: the error model draws them from N(0, 1)
+(per-tensor-scaled MERE does not depend on their scale).
+
+The statistics are an explicit pytree (`ProbeState`), saved next to the run as `probe_stats.npz`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxrec.precision.stats import MatrixNormalEMA, Welford
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+  every: int = 100
+  """probe one batch every this many training steps (0 = off)"""
+  max_rows: int = 512
+  """rows of the probed batch fed to the activation statistics (the first ones)"""
+  weight_decay: float = 0.9
+  """EMA decay of the weights' matrix-normal estimate"""
+
+  def __post_init__(self):
+    if self.every < 0 or self.max_rows < 2:
+      raise ValueError(f"probe.every must be >= 0 and probe.max_rows >= 2, got {self.every}, {self.max_rows}")
+    if not 0.0 <= self.weight_decay < 1.0:
+      raise ValueError(f"probe.weight_decay must be in [0, 1), got {self.weight_decay}")
+
+
+@struct.dataclass
+class ProbeState:
+  acts: dict[str, Welford]
+  weights: dict[str, MatrixNormalEMA]
+  updates: jax.Array  # i32 [], how many probe steps have run
+
+  @classmethod
+  def init(cls, sites: list[tuple[str, int, int]], weight_decay: float = 0.9) -> "ProbeState":
+    """Empty statistics for sites [(name, K, N)]."""
+    return cls({name: Welford.init(k) for name, k, _ in sites},
+               {name: MatrixNormalEMA.init(jnp.zeros((k, n)), weight_decay) for name, k, n in sites},
+               jnp.zeros((), jnp.int32))
+
+  def update(self, acts: dict[str, jax.Array], weights: dict[str, jax.Array], max_rows: int) -> "ProbeState":
+    """Merges one probed batch: acts {site: x [B, K]}, weights {site: w [K, N]} (jit-friendly)."""
+    missing = sorted((set(self.acts) - set(acts)) | (set(self.weights) - set(weights)))
+    if missing:
+      raise ValueError(f"probe update lacks GEMM sites {missing}")
+    new_acts = {s: self.acts[s].update(acts[s].reshape(-1, acts[s].shape[-1])[:max_rows]) for s in self.acts}
+    new_w = {}
+    for s, ema in self.weights.items():
+      w = weights[s].astype(jnp.float32)
+      # the first update starts the EMA at the weight itself (its mean would otherwise be 0)
+      start = MatrixNormalEMA(w, ema.u, ema.v, ema.decay)
+      new_w[s] = jax.lax.cond(self.updates == 0, lambda: start, lambda: ema.update(w))
+    return ProbeState(new_acts, new_w, self.updates + 1)
+
+  def save(self, path: str | Path) -> None:
+    arrays = {"updates": np.asarray(self.updates)}
+    for s, w in self.acts.items():
+      arrays.update({f"act/{s}/count": w.count, f"act/{s}/mean": w.mean, f"act/{s}/m2": w.m2})
+    for s, e in self.weights.items():
+      arrays.update({f"w/{s}/mean": e.mean, f"w/{s}/u": e.u, f"w/{s}/v": e.v})
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+
+  @classmethod
+  def load(cls, path: str | Path, weight_decay: float = 0.9) -> "ProbeState":
+    z = np.load(path)
+    sites = sorted({k.split("/")[1] for k in z.files if k.startswith("act/")})
+    acts = {s: Welford(jnp.asarray(z[f"act/{s}/count"]), jnp.asarray(z[f"act/{s}/mean"]),
+                       jnp.asarray(z[f"act/{s}/m2"])) for s in sites}
+    weights = {s: MatrixNormalEMA(jnp.asarray(z[f"w/{s}/mean"]), jnp.asarray(z[f"w/{s}/u"]),
+                                  jnp.asarray(z[f"w/{s}/v"]), weight_decay) for s in sites}
+    return cls(acts, weights, jnp.asarray(z["updates"]))

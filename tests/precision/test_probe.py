@@ -1,0 +1,72 @@
+"""ProbeState: streaming statistics per GEMM site equal the batch statistics; save/load round trip."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.precision.probe import ProbeConfig, ProbeState
+
+SITES = [("a", 6, 4), ("b", 4, 3)]
+
+
+def batches(seed, n=5):
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(6, 6))
+  for _ in range(n):
+    x = rng.normal(size=(40, 6)) @ mix + 3.0
+    yield {"a": jnp.asarray(x, jnp.float32), "b": jnp.asarray(rng.normal(size=(40, 4)), jnp.float32)}
+
+
+def weights(seed):
+  rng = np.random.default_rng(seed)
+  return {"a": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+
+
+def test_streaming_activation_stats_equal_batch_stats():
+  st = ProbeState.init(SITES)
+  update = jax.jit(lambda s, a, w: s.update(a, w, max_rows=32))
+  seen = []
+  for i, acts in enumerate(batches(0)):
+    st = update(st, acts, weights(i))
+    seen.append(np.asarray(acts["a"])[:32])
+  x = np.concatenate(seen)
+  np.testing.assert_allclose(st.acts["a"].mean, x.mean(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(st.acts["a"].covariance(), np.cov(x.T), rtol=1e-4, atol=1e-4)
+  assert int(st.updates) == 5 and float(st.acts["a"].count) == 160.0
+
+
+def test_weight_ema_starts_at_the_weight_and_tracks_it():
+  st = ProbeState.init(SITES, weight_decay=0.5)
+  w0 = weights(0)
+  st = st.update(next(batches(0)), w0, max_rows=8)
+  np.testing.assert_allclose(st.weights["a"].mean, w0["a"])  # first update: the weight itself
+  w1 = weights(1)
+  st = st.update(next(batches(1)), w1, max_rows=8)
+  np.testing.assert_allclose(st.weights["a"].mean, 0.5 * w0["a"] + 0.5 * w1["a"], rtol=1e-6)
+  assert np.isfinite(np.asarray(st.weights["a"].u)).all() and float(jnp.trace(st.weights["a"].u)) == pytest.approx(6.0, rel=1e-4)
+
+
+def test_missing_site_is_clear():
+  st = ProbeState.init(SITES)
+  acts = next(batches(0))
+  del acts["b"]
+  with pytest.raises(ValueError, match=r"lacks GEMM sites \['b'\]"):
+    st.update(acts, weights(0), max_rows=8)
+
+
+def test_save_load_round_trip(tmp_path):
+  st = ProbeState.init(SITES)
+  for i, acts in enumerate(batches(3, 2)):
+    st = st.update(acts, weights(i), max_rows=16)
+  st.save(tmp_path / "p.npz")
+  back = ProbeState.load(tmp_path / "p.npz")
+  for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_checks():
+  with pytest.raises(ValueError):
+    ProbeConfig(every=-1)
+  with pytest.raises(ValueError):
+    ProbeConfig(weight_decay=1.0)
