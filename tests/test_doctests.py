@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["jaxrec.layers.embedding", "jaxrec.metrics", "jaxrec.progress", "jaxrec.data.adsworld",
-           "jaxrec.data.readers.criteo", "jaxrec.layers.blocknorm", "jaxrec.data.count_features", "jaxrec.ops.fp8_dense", "jaxrec.precision.plan"]
+           "jaxrec.data.readers.criteo", "jaxrec.layers.blocknorm", "jaxrec.data.count_features", "jaxrec.ops.fp8_dense", "jaxrec.precision.plan",
+           "jaxrec.ops.planned_dense", "jaxrec.layers.dense", "jaxrec.models.factory"]
 
 
 @pytest.mark.parametrize("name", MODULES)

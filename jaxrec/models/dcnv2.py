@@ -5,11 +5,18 @@
     x0 --cross network (num_cross layers, low-rank `cross_rank`)--> --top MLP--> --heads--> logits [B, T]
 
 With no dense features the bottom MLP is skipped and x0 is [B, Fs D].
+
+Every MLP and cross-network projection is a `jaxrec.layers.Dense`, a GEMM site named by its module
+path ("bottom.layers.0", "cross.layers.1.u", "cross.layers.1.v", "top.layers.2"; `gemm_sites`
+lists them with their K and N). A `PrecisionPlan` passed at construction sets each site's forward,
+input-gradient and weight-gradient numerics; without one every GEMM runs plainly in
+`compute_dtype`. The prediction heads stay f32 and are not sites.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +24,8 @@ from flax import nnx
 
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.layers import MLP, CrossNetwork, FusedEmbedding, MultiTaskHeads, pool, table_configs
+from jaxrec.layers.dense import dense_modules
+from jaxrec.precision.plan import PrecisionPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +44,11 @@ class DCNv2Config:
   """activation of the MLPs: relu, silu, gelu, hard_swish (LoKA's Mod: hard_swish)"""
   use_bias: bool = True
   """biases in the MLP and cross layers (LoKA's NoBias Mod: False; the prediction heads keep theirs)"""
+  norm: Literal["none", "layer", "block"] = "none"
+  """normalisation before each MLP activation: none, layer (LayerNorm; the LoKA baseline is bias,
+  layer, silu) or block (BlockNorm: parameter-free RMS norm over 256-feature blocks; LoKA's Mod)"""
   block_norm: bool = False
-  """BlockNorm (parameter-free RMS norm over 256-feature blocks) before each MLP activation (LoKA's Mod)"""
+  """older spelling of norm=block (kept so existing commands run); conflicts with norm=layer"""
   hash_rows: int = 1 << 17
   """rows per feature for raw-hash features (and vocabularies over max_rows_per_feature)"""
   max_rows_per_feature: int = 1 << 20
@@ -49,10 +61,26 @@ class DCNv2Config:
   combiner: str = "sum"
   """how multi-id features pool their rows: sum or mean"""
 
+  def __post_init__(self):
+    if self.norm not in ("none", "layer", "block"):
+      raise ValueError(f"model.dcnv2.norm must be none, layer or block, got {self.norm!r}")
+    if self.block_norm and self.norm == "layer":
+      raise ValueError("model.dcnv2.block_norm=true means norm=block and conflicts with norm=layer; "
+                       "pass only --model.dcnv2.norm")
+
+  @property
+  def mlp_norm(self) -> str:
+    """The MLPs' norm, block_norm=true folded in: none, layer or block."""
+    return "block" if self.block_norm else self.norm
+
 
 class DCNv2Ranker(nnx.Module):
+  """plan: the numerics of each GEMM site (see `gemm_sites`: "bottom.layers.<i>",
+  "cross.layers.<l>.u|v", "top.layers.<i>"; the heads stay f32 and are no site). None = every GEMM
+  plainly in compute_dtype. A plan naming sites this model does not have is a ValueError."""
 
-  def __init__(self, schema: Schema, cfg: DCNv2Config, *, row_multiple: int = 1, rngs: nnx.Rngs):
+  def __init__(self, schema: Schema, cfg: DCNv2Config, *, row_multiple: int = 1,
+               plan: PrecisionPlan | None = None, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.compute_dtype)
     self.combiner = cfg.combiner
     self.dtype = dtype
@@ -62,17 +90,23 @@ class DCNv2Ranker(nnx.Module):
         row_multiple=row_multiple, init_scale=cfg.embedding_init or None, rngs=rngs)
     d = cfg.embed_dim
     if schema.num_dense:
-      self.bottom = MLP(schema.num_dense, tuple(cfg.bottom_mlp) + (d,), act=cfg.activation,
-                        use_bias=cfg.use_bias, block_norm=cfg.block_norm, dtype=dtype, rngs=rngs)
+      self.bottom = MLP(schema.num_dense, tuple(cfg.bottom_mlp) + (d,), act=cfg.activation, use_bias=cfg.use_bias,
+                        norm=cfg.mlp_norm, dtype=dtype, plan=plan, path="bottom", rngs=rngs)
       x_dim = (schema.num_sparse + 1) * d
     else:
       self.bottom = None
       x_dim = schema.num_sparse * d
     self.cross = CrossNetwork(x_dim, cfg.num_cross, rank=cfg.cross_rank, use_bias=cfg.use_bias, dtype=dtype,
-                              rngs=rngs)
-    self.top = MLP(x_dim, tuple(cfg.top_mlp), act=cfg.activation, use_bias=cfg.use_bias,
-                   block_norm=cfg.block_norm, dtype=dtype, rngs=rngs)
+                              plan=plan, path="cross", rngs=rngs)
+    self.top = MLP(x_dim, tuple(cfg.top_mlp), act=cfg.activation, use_bias=cfg.use_bias, norm=cfg.mlp_norm,
+                   dtype=dtype, plan=plan, path="top", rngs=rngs)
     self.heads = MultiTaskHeads(cfg.top_mlp[-1] if cfg.top_mlp else x_dim, schema.num_tasks, rngs=rngs)
+    if plan is not None:
+      sites = dense_modules(self)
+      plan.check_sites([name for name, _ in sites])
+      for name, layer in sites:  # the blocks named their sites themselves: they must be the module paths
+        if layer.precision != plan.site(name):
+          raise AssertionError(f"GEMM site {name!r} was built with another site's precision")
 
   def from_pooled(self, dense: jax.Array, pooled: jax.Array) -> jax.Array:
     """Logits f32 [B, T] from dense [B, Fd] and pooled embeddings [B, Fs, D]."""

@@ -32,6 +32,9 @@ Two implementations of the same numerics, chosen by argument:
                  The two impls agree up to f32 summation order (and, on CPU only, the rare fp8
                  rounding tie that fp8_quantize_sm90's docstring describes).
 
+`fp8_gemm_nt` is one of these GEMMs on its own (forward only, optionally with the kernels' fused
+BlockNorm / activation epilogue); jaxrec.ops.planned_dense routes each GEMM of a site through it.
+
 `interpret=True` (impl="pallas" only) runs the kernels through jax's Mosaic GPU interpreter, which
 is how they are tested on CPU; it is slow and for tests only. impl="pallas" without it on a
 backend other than GPU raises a ValueError rather than picking the interpreter behind the caller's
@@ -50,7 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.ops.fp8_scaling import E4M3, E5M2, RECIPES, Recipe, quantize_lhs, quantize_rhs, scaled_matmul
-from kernels_pallas.fp8_gemm_sm90 import fp8_gemm, fp8_gemm_blockwise
+from kernels_pallas.fp8_gemm_sm90 import epilogue_reference, fp8_gemm, fp8_gemm_blockwise
 from kernels_pallas.fp8_quantize_sm90 import fp8_quantize
 
 IMPLS: tuple[str, ...] = ("xla", "pallas")
@@ -74,17 +77,22 @@ def fp8_dense(x: jax.Array, w: jax.Array, *, recipe: Recipe = "row", impl: str =
     raise ValueError(f"fp8_dense needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
   if interpret and impl != "pallas":
     raise ValueError("interpret=True applies to impl='pallas' only")
+  check_backend(impl, interpret)
+  return _fp8_dense(recipe, impl, interpret, x, w)
+
+
+def check_backend(impl: str, interpret: bool) -> None:
+  """Raises ValueError for impl="pallas" without interpret=True on a backend other than GPU."""
   if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
     raise ValueError(f"impl='pallas' runs Mosaic GPU kernels (sm90) and the default backend is "
                      f"{jax.default_backend()!r}: use impl='xla', or interpret=True to run the kernels "
                      "through the Mosaic GPU interpreter (slow; for tests)")
-  return _fp8_dense(recipe, impl, interpret, x, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fp8_dense(recipe: Recipe, impl: str, interpret: bool, x: jax.Array, w: jax.Array) -> jax.Array:
-  return _gemm_nt(x, w.T, recipe=recipe, a_dtype=E4M3, b_dtype=E4M3, out_dtype=x.dtype, impl=impl,
-                  interpret=interpret)
+  return fp8_gemm_nt(x, w.T, recipe=recipe, a_dtype=E4M3, b_dtype=E4M3, out_dtype=x.dtype, impl=impl,
+                     interpret=interpret)
 
 
 def _fwd(recipe, impl, interpret, x, w):
@@ -93,7 +101,7 @@ def _fwd(recipe, impl, interpret, x, w):
 
 def _bwd(recipe, impl, interpret, res, dy):
   x, w = res
-  gemm = functools.partial(_gemm_nt, recipe=recipe, impl=impl, interpret=interpret)
+  gemm = functools.partial(fp8_gemm_nt, recipe=recipe, impl=impl, interpret=interpret)
   dx = gemm(dy, w, a_dtype=E5M2, b_dtype=E4M3, out_dtype=x.dtype)      # dy @ w.T, contracts N
   dw = gemm(x.T, dy.T, a_dtype=E4M3, b_dtype=E5M2, out_dtype=w.dtype)  # x.T @ dy, contracts M
   return dx, dw
@@ -102,25 +110,36 @@ def _bwd(recipe, impl, interpret, res, dy):
 _fp8_dense.defvjp(_fwd, _bwd)
 
 
-def _gemm_nt(a: jax.Array, b_nk: jax.Array, *, recipe: Recipe, a_dtype, b_dtype, out_dtype, impl: str,
-             interpret: bool) -> jax.Array:
-  """a [M, C] @ b_nk [N, C].T -> [M, N], both operands quantized along the contraction C."""
+def fp8_gemm_nt(a: jax.Array, b_nk: jax.Array, *, recipe: Recipe, a_dtype, b_dtype, out_dtype, impl: str,
+                interpret: bool, norm: str | None = None, activation: str | None = None) -> jax.Array:
+  """act(norm(a [M, C] @ b_nk [N, C].T)) -> [M, N], both operands quantized along the contraction C.
+
+  One GEMM of fp8_dense. norm (None or "block") and activation (None, "relu", "hard_swish") are
+  the kernels' epilogue (kernels_pallas.fp8_gemm_sm90), applied in f32 to the scaled f32 product
+  before the cast to out_dtype: fused into the kernel for impl="pallas", `epilogue_reference`
+  after scaled_matmul for impl="xla". Forward only (no custom_vjp here).
+  """
   if impl == "xla":
-    return scaled_matmul(a, b_nk.T, recipe=recipe, a_dtype=a_dtype, b_dtype=b_dtype, out_dtype=out_dtype)
+    if norm is None and activation is None:
+      return scaled_matmul(a, b_nk.T, recipe=recipe, a_dtype=a_dtype, b_dtype=b_dtype, out_dtype=out_dtype)
+    y = scaled_matmul(a, b_nk.T, recipe=recipe, a_dtype=a_dtype, b_dtype=b_dtype, out_dtype=jnp.float32)
+    return epilogue_reference(y, norm=norm, activation=activation).astype(out_dtype)
   m, n = a.shape[0], b_nk.shape[0]
+  epilogue = dict(norm=norm, activation=activation, out_dtype=out_dtype, interpret=interpret)
   if recipe == "tensor":
     qa, sa = quantize_lhs(a, a_dtype, "tensor")
     qb, sb = quantize_lhs(b_nk, b_dtype, "tensor")  # one global amax: the layout does not matter
-    return fp8_gemm(qa, qb, jnp.full((m,), sa), jnp.full((n,), sb), out_dtype=out_dtype,
-                    interpret=interpret)
+    return fp8_gemm(qa, qb, jnp.full((m,), sa), jnp.full((n,), sb), **epilogue)
   qa, sa = _quantize_rows(a, a_dtype, recipe, interpret)
   if recipe == "row":
     qb, sb = _quantize_rows(b_nk, b_dtype, "row", interpret)
-    return fp8_gemm(qa, qb, sa, sb, out_dtype=out_dtype, interpret=interpret)
+    return fp8_gemm(qa, qb, sa, sb, **epilogue)
   # 128 x 128 blocks are symmetric, so quantize_rhs of b_nk is quantize_rhs of b transposed:
   # qb [N', C'], sb [N'/128, C'/128], the (N, K) layout fp8_gemm_blockwise takes
   qb, sb = quantize_rhs(b_nk, b_dtype, "block")
-  return fp8_gemm_blockwise(qa, qb, sa, sb, out_dtype=out_dtype, interpret=interpret)[:, :n]
+  if norm is not None:  # BlockNorm's blocks are over the N real columns: the kernel pads N itself
+    return fp8_gemm_blockwise(qa, qb[:n], sa, sb, **epilogue)
+  return fp8_gemm_blockwise(qa, qb, sa, sb, **epilogue)[:, :n]
 
 
 def _quantize_rows(v: jax.Array, dtype, recipe: Recipe, interpret: bool) -> tuple[jax.Array, jax.Array]:

@@ -1,6 +1,10 @@
-"""LoKA precision: Probe statistics (streaming Gaussian and matrix-normal estimates) and the error
-model (MERE of candidate GEMM numerics on operands sampled from those statistics)."""
+"""LoKA precision: Probe statistics (streaming Gaussian and matrix-normal estimates), the error
+model (MERE of candidate GEMM numerics on operands sampled from those statistics), the precision
+plan, and Dispatch (per-GEMM kernel choice under a MERE bound, with autotuned timings)."""
 
+from jaxrec.precision.dispatch import (DEFAULT_BOUND, DEFAULT_REGISTRY, MIN_SPEEDUP, Aggregate, DispatchCandidate,
+                                       GemmShape, Registry, ReportRow, Timings, TimingCache, aggregate, autotune,
+                                       choose_gemm, make_plan, site_shapes)
 from jaxrec.precision.error_model import (CANDIDATES, GEMMS, Candidate, Gaussian, MatrixNormal, MereEstimate,
                                           check_real_quantization, get_candidates, mere, mere_for_site,
                                           mere_on_operands, reference_matmul, sample_gaussian,
@@ -8,6 +12,9 @@ from jaxrec.precision.error_model import (CANDIDATES, GEMMS, Candidate, Gaussian
 from jaxrec.precision.plan import GemmChoice, PrecisionPlan, SitePrecision
 from jaxrec.precision.stats import MatrixNormalEMA, Welford, flip_flop
 
-__all__ = ["CANDIDATES", "GEMMS", "Candidate", "GemmChoice", "PrecisionPlan", "SitePrecision", "Gaussian", "MatrixNormal", "MatrixNormalEMA", "MereEstimate",
-           "Welford", "check_real_quantization", "flip_flop", "get_candidates", "mere", "mere_for_site",
-           "mere_on_operands", "reference_matmul", "sample_gaussian", "sample_matrix_normal"]
+__all__ = ["CANDIDATES", "DEFAULT_BOUND", "DEFAULT_REGISTRY", "GEMMS", "MIN_SPEEDUP", "Aggregate", "Candidate",
+           "DispatchCandidate", "Gaussian", "GemmChoice", "GemmShape", "MatrixNormal", "MatrixNormalEMA",
+           "MereEstimate", "PrecisionPlan", "Registry", "ReportRow", "SitePrecision", "Timings", "TimingCache",
+           "Welford", "aggregate", "autotune", "check_real_quantization", "choose_gemm", "flip_flop",
+           "get_candidates", "make_plan", "mere", "mere_for_site", "mere_on_operands", "reference_matmul",
+           "sample_gaussian", "sample_matrix_normal", "site_shapes"]

@@ -24,8 +24,8 @@ def test_block_norm_matches_numpy():
 
 def test_mlp_block_norm_width_checked():
   with pytest.raises(ValueError, match="multiples of 256"):
-    MLP(8, (384, 16), block_norm=True, rngs=nnx.Rngs(0))
-  m = MLP(8, (512, 16), block_norm=True, act="hard_swish", rngs=nnx.Rngs(0))
+    MLP(8, (384, 16), norm="block", rngs=nnx.Rngs(0))
+  m = MLP(8, (512, 16), norm="block", act="hard_swish", rngs=nnx.Rngs(0))
   assert m(jnp.ones((2, 8))).shape == (2, 16)
 
 

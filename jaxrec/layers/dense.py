@@ -1,0 +1,87 @@
+"""Dense: a linear layer whose three GEMMs run in the numerics of an explicit `SitePrecision`.
+
+x [..., K] -> [..., N] in `dtype`: y = x @ kernel (+ bias), kernel [K, N] and bias [N] f32
+parameters with nnx.Linear's names, shapes, initialisers and rng draws (so parameter trees and
+checkpoints are those of the nnx.Linear it replaces). x is cast to `dtype` first; the GEMMs run
+through `jaxrec.ops.planned_dense` as `precision` says (forward, input gradient and weight
+gradient each on its own); the bias is added in `dtype`. The default precision is the plain
+path of `dtype` (`plain_precision`): exactly nnx.Linear(dtype=dtype), forward and backward.
+
+A GEMM site is named by the module path of its Dense with dots ("top.layers.0",
+"cross.layers.1.v"); `gemm_sites(model)` lists them, which is what a PrecisionPlan's keys must be.
+
+>>> from flax import nnx
+>>> from jaxrec.precision.plan import SitePrecision
+>>> d = Dense(3, 4, precision=SitePrecision.uniform("fp8_row"), rngs=nnx.Rngs(0))
+>>> d(jnp.ones((2, 3))).shape, gemm_sites(d)
+((2, 4), [('', 3, 4)])
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrec.ops.planned_dense import fuses, planned_dense
+from jaxrec.precision.plan import PrecisionPlan, SitePrecision
+
+DEFAULT_KERNEL_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+_PLAIN = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}
+
+
+def plain_precision(dtype) -> SitePrecision:
+  """The site precision of an ordinary layer computing in `dtype` (float32 or bfloat16)."""
+  try:
+    return SitePrecision.uniform(_PLAIN[jnp.dtype(dtype)])
+  except KeyError:
+    raise ValueError(f"Dense computes in float32 or bfloat16, got {jnp.dtype(dtype).name}") from None
+
+
+def site_precision(plan: PrecisionPlan | None, name: str, dtype) -> SitePrecision:
+  """The plan's precision for site `name`, or the plain path of `dtype` when there is no plan."""
+  return plain_precision(dtype) if plan is None else plan.site(name)
+
+
+class Dense(nnx.Module):
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype: jnp.dtype = jnp.float32, precision: SitePrecision | None = None,
+               kernel_init: nnx.Initializer = DEFAULT_KERNEL_INIT, interpret: bool = False, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), jnp.float32))
+    if use_bias:  # draws a key like nnx.Linear does, so later layers initialise identically
+      self.bias = nnx.Param(nnx.initializers.zeros_init()(rngs.params(), (out_features,), jnp.float32))
+    else:
+      self.bias = nnx.data(None)
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = jnp.dtype(dtype)
+    self.precision = plain_precision(dtype) if precision is None else precision
+    self.interpret = interpret
+
+  def fuses(self, norm: str | None, activation: str | None) -> bool:
+    """Whether __call__ can fuse act(norm(.)) into this layer's FP8 forward GEMM (no bias, fp8 fwd)."""
+    return self.bias is None and fuses(self.precision, norm, activation)
+
+  def __call__(self, x: jax.Array, *, norm: str | None = None, activation: str | None = None) -> jax.Array:
+    """x [..., K] -> [..., N] in `dtype`; with norm / activation, act(norm(x @ kernel)) fused into
+    the FP8 GEMM (only where `self.fuses(norm, activation)`; see jaxrec.ops.planned_dense)."""
+    if (norm is not None or activation is not None) and not self.fuses(norm, activation):
+      raise ValueError(f"this Dense cannot fuse norm={norm!r}, activation={activation!r} (bias: "
+                       f"{self.bias is not None}, forward numerics {self.precision.fwd.numerics!r})")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    y = planned_dense(x2, self.kernel[...], self.precision, norm=norm, activation=activation,
+                      interpret=self.interpret)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y.reshape(*lead, self.out_features)
+
+
+def dense_modules(model: nnx.Module) -> list[tuple[str, Dense]]:
+  """(site name, Dense) for every Dense in `model`, in nnx's traversal order."""
+  return [(".".join(str(p) for p in path), m) for path, m in nnx.iter_modules(model) if isinstance(m, Dense)]
+
+
+def gemm_sites(model: nnx.Module) -> list[tuple[str, int, int]]:
+  """(site name, K, N) of every Dense GEMM site of `model`: the names a PrecisionPlan may use."""
+  return [(name, m.in_features, m.out_features) for name, m in dense_modules(model)]
