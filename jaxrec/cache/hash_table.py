@@ -1,7 +1,7 @@
 """A device-resident hash table for embeddings: open addressing in JAX arrays, jit-compiled.
 
 Keys are 64-bit ids held as two uint32 halves (jax runs without x64), values are [C, D] rows
-with a write time and a model version per slot. Lookup and insert take batches.
+with a write time, a model version and a write count per slot. Lookup and insert take batches.
 
     table = HashTable.create(capacity=1024, dim=16)
     table, stats = insert(table, keys_hi, keys_lo, values, now=t, version=v)
@@ -13,9 +13,18 @@ the window's oldest write (an LRU-by-write policy). Inserts are applied one afte
 (`lax.scan`), so duplicates within a batch end with the last value, as a dict would. An entry
 older than `ttl` seconds is reported as a miss (its slot stays until reused). A hit returns the
 value last written for that exact key: a key never reads another key's row.
+
+Two options serve callers that keep history per key (ERCache's stabilization ring): `valid`
+masks rows out of an insert (padding of a fixed-shape batch writes nothing), and `ring=m` treats
+each D-wide row as m sub-rows of D/m, appending the written [D/m] value at position
+`(writes - 1) % m` instead of replacing the row; `ring_mean` averages the filled sub-rows. With
+`restart_age`, an entry of the same key older than that is restarted (writes = 1, ring cleared)
+rather than extended, so an expired history never leaks into a new one.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +40,7 @@ class HashTable:
   values: jax.Array  # [C, D]
   write_time: jax.Array  # i32 [C], EMPTY when free
   version: jax.Array  # i32 [C]
+  writes: jax.Array  # i32 [C], writes of the slot's key since it was (re)started there
   max_probes: int = struct.field(pytree_node=False, default=8)
 
   @classmethod
@@ -39,9 +49,12 @@ class HashTable:
       raise ValueError(f"capacity and dim must be >= 1, got {capacity} and {dim}")
     if not 1 <= max_probes <= capacity:
       raise ValueError(f"max_probes must be in [1, capacity], got {max_probes}")
-    z = jnp.zeros((capacity,), jnp.uint32)
-    return cls(z, z, jnp.zeros((capacity, dim), dtype), jnp.full((capacity,), EMPTY, jnp.int32),
-               jnp.zeros((capacity,), jnp.int32), max_probes)
+
+    def zeros(dt):  # a fresh buffer per field, so that a jit may donate the whole table
+      return jnp.zeros((capacity,), dt)
+
+    return cls(zeros(jnp.uint32), zeros(jnp.uint32), jnp.zeros((capacity, dim), dtype),
+               jnp.full((capacity,), EMPTY, jnp.int32), zeros(jnp.int32), zeros(jnp.int32), max_probes)
 
   @property
   def capacity(self) -> int:
@@ -70,39 +83,75 @@ def _window(t: HashTable, hi, lo):
   return slots, used, match
 
 
-@jax.jit
-def lookup(t: HashTable, hi: jax.Array, lo: jax.Array, now: jax.Array, ttl: jax.Array):
-  """(found bool [B], rows [B, D], age i32 [B]) for keys (hi, lo) [B]; entries older than ttl miss."""
+def probe(t: HashTable, hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(slot i32 [B], present bool [B]) of keys (hi, lo) [B], whatever their age. Where a key is
+  absent its slot is an arbitrary in-range index: mask every gather with `present`. Traceable."""
 
   def one(h, l):
     slots, _, match = _window(t, h, l)
-    any_match = jnp.any(match)
-    slot = slots[jnp.argmax(match)]
-    age = now - t.write_time[slot]
-    found = any_match & (age <= ttl)
-    return found, jnp.where(found, t.values[slot], jnp.zeros_like(t.values[slot])), jnp.where(found, age, -1)
+    return slots[jnp.argmax(match)], jnp.any(match)
 
   return jax.vmap(one)(hi, lo)
 
 
 @jax.jit
+def lookup(t: HashTable, hi: jax.Array, lo: jax.Array, now: jax.Array, ttl: jax.Array):
+  """(found bool [B], rows [B, D], age i32 [B]) for keys (hi, lo) [B]; entries older than ttl miss."""
+  slot, present = probe(t, hi, lo)
+  age = now - t.write_time[slot]
+  found = present & (age <= ttl)
+  rows = jnp.where(found[:, None], t.values[slot], jnp.zeros_like(t.values[slot]))
+  return found, rows, jnp.where(found, age, -1)
+
+
+def ring_mean(rows: jax.Array, writes: jax.Array, ring: int) -> jax.Array:
+  """f32 [B, D/ring]: mean of the filled sub-rows of ring rows [B, D] with write counts [B]
+  (the last min(writes, ring) values written); zeros where writes == 0."""
+  b, d = rows.shape
+  sub = rows.reshape(b, ring, d // ring).astype(jnp.float32)
+  n = jnp.minimum(writes, ring)
+  filled = jnp.arange(ring)[None, :] < n[:, None]
+  total = jnp.sum(jnp.where(filled[:, :, None], sub, 0.0), axis=1)
+  return total / jnp.maximum(n, 1).astype(jnp.float32)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("ring",))
 def insert(t: HashTable, hi: jax.Array, lo: jax.Array, values: jax.Array, now: jax.Array,
-           version: jax.Array) -> tuple[HashTable, dict]:
-  """Writes rows [B, D] for keys [B] at time `now`; returns the table and counts of
-  {"updated", "inserted", "evicted"}."""
+           version: jax.Array, valid: jax.Array | None = None, *, ring: int = 1,
+           restart_age: jax.Array | None = None) -> tuple[HashTable, dict]:
+  """Writes values [B, D/ring] for keys [B] at time `now` (rows where `valid` [B] is False are
+  skipped); returns the table and counts of {"updated", "inserted", "evicted"}. A present key
+  older than `restart_age` seconds counts as updated but starts afresh (see the module doc)."""
+  d = t.values.shape[1]
+  if ring < 1 or d % ring or values.shape[1] * ring != d:
+    raise ValueError(f"ring={ring} needs values of width {d}/{ring}, got {values.shape}")
+  if valid is None:
+    valid = jnp.ones(hi.shape, bool)
+  no_restart = jnp.iinfo(jnp.int32).max
+  restart_age = jnp.asarray(no_restart if restart_age is None else restart_age, jnp.int32)
 
   def step(t: HashTable, x):
-    h, l, v = x
+    h, l, v, ok = x
     slots, used, match = _window(t, h, l)
     free = ~used
-    oldest = jnp.argmin(jnp.where(used, t.write_time[slots], jnp.iinfo(jnp.int32).max))
+    win_time = t.write_time[slots]  # read the window once, before any update (keeps updates in place)
+    oldest = jnp.argmin(jnp.where(used, win_time, jnp.iinfo(jnp.int32).max))
     pick = jnp.where(jnp.any(match), jnp.argmax(match), jnp.where(jnp.any(free), jnp.argmax(free), oldest))
     slot = slots[pick]
     kind = jnp.where(jnp.any(match), 0, jnp.where(jnp.any(free), 1, 2))
-    t = t.replace(key_hi=t.key_hi.at[slot].set(h), key_lo=t.key_lo.at[slot].set(l),
-                  values=t.values.at[slot].set(v.astype(t.values.dtype)),
-                  write_time=t.write_time.at[slot].set(now), version=t.version.at[slot].set(version))
-    return t, kind
+    extend = (kind == 0) & (now - win_time[pick] <= restart_age)
+    writes = jnp.where(extend, t.writes[slots][pick] + 1, 1)
+    old = jnp.where(extend, t.values[slot], jnp.zeros_like(t.values[slot])).reshape(ring, d // ring)
+    row = old.at[(writes - 1) % ring].set(v.astype(t.values.dtype)).reshape(d)
+    target = jnp.where(ok, slot, t.capacity)  # out of range: a masked row writes nothing
 
-  t, kinds = jax.lax.scan(step, t, (hi, lo, values))
+    def put(a, new):
+      return a.at[target].set(new, mode="drop")
+
+    t = t.replace(key_hi=put(t.key_hi, h), key_lo=put(t.key_lo, l), values=put(t.values, row),
+                  write_time=put(t.write_time, now), version=put(t.version, version),
+                  writes=put(t.writes, writes))
+    return t, jnp.where(ok, kind, 3)
+
+  t, kinds = jax.lax.scan(step, t, (hi, lo, values, valid))
   return t, {"updated": jnp.sum(kinds == 0), "inserted": jnp.sum(kinds == 1), "evicted": jnp.sum(kinds == 2)}

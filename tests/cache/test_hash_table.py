@@ -1,11 +1,14 @@
 """The device hash table against a Python dict model under random interleaved operations."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxrec.cache import HashTable, insert, lookup, split_keys
+from jaxrec.cache import HashTable, insert, lookup, probe, ring_mean, split_keys
 
 KEYS = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
 SMALL_KEYS = st.integers(min_value=0, max_value=40)  # many duplicates and collisions
@@ -81,3 +84,49 @@ def test_bad_sizes_are_clear():
     HashTable.create(0, 4)
   with pytest.raises(ValueError, match="max_probes"):
     HashTable.create(4, 4, max_probes=9)
+
+
+RING_OPS = st.lists(st.tuples(st.integers(0, 3),  # time advance
+                              st.lists(st.tuples(SMALL_KEYS.filter(lambda k: k < 6), st.booleans()),
+                                       min_size=1, max_size=6)),
+                    min_size=1, max_size=10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=RING_OPS, ring=st.integers(1, 3), restart=st.integers(0, 4))
+def test_ring_valid_and_restart_match_a_dict_model(ops, ring, restart):
+  """ring=m appends each written value to the key's last-m history (oldest dropped), a masked row
+  writes nothing, and an entry older than restart_age starts a new history."""
+  t = HashTable.create(capacity=64, dim=2 * ring, max_probes=64)
+  hist: dict[int, tuple[list[np.ndarray], int]] = {}
+  now = 0
+  for step, (dt, rows) in enumerate(ops):
+    now += dt
+    keys = [k for k, _ in rows] + [0] * (6 - len(rows))  # fixed batch of 6: padding is masked
+    valid = [v for _, v in rows] + [False] * (6 - len(rows))
+    vals = np.asarray([[k + 1, step] for k in keys], np.float32)
+    t, stats = insert(t, *split_keys(keys), jnp.asarray(vals), jnp.int32(now), jnp.int32(step),
+                      jnp.asarray(valid), ring=ring, restart_age=jnp.int32(restart))
+    assert int(stats["updated"] + stats["inserted"] + stats["evicted"]) == sum(valid)
+    for k, v, ok in zip(keys, vals, valid):
+      if ok:
+        old, t_old = hist.get(k, ([], now))
+        hist[k] = ((old if now - t_old <= restart else []) + [v], now)
+    got = _read_rings(t, *split_keys(list(hist) + [0] * (12 - len(hist))), ring)  # fixed [12]
+    present, means, writes, times = (np.asarray(x) for x in got)
+    for i, (k, (h, t_k)) in enumerate(hist.items()):
+      assert present[i]
+      np.testing.assert_allclose(means[i], np.mean(h[-ring:], axis=0), rtol=1e-6)  # XLA may use a reciprocal
+      assert writes[i] == len(h) and times[i] == t_k
+
+
+@functools.partial(jax.jit, static_argnames="ring")
+def _read_rings(t, hi, lo, ring):
+  slot, present = probe(t, hi, lo)
+  return present, ring_mean(t.values[slot], t.writes[slot], ring), t.writes[slot], t.write_time[slot]
+
+
+def test_ring_width_must_divide_the_row():
+  t = HashTable.create(capacity=4, dim=6, max_probes=4)
+  with pytest.raises(ValueError, match="ring=4"):
+    insert(t, *split_keys([1]), jnp.ones((1, 2)), jnp.int32(0), jnp.int32(0), ring=4)
