@@ -19,6 +19,7 @@ from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
 from jaxrec.models import ModelConfig
+from jaxrec.precision.probe import ProbeConfig
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
 from jaxrec.training.step import OptimConfig
 
@@ -31,11 +32,14 @@ class Args:
   model: ModelConfig = ModelConfig()
   optim: OptimConfig = OptimConfig()
   train: LoopConfig = LoopConfig()
+  probe: ProbeConfig = ProbeConfig(every=0)
+  """LoKA's Probe statistics during training (every N steps; 0 = off); see python -m train.probe"""
   fresh: bool = False
   """start over: delete this run's checkpoints, metrics and summary in the workdir first"""
 
   def ranker_config(self) -> RankerConfig:
-    return RankerConfig(data=self.data, model=self.model, optim=self.optim, train=self.train, fresh=self.fresh)
+    return RankerConfig(data=self.data, model=self.model, optim=self.optim, train=self.train, probe=self.probe,
+                        fresh=self.fresh)
 
 
 def demo_config() -> RankerConfig:

@@ -57,6 +57,7 @@ class Dense(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.precision = plain_precision(dtype) if precision is None else precision
     self.interpret = interpret
+    self.capture = False  # set by capture_gemm_inputs: record the GEMM input as an nnx.Intermediate
 
   def fuses(self, norm: str | None, activation: str | None) -> bool:
     """Whether __call__ can fuse act(norm(.)) into this layer's FP8 forward GEMM (no bias, fp8 fwd)."""
@@ -70,6 +71,8 @@ class Dense(nnx.Module):
                        f"{self.bias is not None}, forward numerics {self.precision.fwd.numerics!r})")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    if self.capture:
+      self.probe_input = nnx.Intermediate(x2)
     y = planned_dense(x2, self.kernel[...], self.precision, norm=norm, activation=activation,
                       interpret=self.interpret)
     if self.bias is not None:
@@ -85,3 +88,24 @@ def dense_modules(model: nnx.Module) -> list[tuple[str, Dense]]:
 def gemm_sites(model: nnx.Module) -> list[tuple[str, int, int]]:
   """(site name, K, N) of every Dense GEMM site of `model`: the names a PrecisionPlan may use."""
   return [(name, m.in_features, m.out_features) for name, m in dense_modules(model)]
+
+
+def capture_gemm_inputs(model: nnx.Module, fn) -> tuple[object, dict[str, jax.Array]]:
+  """Runs `fn(model)` with every Dense recording its GEMM input; returns (fn's result,
+  {site: x [rows, K]}). For LoKA's Probe; call it on a model merged inside a jitted function."""
+  mods = dense_modules(model)
+  for _, m in mods:
+    m.capture = True
+  try:
+    out = fn(model)
+  finally:
+    for _, m in mods:
+      m.capture = False
+  acts = {}
+  for name, m in mods:
+    v = getattr(m, "probe_input", None)
+    if v is None:
+      raise ValueError(f"GEMM site {name!r} did not run in the probed forward pass")
+    acts[name] = v[...]
+    del m.probe_input
+  return out, acts

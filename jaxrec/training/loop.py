@@ -34,6 +34,8 @@ from jaxrec.plotting import plot_training_curves
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
+from jaxrec.precision.probe import ProbeConfig, ProbeState
+from jaxrec.training.probe_step import init_probe_state, make_probe_step, place as place_probe
 from jaxrec.training.state import TrainState, plan_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
@@ -69,6 +71,8 @@ class RankerConfig:
   model: ModelConfig = ModelConfig()
   optim: OptimConfig = OptimConfig()
   train: LoopConfig = LoopConfig()
+  probe: ProbeConfig = ProbeConfig(every=0)
+  """LoKA's Probe: per-GEMM-site operand statistics every `every` steps (0 = off), saved to probe_stats.npz"""
   fresh: bool = False
   """start over: delete this run's checkpoints, metrics and summary in the workdir first"""
 
@@ -77,7 +81,7 @@ class WorkdirConflictError(ValueError):
   """The workdir holds a run whose config differs from the one asked to resume it."""
 
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json")
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json", "probe_stats.npz")
 
 
 def _prepare_workdir(cfg: RankerConfig, workdir: Path) -> None:
@@ -138,6 +142,17 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   train_step = make_train_step(graphdef, tx, cfg.optim, state_sh, train_bsh)
   eval_step = make_eval_step(graphdef, state_sh, eval_bsh)
 
+  probe_every = cfg.probe.every
+  probe_path = workdir / "probe_stats.npz"
+  probe_seconds, probe_timed = 0.0, 0
+  if probe_every:
+    probe_step = make_probe_step(graphdef, cfg.probe, mesh)
+    fresh_probe = init_probe_state(graphdef, state, cfg.probe, mesh)
+    probe_state = fresh_probe
+    if start and probe_path.exists():  # resumed: continue the saved statistics
+      loaded = ProbeState.load(probe_path, cfg.probe.weight_decay)
+      if set(loaded.acts) == set(fresh_probe.acts):
+        probe_state = place_probe(loaded, mesh)
   metrics_path = workdir / "metrics.jsonl"
   steps, bs = cfg.train.steps, cfg.data.batch_size
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
@@ -150,6 +165,16 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
       batch = jax.device_put(next(batches), train_bsh)
       state, m = train_step(state, batch)
       losses.append(m["loss"])
+      if probe_every and (step + 1) % probe_every == 0:
+        first = int(probe_state.updates) < 2  # the first two calls compile / warm up: not timed
+        jax.block_until_ready(state)
+        t_probe = time.perf_counter()
+        probe_state = jax.block_until_ready(probe_step(probe_state, state, batch))
+        if not first:
+          probe_seconds += time.perf_counter() - t_probe
+          probe_timed += 1
+        elif t_mark is not None:  # keep the compile out of the training throughput too
+          t_mark += time.perf_counter() - t_probe
       seg_steps += 1
       done = step + 1
       if t_mark is None:  # first step of this process: includes compilation, not timed
@@ -172,6 +197,8 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
           _append(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in res.items()}})
         if boundary_ckpt:
           ckpt.save(done, state)
+          if probe_every:
+            probe_state.save(probe_path)
         bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
         seg_steps = 0
         t_mark = time.perf_counter()
@@ -196,6 +223,12 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
       "model": cfg.model.kind,
       "train_data": cfg.data.train,
   }
+  if probe_every:
+    probe_state.save(probe_path)
+    train_s = timed_seconds - probe_seconds
+    summary.update(probe_every=probe_every, probe_updates=int(probe_state.updates), probe_timed_updates=probe_timed,
+                   probe_seconds=probe_seconds,
+                   probe_overhead=(probe_seconds / train_s) if probe_timed and train_s > 0 else None)
   if f"{main_task}/oracle_ne" in res:
     summary["oracle_ne"] = res[f"{main_task}/oracle_ne"]
     summary["ne_over_oracle"] = summary["eval_ne"] / summary["oracle_ne"] - 1.0

@@ -1,0 +1,76 @@
+"""The Probe's outputs: MERE tables per GEMM site, the heatmap PNG and report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jaxrec.precision.plan import GEMMS
+
+SETTINGS = ("learned", "standard", "real")
+"""learned: operands sampled from the Probe's statistics; standard: N(0, 1) operands of the same
+shapes; real: the trained model's own eval activations and weights"""
+
+
+def plot_mere_heatmap(mere: dict, sites: list[str], candidates: list[str], out_png: Path,
+                      setting: str = "learned", title: str = "") -> Path:
+  """One panel per GEMM (fwd, dgrad, wgrad): sites x candidates, colour = log10 MERE, annotated."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(GEMMS), figsize=(4.2 * len(GEMMS), 0.5 * len(sites) + 2.0), squeeze=False)
+  vals = np.array([[[mere[s][setting][c][g]["mean"] for c in candidates] for s in sites] for g in GEMMS])
+  logv = np.log10(np.maximum(vals, 1e-6))
+  vmin, vmax = float(logv.min()), float(logv.max())
+  for ax, g, grid, lg in zip(axes[0], GEMMS, vals, logv):
+    im = ax.imshow(lg, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(candidates)), candidates, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(sites)), sites if g == GEMMS[0] else [""] * len(sites), fontsize=8)
+    ax.set_title(g)
+    for i in range(len(sites)):
+      for j in range(len(candidates)):
+        ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                color="white" if lg[i, j] < (vmin + vmax) / 2 else "black")
+  fig.colorbar(im, ax=axes[0].tolist(), label="log10 MERE", shrink=0.8)
+  fig.suptitle(title or f"MERE per GEMM site and candidate ({setting} operands)")
+  out_png = Path(out_png)
+  fig.savefig(out_png, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return out_png
+
+
+def _fmt(e: dict) -> str:
+  return f"{e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"
+
+
+def write_report(path: Path, *, run: str, sites: list[tuple[str, int, int]], candidates: list[str], mere: dict,
+                 rows: list[dict], probe: dict, bound: float, timed: bool, aggregate: dict | None) -> Path:
+  """report.md: the plan per site and GEMM, MERE learned vs N(0, 1) vs real, the Probe's overhead."""
+  lines = [f"# Precision plan for {run}", ""]
+  ov = probe.get("probe_overhead")
+  lines += [f"Probe: every {probe.get('probe_every')} steps, {probe.get('probe_updates')} updates, "
+            f"{probe.get('probe_seconds', 0.0):.2f} s timed over {probe.get('probe_timed_updates')} updates, "
+            "overhead " + ("not measured" if ov is None else f"{100 * ov:.2f}% of training step time") + ".", ""]
+  lines += [f"Rule (jaxrec.precision.dispatch): MERE upper 95% bound < {bound} and, when timed, speedup over "
+            f"XLA bf16 > 1.05, fastest wins; else bf16. Timings: {'measured on this device' if timed else 'not timed (no GPU)'}.", ""]
+  lines += ["## Plan", "", "| site | K | N | GEMM | choice | MERE [95% CI] | speedup | reason |", "|---|---|---|---|---|---|---|---|"]
+  kn = {n: (k, nn) for n, k, nn in sites}
+  for r in rows:
+    k, n = kn[r["site"]]
+    m = r.get("mere")
+    lines.append(f"| {r['site']} | {k} | {n} | {r['gemm']} | {r['candidate']} | {_fmt(m) if m else '-'} | "
+                 f"{r['speedup']} | {r.get('reason', '')} |")
+  lines += ["", "## MERE: learned statistics vs N(0, 1) vs real operands (forward GEMM)", "",
+            "| site | candidate | learned | N(0, 1) | real | learned / N(0,1) | |learned - real| < |N(0,1) - real| |",
+            "|---|---|---|---|---|---|---|"]
+  for s, _, _ in sites:
+    for c in candidates:
+      le, st, re = (mere[s][x][c]["fwd"]["mean"] for x in SETTINGS)
+      lines.append(f"| {s} | {c} | {le:.4f} | {st:.4f} | {re:.4f} | {le / st:.2f} | {abs(le - re) < abs(st - re)} |")
+  if aggregate:
+    lines += ["", "## Aggregate GEMM time (training step: fwd + dgrad + wgrad)", "", "```", str(aggregate), "```"]
+  path = Path(path)
+  path.write_text("\n".join(lines) + "\n")
+  return path

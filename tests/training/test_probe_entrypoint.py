@@ -1,0 +1,71 @@
+"""python -m train.probe end to end on a tiny ads-world run, and the Probe inside the training loop."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxrec.layers.dense import gemm_sites
+from jaxrec.precision.plan import PrecisionPlan
+from jaxrec.precision.probe import ProbeState
+from train import probe
+
+TINY = ["--train.steps", "30", "--train.log_every", "10", "--train.checkpoint_every", "30", "--probe.every", "10",
+        "--data.batch_size", "256", "--data.eval_examples", "512", "--samples", "2", "--rows", "64",
+        "--train.num_devices", "1"]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("probe")
+  assert probe.main(["--workdir", str(wd)] + TINY) == 0
+  return wd
+
+
+def test_outputs_and_plan(probed):
+  out = json.loads((probed / "precision_plan.json").read_text())
+  for name in ("report.md", "mere_heatmap.png", "mere_heatmap_real.png", "probe_stats.npz", "summary.json"):
+    assert (probed / name).exists(), name
+  _, model, _ = probe.load_run(probed)
+  sites = gemm_sites(model)
+  plan = PrecisionPlan.from_json(out["plan"])
+  plan.check_sites([s for s, _, _ in sites])
+  assert len(out["rows"]) == 3 * len(sites) and not out["timed"]
+  assert all(r["speedup"] == "not timed" for r in out["rows"])
+  for s, _, _ in sites:
+    assert set(out["mere"][s]) == {"learned", "standard", "real"}
+    for setting in out["mere"][s].values():
+      assert setting["bf16"]["fwd"]["mean"] < setting["fp8_tensor"]["fwd"]["mean"]  # fp8 is coarser than bf16
+  p = out["probe"]
+  assert p["probe_updates"] == 3 and p["probe_every"] == 10
+  report = (probed / "report.md").read_text()
+  assert "not timed" in report and sites[0][0] in report
+
+
+def test_probe_stats_cover_every_site_and_match_activation_counts(probed):
+  stats = ProbeState.load(probed / "probe_stats.npz")
+  _, model, _ = probe.load_run(probed)
+  names = {s for s, _, _ in gemm_sites(model)}
+  assert set(stats.acts) == names
+  for w in stats.acts.values():
+    assert float(w.count) == 3 * 256  # 3 probes, max_rows (512) > batch rows (256)
+    assert np.isfinite(np.asarray(w.m2)).all()
+
+
+def test_from_run_reuses_a_run_and_plans_deterministically(probed, tmp_path):
+  args = ["--from_run", str(probed), "--samples", "2", "--rows", "64"]
+  assert probe.main(["--workdir", str(tmp_path / "a")] + args) == 0
+  assert probe.main(["--workdir", str(tmp_path / "b")] + args) == 0
+  a = json.loads((tmp_path / "a" / "precision_plan.json").read_text())
+  b = json.loads((tmp_path / "b" / "precision_plan.json").read_text())
+  assert a["plan"] == b["plan"] and a["mere"] == b["mere"]
+
+
+def test_missing_statistics_are_a_clear_error(tmp_path, capsys):
+  assert probe.main(["--workdir", str(tmp_path / "x"), "--from_run", str(tmp_path / "nope")]) == 2
+  assert "no probe_stats.npz" in capsys.readouterr().err
+
+
+def test_probe_off_is_refused(tmp_path, capsys):
+  assert probe.main(["--workdir", str(tmp_path / "y"), "--probe.every", "0"]) == 2
+  assert "--probe.every" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""python -m train.probe: LoKA's Probe -> error model -> Dispatch -> precision_plan.json.
+
+With no arguments: trains a small Mods ranker (no bias, BlockNorm, HardSwish) on the ads world
+with the Probe collecting per-GEMM-site statistics every `probe.every` steps, then for every site
+measures MERE of each candidate numerics (forward, input-gradient and weight-gradient GEMMs) on
+operands sampled from the learned statistics, on N(0, 1) operands of the same shapes, and on the
+trained model's real eval activations; Dispatch turns the learned MEREs (and, on a GPU, measured
+timings) into a plan. `--from_run DIR` skips training and probes an existing run that was trained
+with `--probe.every N` (its checkpoint, config.json and probe_stats.npz).
+
+Writes to --workdir: precision_plan.json (the plan, one row per site and GEMM with the choice,
+MERE and interval, speedup or "not timed", every MERE measured, the Probe's overhead),
+report.md, mere_heatmap.png (learned operands) and mere_heatmap_real.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.config import config_from_dict, config_to_dict, parse_config
+from jaxrec.data.errors import DataFormatError, DataSpecError
+from jaxrec.data.sources import DataConfig, open_train_eval
+from jaxrec.layers.dense import capture_gemm_inputs, dense_modules, gemm_sites
+from jaxrec.models import DCNv2Config, ModelConfig, build_model
+from jaxrec.precision import dispatch
+from jaxrec.precision.error_model import Gaussian, MatrixNormal, mere_for_site, mere_on_operands
+from jaxrec.precision.probe import ProbeConfig, ProbeState
+from jaxrec.precision.report import SETTINGS, plot_mere_heatmap, write_report
+from jaxrec.progress import progress
+from jaxrec.training import sharding
+from jaxrec.training.checkpoint import Checkpointer
+from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
+from jaxrec.training.state import merge_model, plan_train_state
+from jaxrec.training.step import OptimConfig, dense_optimizer
+
+MODS = DCNv2Config(use_bias=False, norm="block", activation="hard_swish", top_mlp=(256, 256))
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  workdir: str = "runs/probe"
+  """where the run (unless --from_run) and the plan, report and heatmaps go"""
+  from_run: str = ""
+  """probe an existing run's workdir instead of training (it must have been trained with --probe.every N)"""
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig(dcnv2=MODS)
+  optim: OptimConfig = OptimConfig()
+  train: LoopConfig = LoopConfig(steps=2000, log_every=200, eval_every=0, checkpoint_every=2000)
+  probe: ProbeConfig = ProbeConfig(every=100)
+  candidates: tuple[str, ...] = ("bf16", "fp8_tensor", "fp8_row", "fp8_block")
+  """numerics scored by the error model (jaxrec.precision.error_model.CANDIDATES)"""
+  samples: int = 16
+  """synthetic operand samples per site and setting (the MERE interval is over these)"""
+  rows: int = 256
+  """rows of each sampled (and real) activation batch"""
+  bound: float = dispatch.DEFAULT_BOUND
+  """Dispatch's MERE bound (upper end of the 95% interval)"""
+  plan_batch: int = 0
+  """batch M of the GEMMs Dispatch times on a GPU (0 = --data.batch_size)"""
+  timing_cache: str = str(dispatch.DEFAULT_CACHE_PATH)
+  """Dispatch's on-disk timing cache (GPU only)"""
+  seed: int = 0
+  fresh: bool = False
+  """start the training run over"""
+
+  def __post_init__(self):
+    if self.samples < 2 or self.rows < 2:
+      raise ValueError(f"--samples and --rows must be >= 2, got {self.samples}, {self.rows}")
+    if not self.candidates:
+      raise ValueError("--candidates must name at least one numerics")
+
+
+def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:
+  """(config, trained model, eval source) of a finished run."""
+  cfg_path = run_dir / "config.json"
+  if not cfg_path.exists():
+    raise FileNotFoundError(f"{run_dir} has no config.json: not a training run's workdir")
+  cfg = config_from_dict(RankerConfig, json.loads(cfg_path.read_text()))
+  _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
+  mesh = sharding.make_mesh(1)
+  graphdef, _, abstract, state_sh = plan_train_state(
+      lambda: build_model(eval_src.schema, cfg.model), dense_optimizer(cfg.optim), mesh)
+  ckpt = Checkpointer(run_dir)
+  state = ckpt.restore(abstract, state_sh)
+  ckpt.close()
+  return cfg, merge_model(graphdef, state.params, state.table), eval_src
+
+
+def real_operands(model, eval_src, rows: int, samples: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """{site: xs [S, rows, K]} from the first eval batches and {site: w [K, N]} of the trained model."""
+  acts: dict[str, list] = {}
+  for i, batch in enumerate(eval_src.eval_batches(rows)):
+    if i == samples:
+      break
+    _, a = capture_gemm_inputs(model, lambda m: m(jax.tree.map(jnp.asarray, batch)))
+    for s, x in a.items():
+      acts.setdefault(s, []).append(x.astype(jnp.float32))
+  return ({s: jnp.stack(v) for s, v in acts.items()},
+          {s: m.kernel[...].astype(jnp.float32) for s, m in dense_modules(model)})
+
+
+def measure(args: Args, sites, stats: ProbeState, model, eval_src) -> dict:
+  """{site: {setting: {candidate: {gemm: MereEstimate}}}} for the three operand settings."""
+  xs, ws = real_operands(model, eval_src, args.rows, args.samples)
+  key = jax.random.key(args.seed)
+  out = {}
+  with progress(len(sites), "error model") as bar:
+    for i, (s, k, n) in enumerate(sites):
+      kl, ks, kr = jax.random.split(jax.random.fold_in(key, i), 3)
+      common = dict(candidates=args.candidates, num_samples=args.samples, batch=args.rows)
+      out[s] = {
+          "learned": mere_for_site(kl, Gaussian.from_welford(stats.acts[s]), MatrixNormal.from_ema(stats.weights[s]),
+                                   **common),
+          "standard": mere_for_site(ks, Gaussian.standard(k), MatrixNormal.standard(k, n), **common),
+          "real": mere_on_operands(xs[s], ws[s], candidates=args.candidates, key=kr),
+      }
+      bar.update(1)
+  return out
+
+
+def run(args: Args) -> dict:
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if args.from_run:
+    run_dir = Path(args.from_run)
+    summary_path = run_dir / "summary.json"
+    probe_info = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+  else:
+    run_dir = workdir
+    rcfg = RankerConfig(data=args.data, model=args.model, optim=args.optim, train=args.train, probe=args.probe,
+                        fresh=args.fresh)
+    if args.probe.every == 0 or args.probe.every > args.train.steps:
+      raise ValueError(f"--probe.every must be in [1, --train.steps={args.train.steps}] to collect statistics")
+    probe_info = train_and_evaluate(rcfg, run_dir)
+  stats_path = run_dir / "probe_stats.npz"
+  if not stats_path.exists():
+    raise FileNotFoundError(f"{run_dir} has no probe_stats.npz: train it with --probe.every N (N <= steps)")
+  stats = ProbeState.load(stats_path)
+  cfg, model, eval_src = load_run(run_dir)
+  sites = gemm_sites(model)
+  missing = sorted({s for s, _, _ in sites} - set(stats.acts))
+  if missing:
+    raise ValueError(f"probe_stats.npz of {run_dir} lacks GEMM sites {missing} of the model")
+  mere = measure(args, sites, stats, model, eval_src)
+
+  batch = args.plan_batch or cfg.data.batch_size
+  on_gpu = jax.default_backend() == "gpu"
+  timings = None
+  if on_gpu:
+    timings = dispatch.autotune(dispatch.site_shapes(sites, batch=batch), cache_path=args.timing_cache)
+  learned = {s: m["learned"] for s, m in mere.items()}
+  plan, rows = dispatch.make_plan(sites, learned, batch=batch, timings=timings, bound=args.bound)
+  agg = None
+  if timings is not None:
+    a = dispatch.aggregate(rows, timings, mere=learned, bound=args.bound)
+    agg = {"plan_speedup_over_bf16": a.plan_speedup, "best_global": a.best_global,
+           "global_speedups": {n: a.global_speedup(n) for n in a.global_us}}
+  mere_json = {s: {st: {c: {g: e.as_dict() for g, e in by_g.items()} for c, by_g in m[st].items()} for st in SETTINGS}
+               for s, m in mere.items()}
+  probe_keys = ("probe_every", "probe_updates", "probe_timed_updates", "probe_seconds", "probe_overhead")
+  out = {
+      "run": str(run_dir), "device": jax.devices()[0].device_kind, "bound": args.bound, "plan_batch": batch,
+      "timed": timings is not None, "plan": plan.to_json(), "rows": [r.as_dict() for r in rows],
+      "sites": [{"site": s, "k": k, "n": n} for s, k, n in sites], "mere": mere_json,
+      "probe": {k: probe_info.get(k) for k in probe_keys}, "aggregate": agg,
+      "config": config_to_dict(args),
+  }
+  (workdir / "precision_plan.json").write_text(json.dumps(out, indent=2) + "\n")
+  names = [s for s, _, _ in sites]
+  cands = list(args.candidates)
+  plot_mere_heatmap(mere_json, names, cands, workdir / "mere_heatmap.png", "learned")
+  plot_mere_heatmap(mere_json, names, cands, workdir / "mere_heatmap_real.png", "real",
+                    title="MERE per GEMM site and candidate (real eval activations, trained weights)")
+  write_report(workdir / "report.md", run=str(run_dir), sites=sites, candidates=cands, mere=mere_json,
+               rows=out["rows"], probe=out["probe"], bound=args.bound, timed=out["timed"], aggregate=agg)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_config(Args, argv, prog="python -m train.probe", description=__doc__.split("\n\n")[0])
+  try:
+    out = run(args)
+  except (DataFormatError, DataSpecError, WorkdirConflictError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  chosen = {}
+  for r in out["rows"]:
+    chosen[r["candidate"]] = chosen.get(r["candidate"], 0) + 1
+  ov = out["probe"].get("probe_overhead")
+  print(f"plan: {len(out['sites'])} sites x 3 GEMMs -> {chosen}; timed: {out['timed']}; probe overhead: "
+        + ("n/a" if ov is None else f"{100 * ov:.2f}%"))
+  print(f"outputs in {args.workdir}: precision_plan.json, report.md, mere_heatmap.png, mere_heatmap_real.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
