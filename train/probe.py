@@ -53,7 +53,7 @@ class Args:
   model: ModelConfig = ModelConfig(dcnv2=MODS)
   optim: OptimConfig = OptimConfig()
   train: LoopConfig = LoopConfig(steps=2000, log_every=200, eval_every=0, checkpoint_every=2000)
-  probe: ProbeConfig = ProbeConfig(every=100)
+  probe: ProbeConfig = ProbeConfig()
   candidates: tuple[str, ...] = ("bf16", "fp8_tensor", "fp8_row", "fp8_block")
   """numerics scored by the error model (jaxrec.precision.error_model.CANDIDATES)"""
   samples: int = 16

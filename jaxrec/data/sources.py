@@ -60,6 +60,9 @@ class DataConfig:
   features, out-of-fold on training rows (jaxrec.data.count_features)"""
   count_folds: int = 5
   """folds of the out-of-fold training counts"""
+  user_model: str = ""
+  """workdir of a user model (python -m train.user_model) whose frozen user embeddings are appended
+  to every row as dense features user_emb_* (ads world only; jaxrec.data.user_embedding); empty = none"""
 
   def __post_init__(self):
     for name in ("batch_size", "eval_batch_size", "eval_examples"):
@@ -199,6 +202,9 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
     train, evl = ExamplesSource(tr_ex, seed=cfg.shuffle_seed), ExamplesSource(ev_ex, seed=cfg.shuffle_seed)
   else:
     train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
+  if cfg.user_model:
+    from jaxrec.data.user_embedding import with_user_embedding  # imports the model stack: only when asked
+    train, evl = with_user_embedding(train, evl, cfg.user_model)
   check_compatible(train, evl, str(train_spec), str(eval_spec))
   return train, evl
 

@@ -28,7 +28,7 @@ from jaxrec.precision.stats import MatrixNormalEMA, Welford
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-  every: int = 100
+  every: int = 250
   """probe one batch every this many training steps (0 = off)"""
   max_rows: int = 512
   """rows of the probed batch fed to the activation statistics (the first ones)"""

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config import config_to_dict
+from jaxrec.config import config_from_dict, config_to_dict
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.data.pipeline import BatchSource, train_iterator
 from jaxrec.data.sources import DataConfig, open_train_eval
@@ -94,6 +94,10 @@ def _prepare_workdir(cfg: RankerConfig, workdir: Path) -> None:
   mine = config_to_dict(cfg)
   if saved.exists() and (workdir / "checkpoints").exists():
     old = json.loads(saved.read_text())
+    try:  # fill fields added since the run was saved with their defaults before comparing
+      old = config_to_dict(config_from_dict(RankerConfig, old))
+    except ValueError:
+      pass  # a config this version cannot read: compared as saved, so it conflicts
     for section in ("data", "model", "optim"):
       if old.get(section) != mine[section]:
         raise WorkdirConflictError(

@@ -116,3 +116,18 @@ def test_smoke_config_trains_and_restores(tmp_path):
   assert s["steps"] == 20 and np.isfinite(s["eval_ne"]) and np.isfinite(s["oracle_ne"])
   restored = final_params(tmp_path / "smoke", 20)
   assert int(restored["step"]) == 20 and np.all(np.isfinite(restored["table"]))
+
+
+def test_a_run_saved_before_new_config_fields_still_resumes(tmp_path):
+  """config.json written by an older version (without fields added since) is not a conflict."""
+  import json
+
+  from jaxrec.training.loop import _prepare_workdir
+  from train.ranker import smoke
+  cfg = smoke()
+  _prepare_workdir(cfg, tmp_path)
+  (tmp_path / "checkpoints").mkdir()
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["data"]["count_features"], saved["model"]["precision_plan"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  _prepare_workdir(cfg, tmp_path)  # no WorkdirConflictError
