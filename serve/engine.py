@@ -1,0 +1,289 @@
+"""The serving engine without HTTP: a trained ranker, dynamic batching, one compiled step per bucket.
+
+    engine = Engine(load_ranker(Path("runs/demo")), EngineConfig())
+    engine.start()                       # compiles every bucket; nothing compiles after this
+    resp = engine.rank(RankRequest(features={"user_id": 7}, candidates=[{"ad_id": 1}, {"ad_id": 2}]))
+    resp.scores["click"]                 # f32 [N], one probability per candidate
+    engine.close(drain=True)
+
+`submit` validates on the caller's thread (RequestError) and queues the request on a bounded
+queue (Overloaded when full). One worker thread takes requests off the queue until they hold
+`max_rows` candidate rows or `max_wait_ms` has passed since the first, pads their rows to the
+smallest bucket that holds them, runs that bucket's ahead-of-time compiled step
+(lookup -> model -> sigmoid) and hands each request its own rows' scores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import queue
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxrec.config import config_from_dict
+from jaxrec.data.batch import Batch, Schema
+from jaxrec.models import build_model
+from jaxrec.training import sharding
+from jaxrec.training.checkpoint import Checkpointer
+from jaxrec.training.loop import RankerConfig
+from jaxrec.training.state import merge_model, plan_train_state
+from jaxrec.training.step import dense_optimizer
+from serve.request import RankRequest, RequestError, Rows, concat_rows, encode_request
+
+__all__ = ["Engine", "EngineClosed", "EngineConfig", "LoadedRanker", "Overloaded", "RankResponse",
+           "RequestError", "load_ranker"]
+
+
+class Overloaded(RuntimeError):
+  """The request queue is full (HTTP 503)."""
+
+
+class EngineClosed(RuntimeError):
+  """The engine is closed, or closed without draining before this request ran."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  buckets: tuple[int, ...] = (64, 256, 1024, 4096)
+  """row counts of the compiled steps; a batch is padded to the smallest that holds it"""
+  max_rows: int = 4096
+  """most candidate rows in one batch (<= the largest bucket)"""
+  max_wait_ms: float = 2.0
+  """how long the first request of a batch waits for others to join it"""
+  max_queue: int = 256
+  """requests waiting at most; `submit` raises Overloaded beyond"""
+  max_candidates: int = 1024
+  """most candidates in one request (<= max_rows)"""
+
+  def __post_init__(self):
+    if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+      raise ValueError(f"buckets must be positive and strictly increasing, got {self.buckets}")
+    if not 1 <= self.max_candidates <= self.max_rows <= self.buckets[-1]:
+      raise ValueError(f"need 1 <= max_candidates ({self.max_candidates}) <= max_rows ({self.max_rows}) "
+                       f"<= largest bucket ({self.buckets[-1]})")
+    if self.max_wait_ms < 0 or self.max_queue < 1:
+      raise ValueError("max_wait_ms must be >= 0 and max_queue >= 1")
+
+  def bucket_for(self, rows: int) -> int:
+    return next(b for b in self.buckets if b >= rows)
+
+
+@struct.dataclass
+class ServingState:
+  """What the serving step reads: dense parameters and the embedding table, on device."""
+
+  params: dict
+  table: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRanker:
+  schema: Schema
+  graphdef: nnx.GraphDef
+  state: ServingState
+  version: int
+  """the checkpoint step"""
+
+
+@dataclasses.dataclass(frozen=True)
+class RankResponse:
+  scores: dict[str, np.ndarray]
+  """{objective: f32 [N]} probability per candidate, in the request's candidate order"""
+  model_version: int
+
+
+def load_ranker(workdir: Path, step: int | None = None) -> LoadedRanker:
+  """The ranker a training run (jaxrec.training.loop.train_and_evaluate) left in `workdir`.
+
+  Rebuilds the model from config.json and schema.json and restores the checkpoint at `step`
+  (default the latest) onto one device, the way train.probe.load_run does.
+  """
+  workdir = Path(workdir)
+  for name in ("config.json", "schema.json"):
+    if not (workdir / name).exists():
+      raise FileNotFoundError(f"{workdir} has no {name}: not a training run's workdir")
+  cfg = config_from_dict(RankerConfig, json.loads((workdir / "config.json").read_text()))
+  schema = Schema.from_json(json.loads((workdir / "schema.json").read_text()))
+  # the table's rows were padded to a multiple of the training devices
+  row_multiple = cfg.train.num_devices or jax.local_device_count()
+  graphdef, _, abstract, state_sh = plan_train_state(
+      lambda: build_model(schema, cfg.model, row_multiple=row_multiple), dense_optimizer(cfg.optim),
+      sharding.make_mesh(1))
+  ckpt = Checkpointer(workdir)
+  try:
+    state = ckpt.restore(abstract, state_sh, step)
+  finally:
+    ckpt.close()
+  return LoadedRanker(schema=schema, graphdef=graphdef, state=ServingState(params=state.params, table=state.table),
+                      version=int(state.step))
+
+
+def make_score_step(graphdef: nnx.GraphDef, schema: Schema):
+  """score(state, dense [B, Fd], sparse [B, Fs, L], sparse_mask) -> probabilities f32 [B, T]."""
+
+  def score(state: ServingState, dense: jax.Array, sparse: jax.Array, sparse_mask: jax.Array) -> jax.Array:
+    b = dense.shape[0]
+    zeros = jnp.zeros((b,), jnp.int32)
+    batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask,
+                  labels=jnp.zeros((b, schema.num_tasks), jnp.float32), weights=jnp.zeros((b,), jnp.float32),
+                  domain=zeros, timestamp=zeros)
+    return jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch).astype(jnp.float32))
+
+  return jax.jit(score)
+
+
+@dataclasses.dataclass
+class _Pending:
+  rows: Rows
+  future: concurrent.futures.Future
+
+
+class Engine:
+  """Dynamic batching over one loaded ranker; see the module docstring."""
+
+  def __init__(self, ranker: LoadedRanker, cfg: EngineConfig = EngineConfig()):
+    self.ranker, self.cfg = ranker, cfg
+    self.schema = ranker.schema
+    self.device = jax.local_devices()[0]
+    self._state = jax.device_put(ranker.state, self.device)
+    self._step = make_score_step(ranker.graphdef, ranker.schema)
+    self._compiled: dict[int, jax.stages.Compiled] = {}
+    self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=cfg.max_queue)
+    self._lock = threading.Lock()
+    self._closed = False
+    self._stop = threading.Event()
+    self._drain = True
+    self._worker: threading.Thread | None = None
+    self.batches_run: dict[int, int] = {b: 0 for b in cfg.buckets}
+    """how many batches each bucket has run"""
+
+  # ---- lifecycle
+
+  def start(self) -> "Engine":
+    """Compiles every bucket ahead of time, runs each once, and starts the worker thread."""
+    s = self.schema
+    for b in self.cfg.buckets:
+      args = (jax.ShapeDtypeStruct((b, s.num_dense), jnp.float32),
+              jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.int32),
+              jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.bool_))
+      self._compiled[b] = self._step.lower(self._state, *args).compile()
+      jax.block_until_ready(self._run_bucket(concat_rows([], s, b)))  # warm-up
+    self._worker = threading.Thread(target=self._loop, name="jaxrec-serve-batcher", daemon=True)
+    self._worker.start()
+    return self
+
+  def close(self, drain: bool = True, timeout: float | None = None) -> None:
+    """Stops taking requests. drain=True scores every queued request first; drain=False fails
+    them with EngineClosed. Returns when the worker has stopped."""
+    with self._lock:
+      self._closed = True
+      self._drain = drain
+    self._stop.set()
+    if self._worker is not None:
+      self._worker.join(timeout)
+
+  def __enter__(self) -> "Engine":
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # ---- requests
+
+  def submit(self, req: RankRequest) -> concurrent.futures.Future:
+    """Queues `req`; the future resolves to a RankResponse. Raises RequestError (invalid request),
+    Overloaded (queue full) or EngineClosed, all on the caller's thread."""
+    rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates)
+    item = _Pending(rows, concurrent.futures.Future())
+    with self._lock:
+      if self._closed or self._worker is None:
+        raise EngineClosed("the engine is not running (start() it, or it was closed)")
+      try:
+        self._queue.put_nowait(item)
+      except queue.Full:
+        raise Overloaded(f"request queue full ({self.cfg.max_queue} waiting)") from None
+    return item.future
+
+  def rank(self, req: RankRequest, timeout: float | None = None) -> RankResponse:
+    """submit(req) and wait for its response (concurrent.futures.TimeoutError after `timeout` s)."""
+    return self.submit(req).result(timeout)
+
+  # ---- worker
+
+  def _run_bucket(self, rows: Rows) -> jax.Array:
+    b = rows.num_rows
+    args = jax.device_put((rows.dense, rows.sparse, rows.sparse_mask), self.device)
+    with jax.transfer_guard("disallow"):  # nothing but the explicit transfers above
+      return self._compiled[b](self._state, *args)
+
+  def _loop(self) -> None:
+    carry: _Pending | None = None
+    while True:
+      if carry is None:
+        try:
+          carry = self._queue.get(timeout=0.05)
+        except queue.Empty:
+          if self._stop.is_set():
+            return
+          continue
+      if self._stop.is_set() and not self._drain:
+        self._fail_queued(carry)
+        return
+      batch, carry = self._gather(carry)
+      self._run(batch)
+
+  def _gather(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
+    """Requests for one batch, starting with `first`; returns (batch, the request that did not fit)."""
+    batch, rows = [first], first.rows.num_rows
+    deadline = time.monotonic() + self.cfg.max_wait_ms / 1e3
+    while rows < self.cfg.max_rows:
+      left = deadline - time.monotonic()
+      try:
+        item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+      except queue.Empty:
+        break
+      if rows + item.rows.num_rows > self.cfg.max_rows:
+        return batch, item
+      batch.append(item)
+      rows += item.rows.num_rows
+    return batch, None
+
+  def _run(self, batch: list[_Pending]) -> None:
+    batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+    if not batch:
+      return
+    try:
+      n = sum(p.rows.num_rows for p in batch)
+      bucket = self.cfg.bucket_for(n)
+      probs = jax.device_get(self._run_bucket(concat_rows([p.rows for p in batch], self.schema, bucket)))
+      self.batches_run[bucket] += 1
+    except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the worker
+      for p in batch:
+        p.future.set_exception(e)
+      return
+    start = 0
+    for p in batch:
+      k = p.rows.num_rows
+      part = probs[start:start + k]
+      start += k
+      p.future.set_result(RankResponse(scores={t: part[:, i].copy() for i, t in enumerate(self.schema.labels)},
+                                       model_version=self.ranker.version))
+
+  def _fail_queued(self, carry: _Pending | None) -> None:
+    items = [carry] if carry is not None else []
+    while True:
+      try:
+        items.append(self._queue.get_nowait())
+      except queue.Empty:
+        break
+    for p in items:
+      if p.future.set_running_or_notify_cancel():
+        p.future.set_exception(EngineClosed("the engine closed without draining"))

@@ -1,0 +1,134 @@
+"""Ranking requests: the typed request, its validation, and its rows in the model's layout.
+
+A request is one user with request-level features and N candidates. Each candidate becomes one
+row of the model's Batch; the request's features are repeated on every row and a candidate's own
+features override them. Feature names are the schema's dense and sparse feature names.
+
+    dense        f32  [N, Fd]     a missing dense feature is 0.0 (the sources' normalised mean)
+    sparse       i32  [N, Fs, L]  an id (int) or up to max_len ids (list[int]) per sparse feature
+    sparse_mask  bool [N, Fs, L]  False for padding and for a missing sparse feature
+
+>>> from jaxrec.data.batch import Schema, SparseFeature
+>>> schema = Schema(dense=("price",), sparse=(SparseFeature("ad", 10),), labels=("click",))
+>>> rows = encode_request(RankRequest({"price": 0.5}, [{"ad": 3}, {"ad": 7, "price": 1.0}]), schema,
+...                       max_candidates=8)
+>>> rows.dense[:, 0].tolist(), rows.sparse[:, 0, 0].tolist()
+([0.5, 1.0], [3, 7])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Union
+
+import numpy as np
+
+from jaxrec.data.batch import Schema
+
+FeatureValue = Union[int, float, list[int]]
+MAX_HASHED_ID = 2**31 - 1  # ids of hashed features (vocab_size None) must fit in int32
+
+
+class RequestError(ValueError):
+  """A request the engine cannot score; the message names the offending field (HTTP 4xx)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RankRequest:
+  """One user's request: `features` shared by every candidate, and one feature dict per candidate."""
+
+  features: dict[str, FeatureValue]
+  candidates: list[dict[str, FeatureValue]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """A request's model rows (host numpy arrays, shapes in the module docstring)."""
+
+  dense: np.ndarray
+  sparse: np.ndarray
+  sparse_mask: np.ndarray
+
+  @property
+  def num_rows(self) -> int:
+    return self.dense.shape[0]
+
+
+def empty_rows(n: int, schema: Schema) -> Rows:
+  """n padding rows: zero dense features, no sparse ids."""
+  return Rows(dense=np.zeros((n, schema.num_dense), np.float32),
+              sparse=np.zeros((n, schema.num_sparse, schema.max_len), np.int32),
+              sparse_mask=np.zeros((n, schema.num_sparse, schema.max_len), np.bool_))
+
+
+def concat_rows(parts: list[Rows], schema: Schema, total: int) -> Rows:
+  """The parts' rows one after another, padded with `empty_rows` up to `total` rows."""
+  n = sum(p.num_rows for p in parts)
+  if n > total:
+    raise ValueError(f"{n} rows do not fit in {total}")
+  pad = empty_rows(total - n, schema)
+  return Rows(dense=np.concatenate([p.dense for p in parts] + [pad.dense]),
+              sparse=np.concatenate([p.sparse for p in parts] + [pad.sparse]),
+              sparse_mask=np.concatenate([p.sparse_mask for p in parts] + [pad.sparse_mask]))
+
+
+def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int) -> Rows:
+  """Validates `req` against `schema` and returns its rows; raises RequestError naming the field."""
+  if not isinstance(req, RankRequest):
+    raise RequestError(f"expected a RankRequest, got {type(req).__name__}")
+  if not isinstance(req.features, dict):
+    raise RequestError(f"features: expected a dict, got {type(req.features).__name__}")
+  if not isinstance(req.candidates, list):
+    raise RequestError(f"candidates: expected a list, got {type(req.candidates).__name__}")
+  n = len(req.candidates)
+  if n == 0:
+    raise RequestError("candidates: at least one candidate is needed")
+  if n > max_candidates:
+    raise RequestError(f"candidates: {n} candidates, at most {max_candidates} are allowed")
+  dense_idx = {name: i for i, name in enumerate(schema.dense)}
+  sparse_idx = {f.name: i for i, f in enumerate(schema.sparse)}
+  rows = empty_rows(n, schema)
+  shared = _check_features(req.features, "features", schema, dense_idx, sparse_idx)
+  for r, cand in enumerate(req.candidates):
+    if not isinstance(cand, dict):
+      raise RequestError(f"candidates[{r}]: expected a dict of features, got {type(cand).__name__}")
+    own = _check_features(cand, f"candidates[{r}]", schema, dense_idx, sparse_idx)
+    for name, value in {**shared, **own}.items():
+      if name in dense_idx:
+        rows.dense[r, dense_idx[name]] = value
+      else:
+        j = sparse_idx[name]
+        rows.sparse[r, j, :len(value)] = value
+        rows.sparse_mask[r, j, :len(value)] = True
+  return rows
+
+
+def _check_features(feats: dict, where: str, schema: Schema, dense_idx: dict[str, int],
+                    sparse_idx: dict[str, int]) -> dict[str, float | list[int]]:
+  """{name: float (dense) or list of ids (sparse)} of one feature dict, validated."""
+  out: dict[str, float | list[int]] = {}
+  for name, value in feats.items():
+    field = f"{where}.{name}"
+    if name in dense_idx:
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{field}: dense feature must be a number, got {type(value).__name__}")
+      if not math.isfinite(value):
+        raise RequestError(f"{field}: dense feature must be finite, got {value}")
+      out[name] = float(value)
+    elif name in sparse_idx:
+      feat = schema.sparse[sparse_idx[name]]
+      ids = value if isinstance(value, list) else [value]
+      if len(ids) > feat.max_len:
+        raise RequestError(f"{field}: {len(ids)} ids, the feature holds at most {feat.max_len}")
+      hi = MAX_HASHED_ID if feat.vocab_size is None else feat.vocab_size - 1
+      for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+          raise RequestError(f"{field}: sparse feature ids must be integers, got {type(i).__name__}")
+        if not 0 <= i <= hi:
+          raise RequestError(f"{field}: id {i} out of range [0, {hi}]")
+      out[name] = [int(i) for i in ids]
+    else:
+      raise RequestError(f"{field}: unknown feature (the model's features are "
+                         f"{list(schema.dense) + list(sparse_idx)})")
+  return out

@@ -1,0 +1,248 @@
+"""serve.engine: scores match the model, dynamic batching splits them back, no compiles after start."""
+
+import concurrent.futures
+import threading
+import time
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from jaxrec.data.batch import batch_from_numpy
+from serve.engine import Engine, EngineClosed, EngineConfig, Overloaded, load_ranker
+from serve.request import RankRequest, RequestError
+from train import ranker
+from train.probe import load_run
+
+SMOKE = ["--data.batch_size", "64", "--data.eval_batch_size", "64", "--data.eval_examples", "128",
+         "--model.dcnv2.embed_dim", "8", "--model.dcnv2.top_mlp", "32,16", "--no-train.progress",
+         "--train.num_devices", "1", "--train.steps", "4", "--train.checkpoint_every", "4"]
+SMALL = EngineConfig(buckets=(8, 32, 64), max_rows=64, max_wait_ms=1.0, max_candidates=48)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("serve") / "run"
+  assert ranker.main(["--workdir", str(wd)] + SMOKE) == 0
+  return wd
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+  return load_ranker(run_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+  eng = Engine(loaded, SMALL).start()
+  yield eng
+  eng.close()
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+  """probs(rows) of the trained model, rebuilt by train.probe.load_run and run eagerly on whole rows."""
+  _, model, _ = load_run(run_dir)
+
+  def probs(dense, sparse):
+    n = dense.shape[0]
+    batch = batch_from_numpy(dense=dense, sparse=sparse, sparse_mask=np.ones_like(sparse, bool),
+                             labels=np.zeros((n, 2)), weights=np.ones(n), domain=np.zeros(n),
+                             timestamp=np.zeros(n))
+    return np.asarray(jax.nn.sigmoid(model(jax.tree.map(jax.numpy.asarray, batch))))
+
+  return probs
+
+
+def random_request(schema, n, rng):
+  """A request with every feature set (user features shared, ad features per candidate), and its rows."""
+  user = {"user_id", "user_segment", "user_activity", "device", "hour", "hour_sin", "hour_cos"}
+  dense = rng.normal(size=(n, schema.num_dense)).astype(np.float32)
+  sparse = np.stack([rng.integers(0, f.vocab_size, size=n) for f in schema.sparse], axis=1)[:, :, None]
+  for j, name in enumerate(schema.dense):
+    if name in user:
+      dense[:, j] = dense[0, j]
+  for j, f in enumerate(schema.sparse):
+    if f.name in user:
+      sparse[:, j] = sparse[0, j]
+  shared = {**{k: float(dense[0, j]) for j, k in enumerate(schema.dense) if k in user},
+            **{f.name: int(sparse[0, j, 0]) for j, f in enumerate(schema.sparse) if f.name in user}}
+  cands = [{**{k: float(dense[r, j]) for j, k in enumerate(schema.dense) if k not in user},
+            **{f.name: [int(sparse[r, j, 0])] for j, f in enumerate(schema.sparse) if f.name not in user}}
+           for r in range(n)]
+  return RankRequest(shared, cands), dense, sparse.astype(np.int32)
+
+
+def expected_per_request(reference, reqs):
+  """The reference scores of each (request, dense, sparse) in `reqs`, from one forward over all their rows."""
+  probs = reference(np.concatenate([d for _, d, _ in reqs]), np.concatenate([s for _, _, s in reqs]))
+  return np.split(probs, np.cumsum([d.shape[0] for _, d, _ in reqs])[:-1])
+
+
+def assert_matches(resp, expected, labels):
+  assert list(resp.scores) == list(labels)
+  for i, t in enumerate(labels):
+    assert resp.scores[t].shape == (expected.shape[0],)
+    np.testing.assert_allclose(resp.scores[t], expected[:, i], rtol=0, atol=1e-5, err_msg=t)
+
+
+def test_scores_match_direct_forward(engine, reference):
+  rng = np.random.default_rng(0)
+  req, dense, sparse = random_request(engine.schema, 20, rng)
+  resp = engine.rank(req, timeout=30)
+  assert resp.model_version == 4
+  assert_matches(resp, reference(dense, sparse), engine.schema.labels)
+  # negative control: a different candidate order gives different scores at the same positions
+  perm = RankRequest(req.features, req.candidates[::-1])
+  with pytest.raises(AssertionError):
+    assert_matches(engine.rank(perm, timeout=30), reference(dense, sparse), engine.schema.labels)
+
+
+def test_requests_of_different_sizes_batch_together(loaded, reference):
+  rng = np.random.default_rng(1)
+  with Engine(loaded, EngineConfig(buckets=(8, 32, 64), max_rows=64, max_wait_ms=300, max_candidates=48)) as eng:
+    reqs = [random_request(eng.schema, n, rng) for n in (1, 3, 17, 9, 30)]  # 60 rows: one batch of 64
+    futures = [eng.submit(r) for r, _, _ in reqs]
+    resps = [f.result(timeout=30) for f in futures]
+    assert eng.batches_run == {8: 0, 32: 0, 64: 1}
+    for resp, expected in zip(resps, expected_per_request(reference, reqs)):
+      assert_matches(resp, expected, eng.schema.labels)
+    # more rows than max_rows: split over batches, still each request's own scores
+    reqs = [random_request(eng.schema, n, rng) for n in (40, 30, 5)]
+    resps = [f.result(timeout=30) for f in [eng.submit(r) for r, _, _ in reqs]]
+    for resp, expected in zip(resps, expected_per_request(reference, reqs)):
+      assert_matches(resp, expected, eng.schema.labels)
+    assert sum(eng.batches_run.values()) >= 3
+
+
+def test_padding_rows_never_leak(loaded):
+  """The same request scores the same alone in the smallest bucket and next to another in the largest."""
+  rng = np.random.default_rng(2)
+  with Engine(loaded, EngineConfig(buckets=(8, 32, 64), max_rows=64, max_wait_ms=300, max_candidates=48)) as eng:
+    req, _, _ = random_request(eng.schema, 5, rng)
+    alone = eng.rank(req, timeout=30)  # 5 rows + 3 padding
+    assert eng.batches_run == {8: 1, 32: 0, 64: 0}
+    big, _, _ = random_request(eng.schema, 43, rng)
+    fb, fs = eng.submit(big), eng.submit(req)  # 48 rows + 16 padding
+    together, other = fs.result(timeout=30), fb.result(timeout=30)
+    assert eng.batches_run == {8: 1, 32: 0, 64: 1}
+  assert other.scores["click"].shape == (43,)
+  for t in eng.schema.labels:
+    assert alone.scores[t].shape == (5,) and np.all(np.isfinite(alone.scores[t]))
+    np.testing.assert_allclose(together.scores[t], alone.scores[t], rtol=0, atol=1e-6)
+
+
+def test_missing_features_are_empty_rows(engine):
+  """A request with no features scores exactly like the padding rows (zero dense, no ids)."""
+  resp = engine.rank(RankRequest({}, [{}, {}]), timeout=30)
+  assert resp.scores["click"][0] == resp.scores["click"][1]
+
+
+@pytest.mark.parametrize("features, candidates, match", [
+    ({"nope": 1}, [{}], r"features\.nope: unknown feature"),
+    ({}, [{"ad_price": "1.0"}], r"candidates\[0\]\.ad_price: dense feature must be a number, got str"),
+    ({}, [{}, {"ad_price": float("nan")}], r"candidates\[1\]\.ad_price: dense feature must be finite"),
+    ({"user_activity": float("inf")}, [{}], r"features\.user_activity: dense feature must be finite"),
+    ({"user_id": 1000}, [{}], r"features\.user_id: id 1000 out of range \[0, 999\]"),
+    ({}, [{"ad_id": -1}], r"candidates\[0\]\.ad_id: id -1 out of range \[0, 299\]"),
+    ({}, [{"ad_id": 1.5}], r"candidates\[0\]\.ad_id: sparse feature ids must be integers, got float"),
+    ({}, [{"ad_id": [1, 2]}], r"candidates\[0\]\.ad_id: 2 ids, the feature holds at most 1"),
+    ({}, [{}] * 49, r"candidates: 49 candidates, at most 48"),
+    ({}, [], r"candidates: at least one"),
+    ({}, ["ad"], r"candidates\[0\]: expected a dict"),
+])
+def test_validation_errors_name_the_field(engine, features, candidates, match):
+  with pytest.raises(RequestError, match=match):
+    engine.submit(RankRequest(features, candidates))
+
+
+def test_no_compilation_after_start(loaded):
+  compiles = []
+
+  def on_event(name, secs, **kw):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    with Engine(loaded, SMALL) as eng:
+      assert len(compiles) >= len(SMALL.buckets)  # start() compiled every bucket
+      n0 = len(compiles)
+      rng = np.random.default_rng(3)
+      for n in (1, 8, 9, 32, 33, 48):  # one at a time: every bucket runs
+        eng.rank(random_request(eng.schema, n, rng)[0], timeout=30)
+      assert all(eng.batches_run[b] > 0 for b in SMALL.buckets), eng.batches_run
+      futures = [eng.submit(random_request(eng.schema, n, rng)[0]) for n in (1, 7, 31, 2, 48, 5)]  # a burst
+      for f in futures:
+        f.result(timeout=30)
+      assert len(compiles) == n0, "the request path compiled"
+      # negative control: the listener does see a compilation
+      jax.jit(lambda x: x * 3 + 1)(np.ones(5, np.float32))
+      assert len(compiles) > n0
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def gated(eng):
+  """Makes the worker wait on the returned gate before each batch; `entered` is set when it waits."""
+  gate, entered = threading.Event(), threading.Event()
+  run = eng._run
+
+  def blocked_run(batch):
+    entered.set()
+    gate.wait(30)
+    run(batch)
+
+  eng._run = blocked_run
+  return gate, entered
+
+
+def test_overload_raises_and_recovers(loaded):
+  eng = Engine(loaded, EngineConfig(buckets=(8,), max_rows=8, max_wait_ms=0, max_queue=2, max_candidates=8)).start()
+  try:
+    gate, entered = gated(eng)
+    req = RankRequest({}, [{"ad_id": 1}])
+    first = eng.submit(req)
+    assert entered.wait(10)
+    queued = [eng.submit(req), eng.submit(req)]
+    with pytest.raises(Overloaded, match="queue full"):
+      eng.submit(req)
+    gate.set()
+    for f in [first] + queued:
+      assert f.result(timeout=30).scores["click"].shape == (1,)
+    assert eng.rank(req, timeout=30).model_version == 4  # accepts again once drained
+  finally:
+    eng.close()
+
+
+def test_close_drains_in_flight_requests(loaded):
+  eng = Engine(loaded, EngineConfig(buckets=(8,), max_rows=8, max_wait_ms=0, max_queue=16, max_candidates=8)).start()
+  gate, entered = gated(eng)
+  req = RankRequest({}, [{"ad_id": 2}, {"ad_id": 3}])
+  futures = [eng.submit(req)]
+  assert entered.wait(10)
+  futures += [eng.submit(req) for _ in range(6)]
+  threading.Timer(0.2, gate.set).start()
+  t0 = time.monotonic()
+  eng.close(drain=True, timeout=30)
+  assert time.monotonic() - t0 >= 0.15  # close waited for the gated batches
+  for f in futures:
+    assert f.done() and f.result().scores["conversion"].shape == (2,)
+  with pytest.raises(EngineClosed):
+    eng.submit(req)
+
+
+def test_close_without_drain_fails_queued_requests(loaded):
+  eng = Engine(loaded, EngineConfig(buckets=(8,), max_rows=8, max_wait_ms=0, max_queue=16, max_candidates=8)).start()
+  gate, entered = gated(eng)
+  req = RankRequest({}, [{"ad_id": 2}])
+  first = eng.submit(req)
+  assert entered.wait(10)
+  queued = [eng.submit(req) for _ in range(3)]
+  threading.Timer(0.2, gate.set).start()
+  eng.close(drain=False, timeout=30)
+  assert first.result(timeout=1).scores["click"].shape == (1,)  # in flight: finished
+  for f in queued:
+    with pytest.raises(EngineClosed, match="without draining"):
+      f.result(timeout=1)
