@@ -67,6 +67,7 @@ class Args:
   timing_cache: str = str(dispatch.DEFAULT_CACHE_PATH)
   """Dispatch's on-disk timing cache (GPU only)"""
   seed: int = 0
+  """seed of the error model's operand samples"""
   fresh: bool = False
   """start the training run over"""
 
