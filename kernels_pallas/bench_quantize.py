@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.bench import time_us
 from kernels_pallas.fp8_quantize_sm90 import fp8_quantize, fp8_quantize_reference, hbm_bytes
 
 M_SWEEP = (4096, 16384, 65536)
@@ -82,20 +81,6 @@ def mismatched_bytes(got, want) -> int:
       return max(g.nbytes, w.nbytes, 1)
     n += int(np.count_nonzero(g.view(np.uint8) != w.view(np.uint8)))
   return n
-
-
-def time_us(fn, args, iters: int, on_gpu: bool) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  if on_gpu:
-    from jax.experimental.mosaic.gpu import profiler
-    _, ms = profiler.measure(fn, iterations=iters)(*args)
-    return 1e3 * statistics.median(ms if isinstance(ms, list) else [ms])
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e6 * statistics.median(times)
 
 
 def run(shapes, in_dtype, iters: int, on_gpu: bool) -> list[dict]:

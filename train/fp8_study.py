@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
@@ -80,9 +82,7 @@ def run(args: Args) -> dict:
     results[name] = {k: s[k] for k in ("eval_ne", "eval_auc", "ne_over_oracle", "examples_per_sec", "steps")}
   for model, ref in (("baseline_fp8", "baseline"), ("mods_plan", "mods")):
     results[model]["ne_change_vs_bf16"] = results[model]["eval_ne"] / results[ref]["eval_ne"] - 1.0
-  out = {"plan": plan_path, "fp8": args.fp8, "device": None, "results": results}
-  import jax
-  out["device"] = jax.devices()[0].device_kind
+  out = {"plan": plan_path, "fp8": args.fp8, "device": jax.devices()[0].device_kind, "results": results}
   (wd / "fp8_study.json").write_text(json.dumps(out, indent=2) + "\n")
   lines = ["| run | model | precision | eval NE | NE change vs its bf16 run | AUC | examples/s |",
            "|---|---|---|---|---|---|---|"]

@@ -84,24 +84,29 @@ class WorkdirConflictError(ValueError):
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json", "probe_stats.npz")
 
 
-def _prepare_workdir(cfg: RankerConfig, workdir: Path) -> None:
+def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILES,
+                    config_file: str = "config.json", what: str = "a run") -> None:
+  """Creates `workdir`, clears it for `cfg.fresh`, refuses to resume a run whose data / model /
+  optim config differs (fields added since it was saved count as their defaults), saves `cfg`.
+
+  `cfg` is any config dataclass with `fresh`, `data`, `model` and `optim` fields."""
   workdir.mkdir(parents=True, exist_ok=True)
   if cfg.fresh:
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-    for name in RUN_FILES:
+    for name in run_files:
       (workdir / name).unlink(missing_ok=True)
-  saved = workdir / "config.json"
+  saved = workdir / config_file
   mine = config_to_dict(cfg)
   if saved.exists() and (workdir / "checkpoints").exists():
     old = json.loads(saved.read_text())
     try:  # fill fields added since the run was saved with their defaults before comparing
-      old = config_to_dict(config_from_dict(RankerConfig, old))
+      old = config_to_dict(config_from_dict(type(cfg), old))
     except ValueError:
       pass  # a config this version cannot read: compared as saved, so it conflicts
     for section in ("data", "model", "optim"):
       if old.get(section) != mine[section]:
         raise WorkdirConflictError(
-            f"{workdir} holds a run with a different '{section}' config; resume it with the same "
+            f"{workdir} holds {what} with a different '{section}' config; resume it with the same "
             "settings, pass --fresh to start over, or use another --workdir")
   saved.write_text(json.dumps(mine, indent=2) + "\n")
 
@@ -116,7 +121,8 @@ def evaluate(eval_step, state: TrainState, source: BatchSource, schema: Schema, 
   return acc.result()
 
 
-def _append(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict) -> None:
+  """Appends one JSON record as a line (metrics.jsonl)."""
   with path.open("a") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -124,7 +130,7 @@ def _append(path: Path, record: dict) -> None:
 def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
   workdir = Path(workdir)
-  _prepare_workdir(cfg, workdir)
+  prepare_workdir(cfg, workdir)
   train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
@@ -148,7 +154,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
 
   probe_every = cfg.probe.every
   probe_path = workdir / "probe_stats.npz"
-  probe_seconds, probe_timed = 0.0, 0
+  probe_seconds, probe_timed, probe_calls = 0.0, 0, 0
   if probe_every:
     probe_step = make_probe_step(graphdef, cfg.probe, mesh)
     fresh_probe = init_probe_state(graphdef, state, cfg.probe, mesh)
@@ -170,7 +176,8 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
       state, m = train_step(state, batch)
       losses.append(m["loss"])
       if probe_every and (step + 1) % probe_every == 0:
-        first = int(probe_state.updates) < 2  # the first two calls compile / warm up: not timed
+        first = probe_calls < 2  # the first two calls of this process compile / warm up: not timed
+        probe_calls += 1
         jax.block_until_ready(state)
         t_probe = time.perf_counter()
         probe_state = jax.block_until_ready(probe_step(probe_state, state, batch))
@@ -195,10 +202,10 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
         timed_seconds += now - t_mark
         rate = bs * timed_steps / timed_seconds if timed_seconds > 0 else None
         if boundary_log:
-          _append(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
+          append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
         if boundary_eval:
           res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
-          _append(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in res.items()}})
+          append_jsonl(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in res.items()}})
         if boundary_ckpt:
           ckpt.save(done, state)
           if probe_every:
@@ -210,7 +217,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
 
   res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
   final_step = int(state.step)
-  _append(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in res.items()}})
+  append_jsonl(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in res.items()}})
   ckpt.close()
   main_task = schema.labels[0]
   summary = {

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -45,7 +44,7 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
-from jaxrec.training.loop import LoopConfig, WorkdirConflictError
+from jaxrec.training.loop import LoopConfig, WorkdirConflictError, append_jsonl, prepare_workdir
 from jaxrec.training.state import TrainState, merge_model, plan_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
@@ -95,23 +94,6 @@ class UserModelError(DataSpecError):
   """A user-model workdir is missing, is not one, has no checkpoint, or does not fit the data."""
 
 
-def _prepare_workdir(cfg: UserModelConfig, workdir: Path) -> None:
-  workdir.mkdir(parents=True, exist_ok=True)
-  if cfg.fresh:
-    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-    for name in RUN_FILES:
-      (workdir / name).unlink(missing_ok=True)
-  saved, mine = workdir / CONFIG_FILE, config_to_dict(cfg)
-  if saved.exists() and (workdir / "checkpoints").exists():
-    old = json.loads(saved.read_text())
-    for section in ("data", "model", "optim"):
-      if old.get(section) != mine[section]:
-        raise WorkdirConflictError(
-            f"{workdir} holds a user model with a different '{section}' config; resume it with the same "
-            "settings, pass --fresh to start over, or use another --workdir")
-  saved.write_text(json.dumps(mine, indent=2) + "\n")
-
-
 def open_user_sources(cfg: UserDataConfig, train_examples: int) -> tuple[HistorySource, HistorySource]:
   """(train, eval) ads-world sources with history features; eval spread over `train_examples`."""
   world = _world(cfg.world)
@@ -120,15 +102,10 @@ def open_user_sources(cfg: UserDataConfig, train_examples: int) -> tuple[History
   return train, evl
 
 
-def _append(path: Path, record: dict) -> None:
-  with path.open("a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
 def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) the user model and evaluates it per domain; returns summary.json's dict."""
   workdir = Path(workdir)
-  _prepare_workdir(cfg, workdir)
+  prepare_workdir(cfg, workdir, run_files=RUN_FILES, config_file=CONFIG_FILE, what="a user model")
   steps, bs = cfg.train.steps, cfg.data.batch_size
   train_src, eval_src = open_user_sources(cfg.data, steps * bs)
   schema = train_src.schema
@@ -176,9 +153,9 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
         timed_seconds = time.perf_counter() - t_mark
         rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
         if is_log:
-          _append(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
+          append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
         if is_eval:
-          _append(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in flatten(run_eval(state)).items()}})
+          append_jsonl(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in flatten(run_eval(state)).items()}})
         if is_ckpt:
           ckpt.save(done, state)
         bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
@@ -192,7 +169,7 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
                         for b in rows])
   (workdir / STATS_FILE).write_text(json.dumps({"mean": emb.mean(0).tolist(), "std": emb.std(0).tolist(),
                                                 "rows": int(emb.shape[0])}) + "\n")
-  _append(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in flatten(res).items()}})
+  append_jsonl(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in flatten(res).items()}})
   ckpt.close()
   tasks = schema.labels
   summary = {

@@ -122,12 +122,12 @@ def test_a_run_saved_before_new_config_fields_still_resumes(tmp_path):
   """config.json written by an older version (without fields added since) is not a conflict."""
   import json
 
-  from jaxrec.training.loop import _prepare_workdir
+  from jaxrec.training.loop import prepare_workdir
   from train.ranker import smoke
   cfg = smoke()
-  _prepare_workdir(cfg, tmp_path)
+  prepare_workdir(cfg, tmp_path)
   (tmp_path / "checkpoints").mkdir()
   saved = json.loads((tmp_path / "config.json").read_text())
   del saved["data"]["count_features"], saved["model"]["precision_plan"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  _prepare_workdir(cfg, tmp_path)  # no WorkdirConflictError
+  prepare_workdir(cfg, tmp_path)  # no WorkdirConflictError
