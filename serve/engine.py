@@ -39,7 +39,11 @@ from jaxrec.training.step import dense_optimizer
 from serve.request import RankRequest, RequestError, Rows, concat_rows, encode_request
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "LoadedRanker", "Overloaded", "RankResponse",
-           "RequestError", "load_ranker"]
+           "RequestError", "SwapError", "UserEmbeddingInfo", "load_ranker", "open_engine"]
+
+CONTEXT_FEATURES = frozenset({"user_id", "user_segment", "user_activity", "device", "hour", "hour_sin",
+                              "hour_cos", "domain", "placement"})
+"""request-level (user and context) features of the ads world; the rest describe an ad"""
 
 
 class Overloaded(RuntimeError):
@@ -48,6 +52,10 @@ class Overloaded(RuntimeError):
 
 class EngineClosed(RuntimeError):
   """The engine is closed, or closed without draining before this request ran."""
+
+
+class SwapError(RuntimeError):
+  """A new checkpoint cannot replace the served one (another schema or graph); the old one stays."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +99,23 @@ class LoadedRanker:
   state: ServingState
   version: int
   """the checkpoint step"""
+  workdir: Path | None = None
+  """the training run it came from (what `Engine.reload` reloads)"""
+  config: RankerConfig | None = None
+  """the run's config (data.user_model names the user model it consumes)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class UserEmbeddingInfo:
+  """Which user embedding a request was served (rankers that consume a user model)."""
+
+  source: str
+  """"direct" (cached, younger than the direct TTL), "fresh", "failover" (stale, a refresh is
+  queued) or "fallback" (nothing cached: the model's default embedding)"""
+  age_s: int
+  """seconds since the served embedding was written (-1 for fallback)"""
+  version: int
+  """the user-model version (checkpoint step) that wrote it (-1 for fallback)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +123,8 @@ class RankResponse:
   scores: dict[str, np.ndarray]
   """{objective: f32 [N]} probability per candidate, in the request's candidate order"""
   model_version: int
+  user_embedding: UserEmbeddingInfo | None = None
+  """None for a ranker that consumes no user model"""
 
 
 def load_ranker(workdir: Path, step: int | None = None) -> LoadedRanker:
@@ -123,7 +150,7 @@ def load_ranker(workdir: Path, step: int | None = None) -> LoadedRanker:
   finally:
     ckpt.close()
   return LoadedRanker(schema=schema, graphdef=graphdef, state=ServingState(params=state.params, table=state.table),
-                      version=int(state.step))
+                      version=int(state.step), workdir=workdir, config=cfg)
 
 
 def make_score_step(graphdef: nnx.GraphDef, schema: Schema):
@@ -144,38 +171,74 @@ def make_score_step(graphdef: nnx.GraphDef, schema: Schema):
 class _Pending:
   rows: Rows
   future: concurrent.futures.Future
+  user_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Active:
+  """What a batch runs: the ranker, its state on device and its compiled step per bucket. Replaced
+  as a whole by `Engine.swap`; the worker reads it once per batch."""
+
+  ranker: LoadedRanker
+  state: ServingState
+  compiled: dict[int, jax.stages.Compiled]
+
+
+def _abstract(tree) -> object:
+  return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
+
+
+def _batch_bins(n: int) -> str:
+  """The histogram bin of a batch of n requests: "1", "2", "4", ... (the power of two >= n)."""
+  return str(1 << (max(n, 1) - 1).bit_length())
 
 
 class Engine:
   """Dynamic batching over one loaded ranker; see the module docstring."""
 
   def __init__(self, ranker: LoadedRanker, cfg: EngineConfig = EngineConfig()):
-    self.ranker, self.cfg = ranker, cfg
+    self.cfg = cfg
     self.schema = ranker.schema
     self.device = jax.local_devices()[0]
-    self._state = jax.device_put(ranker.state, self.device)
-    self._step = make_score_step(ranker.graphdef, ranker.schema)
-    self._compiled: dict[int, jax.stages.Compiled] = {}
+    self._active = self._prepare(ranker, compile_steps=False)
     self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=cfg.max_queue)
     self._lock = threading.Lock()
+    self._swap_lock = threading.Lock()  # one swap at a time
+    self._stats_lock = threading.Lock()
     self._closed = False
     self._stop = threading.Event()
     self._drain = True
     self._worker: threading.Thread | None = None
     self.batches_run: dict[int, int] = {b: 0 for b in cfg.buckets}
     """how many batches each bucket has run"""
+    self._counts = {"requests": 0, "rows": 0, "failed_batches": 0, "failed_requests": 0, "swaps": 0}
+    self._batch_hist: dict[str, int] = {}
+
+  @property
+  def ranker(self) -> LoadedRanker:
+    """The ranker now served (changes on `swap`)."""
+    return self._active.ranker
 
   # ---- lifecycle
 
-  def start(self) -> "Engine":
-    """Compiles every bucket ahead of time, runs each once, and starts the worker thread."""
-    s = self.schema
+  def _prepare(self, ranker: LoadedRanker, compile_steps: bool = True) -> _Active:
+    """The ranker's state on device and (compile_steps) its step compiled and run once per bucket."""
+    state = jax.device_put(ranker.state, self.device)
+    active = _Active(ranker, state, {})
+    if not compile_steps:
+      return active
+    s, step = self.schema, make_score_step(ranker.graphdef, ranker.schema)
     for b in self.cfg.buckets:
       args = (jax.ShapeDtypeStruct((b, s.num_dense), jnp.float32),
               jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.int32),
               jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.bool_))
-      self._compiled[b] = self._step.lower(self._state, *args).compile()
-      jax.block_until_ready(self._run_bucket(concat_rows([], s, b)))  # warm-up
+      active.compiled[b] = step.lower(state, *args).compile()
+      jax.block_until_ready(self._run_bucket(active, concat_rows([], s, b)))  # warm-up
+    return active
+
+  def start(self) -> "Engine":
+    """Compiles every bucket ahead of time, runs each once, and starts the worker thread."""
+    self._active = self._prepare(self._active.ranker)
     self._worker = threading.Thread(target=self._loop, name="jaxrec-serve-batcher", daemon=True)
     self._worker.start()
     return self
@@ -196,13 +259,85 @@ class Engine:
   def __exit__(self, *exc) -> None:
     self.close()
 
+  # ---- hot swap
+
+  def swap(self, ranker: LoadedRanker) -> int:
+    """Serves `ranker` from the next batch on; returns its version.
+
+    Compiles and warms every bucket for the new state on the calling thread (the worker keeps
+    serving the old one meanwhile), then replaces the served ranker between two batches: requests
+    in flight or queued never fail, each is scored wholly by the old or the new one. Raises
+    SwapError, and keeps serving the old ranker, if the new one has another schema or graph."""
+    with self._swap_lock:
+      old = self._active.ranker
+      if ranker.schema != old.schema:
+        raise SwapError(f"the new checkpoint's schema differs from the served one: dense {ranker.schema.dense} vs "
+                        f"{old.schema.dense}, sparse {ranker.schema.sparse} vs {old.schema.sparse}, labels "
+                        f"{ranker.schema.labels} vs {old.schema.labels}; start a new engine for it")
+      if ranker.graphdef != old.graphdef or _abstract(ranker.state) != _abstract(old.state):
+        raise SwapError("the new checkpoint's model graph or parameter shapes differ from the served one "
+                        "(another model config); start a new engine for it")
+      active = self._prepare(ranker, compile_steps=self._worker is not None)
+      self._active = active  # one reference assignment: the worker sees the old or the new whole
+      with self._stats_lock:
+        self._counts["swaps"] += 1
+    return ranker.version
+
+  def reload(self) -> dict:
+    """Hot-swaps in the newest checkpoint of the served ranker's workdir (see `swap`); returns
+    {"version": ranker step, "user_model_version": user-model step or None}."""
+    workdir = self._active.ranker.workdir
+    if workdir is None:
+      raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
+    version = self.swap(load_ranker(workdir))
+    return {"version": version, "user_model_version": None}
+
+  # ---- introspection
+
+  def describe(self) -> dict:
+    """JSON-able description of what is served: {"version", "dense": [names], "sparse": [{"name",
+    "vocab_size", "max_len"}], "objectives": [labels], "max_candidates", "user_model": None}."""
+    r, s = self._active.ranker, self.schema
+    return {"version": r.version, "dense": list(s.dense),
+            "sparse": [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len} for f in s.sparse],
+            "objectives": list(s.labels), "max_candidates": self.cfg.max_candidates, "user_model": None}
+
+  def example_request(self) -> dict:
+    """A valid JSON request body for this model, 3 candidates: {"features": {user and context
+    features}, "candidates": [{ad features}, ...]} (plus "user_id" when a user model is consumed)."""
+    rng = np.random.default_rng(0)
+    s = self.schema
+
+    def value(name):
+      if name in s.dense:
+        return round(float(rng.normal()), 3)
+      f = next(f for f in s.sparse if f.name == name)
+      hi = 1000 if f.vocab_size is None else f.vocab_size
+      return int(rng.integers(0, hi)) if f.max_len == 1 else [int(i) for i in rng.integers(0, hi, size=f.max_len)]
+
+    names = list(s.dense) + [f.name for f in s.sparse]
+    features = {n: value(n) for n in names if n in CONTEXT_FEATURES}
+    candidates = [{n: value(n) for n in names if n not in CONTEXT_FEATURES} for _ in range(3)]
+    return {"features": features, "candidates": candidates}
+
+  def stats(self) -> dict:
+    """JSON-able counters since start (cheap; any thread): requests, rows, batches per bucket,
+    histogram of requests per batch (bins "1", "2", "4", ...: at most that many), queue depth,
+    failed batches and requests, swaps, the served version."""
+    with self._stats_lock:
+      out = {**self._counts, "batches": {str(b): n for b, n in self.batches_run.items()},
+             "batch_requests_hist": dict(sorted(self._batch_hist.items(), key=lambda kv: int(kv[0])))}
+    out["queue_depth"] = self._queue.qsize()
+    out["version"] = self._active.ranker.version
+    return out
+
   # ---- requests
 
   def submit(self, req: RankRequest) -> concurrent.futures.Future:
     """Queues `req`; the future resolves to a RankResponse. Raises RequestError (invalid request),
     Overloaded (queue full) or EngineClosed, all on the caller's thread."""
     rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates)
-    item = _Pending(rows, concurrent.futures.Future())
+    item = _Pending(rows, concurrent.futures.Future(), req.user_id)
     with self._lock:
       if self._closed or self._worker is None:
         raise EngineClosed("the engine is not running (start() it, or it was closed)")
@@ -218,11 +353,11 @@ class Engine:
 
   # ---- worker
 
-  def _run_bucket(self, rows: Rows) -> jax.Array:
+  def _run_bucket(self, active: _Active, rows: Rows) -> jax.Array:
     b = rows.num_rows
     args = jax.device_put((rows.dense, rows.sparse, rows.sparse_mask), self.device)
     with jax.transfer_guard("disallow"):  # nothing but the explicit transfers above
-      return self._compiled[b](self._state, *args)
+      return active.compiled[b](active.state, *args)
 
   def _loop(self) -> None:
     carry: _Pending | None = None
@@ -260,22 +395,31 @@ class Engine:
     batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
     if not batch:
       return
+    active = self._active  # one ranker for the whole batch, even if a swap lands meanwhile
+    n = sum(p.rows.num_rows for p in batch)
     try:
-      n = sum(p.rows.num_rows for p in batch)
       bucket = self.cfg.bucket_for(n)
-      probs = jax.device_get(self._run_bucket(concat_rows([p.rows for p in batch], self.schema, bucket)))
-      self.batches_run[bucket] += 1
+      probs = jax.device_get(self._run_bucket(active, concat_rows([p.rows for p in batch], self.schema, bucket)))
     except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the worker
+      with self._stats_lock:
+        self._counts["failed_batches"] += 1
+        self._counts["failed_requests"] += len(batch)
       for p in batch:
         p.future.set_exception(e)
       return
+    with self._stats_lock:
+      self.batches_run[bucket] += 1
+      self._counts["requests"] += len(batch)
+      self._counts["rows"] += n
+      key = _batch_bins(len(batch))
+      self._batch_hist[key] = self._batch_hist.get(key, 0) + 1
     start = 0
     for p in batch:
       k = p.rows.num_rows
       part = probs[start:start + k]
       start += k
       p.future.set_result(RankResponse(scores={t: part[:, i].copy() for i, t in enumerate(self.schema.labels)},
-                                       model_version=self.ranker.version))
+                                       model_version=active.ranker.version))
 
   def _fail_queued(self, carry: _Pending | None) -> None:
     items = [carry] if carry is not None else []
@@ -287,3 +431,9 @@ class Engine:
     for p in items:
       if p.future.set_running_or_notify_cancel():
         p.future.set_exception(EngineClosed("the engine closed without draining"))
+
+
+def open_engine(workdir: Path, cfg: EngineConfig = EngineConfig()) -> Engine:
+  """An Engine (not started) over the newest checkpoint of the ranker trained in `workdir`, and,
+  when its config names a user model (data.user_model), that user model and its cache."""
+  return Engine(load_ranker(workdir), cfg)

@@ -34,12 +34,21 @@ class RequestError(ValueError):
   """A request the engine cannot score; the message names the offending field (HTTP 4xx)."""
 
 
+MAX_USER_ID = 2**63 - 1  # user ids key the user-embedding cache as int64
+
+
 @dataclasses.dataclass(frozen=True)
 class RankRequest:
-  """One user's request: `features` shared by every candidate, and one feature dict per candidate."""
+  """One user's request: `features` shared by every candidate, and one feature dict per candidate.
+
+  `user_id` (int in [0, 2**63)) keys the user-embedding cache of a ranker that consumes a user
+  model's embedding (required there, ignored otherwise). It is the cache key only: the user tower
+  reads its own features (user_id, user_segment, user_activity, hist_*) from `features`.
+  """
 
   features: dict[str, FeatureValue]
   candidates: list[dict[str, FeatureValue]]
+  user_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +82,18 @@ def concat_rows(parts: list[Rows], schema: Schema, total: int) -> Rows:
               sparse_mask=np.concatenate([p.sparse_mask for p in parts] + [pad.sparse_mask]))
 
 
-def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int) -> Rows:
-  """Validates `req` against `schema` and returns its rows; raises RequestError naming the field."""
+def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int, require_user_id: bool = False,
+                   server_filled: frozenset[str] = frozenset(), user_only: Schema | None = None) -> Rows:
+  """Validates `req` against `schema` and returns its rows; raises RequestError naming the field.
+
+  require_user_id: `req.user_id` must be set (a ranker that consumes a user embedding).
+  server_filled: dense features of `schema` the server fills (user_emb_*): a client sending one is
+  an error; their rows stay 0 here. user_only: a second schema (the user tower's) whose features
+  `req.features` may also carry; they are validated by `encode_user_row`, not encoded here.
+  """
   if not isinstance(req, RankRequest):
     raise RequestError(f"expected a RankRequest, got {type(req).__name__}")
+  check_user_id(req.user_id, required=require_user_id)
   if not isinstance(req.features, dict):
     raise RequestError(f"features: expected a dict, got {type(req.features).__name__}")
   if not isinstance(req.candidates, list):
@@ -89,11 +106,15 @@ def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int) -> 
   dense_idx = {name: i for i, name in enumerate(schema.dense)}
   sparse_idx = {f.name: i for i, f in enumerate(schema.sparse)}
   rows = empty_rows(n, schema)
-  shared = _check_features(req.features, "features", schema, dense_idx, sparse_idx)
+  extra = frozenset() if user_only is None else (
+      (frozenset(user_only.dense) | {f.name for f in user_only.sparse}) - set(dense_idx) - set(sparse_idx))
+  shared = _check_features(_known(req.features, "features", server_filled, extra), "features", schema,
+                           dense_idx, sparse_idx)
   for r, cand in enumerate(req.candidates):
     if not isinstance(cand, dict):
       raise RequestError(f"candidates[{r}]: expected a dict of features, got {type(cand).__name__}")
-    own = _check_features(cand, f"candidates[{r}]", schema, dense_idx, sparse_idx)
+    own = _check_features(_known(cand, f"candidates[{r}]", server_filled, frozenset()), f"candidates[{r}]",
+                          schema, dense_idx, sparse_idx)
     for name, value in {**shared, **own}.items():
       if name in dense_idx:
         rows.dense[r, dense_idx[name]] = value
@@ -102,6 +123,50 @@ def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int) -> 
         rows.sparse[r, j, :len(value)] = value
         rows.sparse_mask[r, j, :len(value)] = True
   return rows
+
+
+def check_user_id(user_id, *, required: bool) -> None:
+  """RequestError unless `user_id` is None (and not required) or an int in [0, 2**63)."""
+  if user_id is None:
+    if required:
+      raise RequestError("user_id: required (this ranker consumes a user embedding, cached per user)")
+    return
+  if isinstance(user_id, bool) or not isinstance(user_id, (int, np.integer)):
+    raise RequestError(f"user_id: must be an integer, got {type(user_id).__name__}")
+  if not 0 <= user_id <= MAX_USER_ID:
+    raise RequestError(f"user_id: {user_id} out of range [0, 2**63 - 1]")
+
+
+def encode_user_row(features: dict, schema: Schema) -> Rows:
+  """One row of `schema` (the user tower's) from a request's `features`: the tower's own features
+  (others, the ranker's, are skipped). Raises RequestError naming the field."""
+  names = frozenset(schema.dense) | {f.name for f in schema.sparse}
+  dense_idx = {name: i for i, name in enumerate(schema.dense)}
+  sparse_idx = {f.name: i for i, f in enumerate(schema.sparse)}
+  rows = empty_rows(1, schema)
+  feats = _check_features({k: v for k, v in features.items() if k in names}, "features", schema, dense_idx,
+                          sparse_idx)
+  for name, value in feats.items():
+    if name in dense_idx:
+      rows.dense[0, dense_idx[name]] = value
+    else:
+      j = sparse_idx[name]
+      rows.sparse[0, j, :len(value)] = value
+      rows.sparse_mask[0, j, :len(value)] = True
+  return rows
+
+
+def _known(feats, where: str, server_filled: frozenset[str], skip: frozenset[str]) -> dict:
+  """`feats` without the names in `skip`; RequestError for a server-filled one."""
+  if not isinstance(feats, dict):
+    raise RequestError(f"{where}: expected a dict, got {type(feats).__name__}")
+  out = {}
+  for name, value in feats.items():
+    if name in server_filled:
+      raise RequestError(f"{where}.{name}: filled by the server (the user model's embedding); do not send it")
+    if name not in skip:
+      out[name] = value
+  return out
 
 
 def _check_features(feats: dict, where: str, schema: Schema, dense_idx: dict[str, int],

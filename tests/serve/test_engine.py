@@ -246,3 +246,28 @@ def test_close_without_drain_fails_queued_requests(loaded):
   for f in queued:
     with pytest.raises(EngineClosed, match="without draining"):
       f.result(timeout=1)
+
+
+@pytest.mark.parametrize("user_id, match", [
+    ("7", r"user_id: must be an integer, got str"),
+    (True, r"user_id: must be an integer, got bool"),
+    (-1, r"user_id: -1 out of range"),
+    (2**63, r"user_id: 9223372036854775808 out of range"),
+])
+def test_bad_user_id_is_a_request_error(engine, user_id, match):
+  with pytest.raises(RequestError, match=match):
+    engine.submit(RankRequest({}, [{}], user_id=user_id))
+
+
+def test_describe_example_and_stats_are_json(engine):
+  import json
+  d = engine.describe()
+  assert d["version"] == 4 and d["objectives"] == ["click", "conversion"] and d["user_model"] is None
+  assert d["max_candidates"] == 48 and {"name": "ad_id", "vocab_size": 300, "max_len": 1} in d["sparse"]
+  body = json.loads(json.dumps(engine.example_request()))
+  assert len(body["candidates"]) == 3 and "user_id" in body["features"] and "ad_id" in body["candidates"][0]
+  resp = engine.rank(RankRequest(body["features"], body["candidates"]), timeout=30)
+  assert resp.scores["click"].shape == (3,) and resp.user_embedding is None
+  st = json.loads(json.dumps(engine.stats()))
+  assert st["requests"] >= 1 and st["rows"] >= 3 and st["failed_batches"] == 0 and st["queue_depth"] == 0
+  assert sum(st["batches"].values()) == sum(st["batch_requests_hist"].values()) >= 1
