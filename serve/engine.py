@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,9 @@ from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.loop import RankerConfig
 from jaxrec.training.state import merge_model, plan_train_state
 from jaxrec.training.step import dense_optimizer
+from jaxrec.training.user_model import load_user_model
 from serve.request import RankRequest, RequestError, Rows, concat_rows, encode_request
+from serve.user_embedding import UserCacheConfig, UserEmbeddings, embedding_columns, load_user_embeddings
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "LoadedRanker", "Overloaded", "RankResponse",
            "RequestError", "SwapError", "UserEmbeddingInfo", "load_ranker", "open_engine"]
@@ -70,6 +73,8 @@ class EngineConfig:
   """requests waiting at most; `submit` raises Overloaded beyond"""
   max_candidates: int = 1024
   """most candidates in one request (<= max_rows)"""
+  user_cache: UserCacheConfig = UserCacheConfig()
+  """the user-embedding cache and its refresh, for a ranker that consumes a user model"""
 
   def __post_init__(self):
     if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
@@ -172,6 +177,8 @@ class _Pending:
   rows: Rows
   future: concurrent.futures.Future
   user_id: int | None = None
+  user_row: Rows | None = None
+  """the user tower's row [1] (rankers that consume a user model)"""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -196,10 +203,16 @@ def _batch_bins(n: int) -> str:
 class Engine:
   """Dynamic batching over one loaded ranker; see the module docstring."""
 
-  def __init__(self, ranker: LoadedRanker, cfg: EngineConfig = EngineConfig()):
+  def __init__(self, ranker: LoadedRanker, cfg: EngineConfig = EngineConfig(), *,
+               users: UserEmbeddings | None = None):
     self.cfg = cfg
     self.schema = ranker.schema
     self.device = jax.local_devices()[0]
+    if users is None and embedding_columns(ranker.schema).size:
+      raise ValueError("this ranker reads a user model's embeddings (user_emb_* features): open it with "
+                       "open_engine(workdir), which loads the user model and its cache")
+    self.users = users
+    """the user model, its cache and refresh worker; None for a ranker that consumes none"""
     self._active = self._prepare(ranker, compile_steps=False)
     self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=cfg.max_queue)
     self._lock = threading.Lock()
@@ -229,15 +242,21 @@ class Engine:
       return active
     s, step = self.schema, make_score_step(ranker.graphdef, ranker.schema)
     for b in self.cfg.buckets:
-      args = (jax.ShapeDtypeStruct((b, s.num_dense), jnp.float32),
-              jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.int32),
-              jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.bool_))
-      active.compiled[b] = step.lower(state, *args).compile()
-      jax.block_until_ready(self._run_bucket(active, concat_rows([], s, b)))  # warm-up
+      if self.users is not None:
+        active.compiled[b] = self.users.compile_step(ranker.graphdef, s, state, b)
+      else:
+        args = (jax.ShapeDtypeStruct((b, s.num_dense), jnp.float32),
+                jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.int32),
+                jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.bool_))
+        active.compiled[b] = step.lower(state, *args).compile()
+      jax.block_until_ready(self._run_bucket(active, concat_rows([], s, b), [], []))  # warm-up, no request
     return active
 
   def start(self) -> "Engine":
-    """Compiles every bucket ahead of time, runs each once, and starts the worker thread."""
+    """Compiles every bucket ahead of time, runs each once, and starts the worker thread (and the
+    user model's refresh worker)."""
+    if self.users is not None:
+      self.users.start()
     self._active = self._prepare(self._active.ranker)
     self._worker = threading.Thread(target=self._loop, name="jaxrec-serve-batcher", daemon=True)
     self._worker.start()
@@ -252,6 +271,8 @@ class Engine:
     self._stop.set()
     if self._worker is not None:
       self._worker.join(timeout)
+    if self.users is not None:
+      self.users.close(drain=drain, timeout=timeout)
 
   def __enter__(self) -> "Engine":
     return self.start()
@@ -269,28 +290,41 @@ class Engine:
     in flight or queued never fail, each is scored wholly by the old or the new one. Raises
     SwapError, and keeps serving the old ranker, if the new one has another schema or graph."""
     with self._swap_lock:
-      old = self._active.ranker
-      if ranker.schema != old.schema:
-        raise SwapError(f"the new checkpoint's schema differs from the served one: dense {ranker.schema.dense} vs "
-                        f"{old.schema.dense}, sparse {ranker.schema.sparse} vs {old.schema.sparse}, labels "
-                        f"{ranker.schema.labels} vs {old.schema.labels}; start a new engine for it")
-      if ranker.graphdef != old.graphdef or _abstract(ranker.state) != _abstract(old.state):
-        raise SwapError("the new checkpoint's model graph or parameter shapes differ from the served one "
-                        "(another model config); start a new engine for it")
+      self._check_swappable(ranker)
       active = self._prepare(ranker, compile_steps=self._worker is not None)
       self._active = active  # one reference assignment: the worker sees the old or the new whole
       with self._stats_lock:
         self._counts["swaps"] += 1
     return ranker.version
 
+  def _check_swappable(self, ranker: LoadedRanker) -> None:
+    """SwapError unless `ranker` has the served one's schema, graph and parameter shapes."""
+    old = self._active.ranker
+    if ranker.schema != old.schema:
+      raise SwapError(f"the new checkpoint's schema differs from the served one: dense {ranker.schema.dense} vs "
+                      f"{old.schema.dense}, sparse {ranker.schema.sparse} vs {old.schema.sparse}, labels "
+                      f"{ranker.schema.labels} vs {old.schema.labels}; start a new engine for it")
+    if ranker.graphdef != old.graphdef or _abstract(ranker.state) != _abstract(old.state):
+      raise SwapError("the new checkpoint's model graph or parameter shapes differ from the served one "
+                      "(another model config); start a new engine for it")
+
   def reload(self) -> dict:
     """Hot-swaps in the newest checkpoint of the served ranker's workdir (see `swap`); returns
     {"version": ranker step, "user_model_version": user-model step or None}."""
-    workdir = self._active.ranker.workdir
-    if workdir is None:
+    ranker = self._active.ranker
+    if ranker.workdir is None:
       raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
-    version = self.swap(load_ranker(workdir))
-    return {"version": version, "user_model_version": None}
+    new = load_ranker(ranker.workdir)
+    if self.users is None:
+      return {"version": self.swap(new), "user_model_version": None}
+    tower = load_user_model(self.users.embedder.tower.workdir)
+    self._check_swappable(new)  # before the user model is swapped, so that a bad ranker swaps nothing
+    if tower.step != self.users.version:
+      try:
+        self.users.set_tower(tower)
+      except ValueError as e:
+        raise SwapError(str(e)) from None
+    return {"version": self.swap(new), "user_model_version": self.users.version}
 
   # ---- introspection
 
@@ -300,25 +334,38 @@ class Engine:
     r, s = self._active.ranker, self.schema
     return {"version": r.version, "dense": list(s.dense),
             "sparse": [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len} for f in s.sparse],
-            "objectives": list(s.labels), "max_candidates": self.cfg.max_candidates, "user_model": None}
+            "objectives": list(s.labels), "max_candidates": self.cfg.max_candidates,
+            "user_model": None if self.users is None else self.users.describe()}
 
   def example_request(self) -> dict:
     """A valid JSON request body for this model, 3 candidates: {"features": {user and context
     features}, "candidates": [{ad features}, ...]} (plus "user_id" when a user model is consumed)."""
     rng = np.random.default_rng(0)
     s = self.schema
+    filled = frozenset() if self.users is None else self.users.server_filled
+    sparse = {f.name: f for f in s.sparse}
+    dense = set(s.dense)
+    if self.users is not None:
+      u = self.users.embedder.schema
+      sparse.update({f.name: f for f in u.sparse if f.name in self.users.features and f.name not in sparse})
+      dense |= {n for n in u.dense if n in self.users.features}
 
     def value(name):
-      if name in s.dense:
+      if name in dense:
         return round(float(rng.normal()), 3)
-      f = next(f for f in s.sparse if f.name == name)
+      f = sparse[name]
       hi = 1000 if f.vocab_size is None else f.vocab_size
       return int(rng.integers(0, hi)) if f.max_len == 1 else [int(i) for i in rng.integers(0, hi, size=f.max_len)]
 
-    names = list(s.dense) + [f.name for f in s.sparse]
-    features = {n: value(n) for n in names if n in CONTEXT_FEATURES}
-    candidates = [{n: value(n) for n in names if n not in CONTEXT_FEATURES} for _ in range(3)]
-    return {"features": features, "candidates": candidates}
+    user = CONTEXT_FEATURES | (frozenset() if self.users is None else self.users.features)
+    names = [n for n in list(s.dense) + [f.name for f in s.sparse] if n not in filled]
+    names += sorted((dense | set(sparse)) - set(names) - filled)
+    features = {n: value(n) for n in names if n in user}
+    candidates = [{n: value(n) for n in names if n not in user} for _ in range(3)]
+    body = {"features": features, "candidates": candidates}
+    if self.users is not None:
+      body = {"user_id": int(features.get("user_id", 0)), **body}
+    return body
 
   def stats(self) -> dict:
     """JSON-able counters since start (cheap; any thread): requests, rows, batches per bucket,
@@ -329,6 +376,9 @@ class Engine:
              "batch_requests_hist": dict(sorted(self._batch_hist.items(), key=lambda kv: int(kv[0])))}
     out["queue_depth"] = self._queue.qsize()
     out["version"] = self._active.ranker.version
+    if self.users is not None:
+      out["user_model_version"] = self.users.version
+      out["user_embedding"] = self.users.stats()
     return out
 
   # ---- requests
@@ -336,8 +386,14 @@ class Engine:
   def submit(self, req: RankRequest) -> concurrent.futures.Future:
     """Queues `req`; the future resolves to a RankResponse. Raises RequestError (invalid request),
     Overloaded (queue full) or EngineClosed, all on the caller's thread."""
-    rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates)
-    item = _Pending(rows, concurrent.futures.Future(), req.user_id)
+    u = self.users
+    if u is None:
+      rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates)
+      item = _Pending(rows, concurrent.futures.Future(), req.user_id)
+    else:
+      rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates, require_user_id=True,
+                            server_filled=u.server_filled, user_features=u.features)
+      item = _Pending(rows, concurrent.futures.Future(), int(req.user_id), u.encode(req))
     with self._lock:
       if self._closed or self._worker is None:
         raise EngineClosed("the engine is not running (start() it, or it was closed)")
@@ -353,8 +409,12 @@ class Engine:
 
   # ---- worker
 
-  def _run_bucket(self, active: _Active, rows: Rows) -> jax.Array:
+  def _run_bucket(self, active: _Active, rows: Rows, user_ids: list[int], counts: list[int]):
+    """Device outputs of the bucket step over `rows`: probs [B, T], and with a user model also
+    (source, age, version) [B] per request (request i has user_ids[i] and counts[i] rows)."""
     b = rows.num_rows
+    if self.users is not None:
+      return self.users.run(active.compiled[b], active.state, rows, user_ids, counts)
     args = jax.device_put((rows.dense, rows.sparse, rows.sparse_mask), self.device)
     with jax.transfer_guard("disallow"):  # nothing but the explicit transfers above
       return active.compiled[b](active.state, *args)
@@ -399,7 +459,17 @@ class Engine:
     n = sum(p.rows.num_rows for p in batch)
     try:
       bucket = self.cfg.bucket_for(n)
-      probs = jax.device_get(self._run_bucket(active, concat_rows([p.rows for p in batch], self.schema, bucket)))
+      rows = concat_rows([p.rows for p in batch], self.schema, bucket)
+      out = jax.device_get(self._run_bucket(active, rows, [p.user_id for p in batch],
+                                            [p.rows.num_rows for p in batch]))
+      infos = [None] * len(batch)
+      if self.users is None:
+        probs = out
+      else:
+        probs, (source, age, version) = out[0], out[1:]
+        k = len(batch)
+        names = self.users.refresh([p.user_id for p in batch], [p.user_row for p in batch], source[:k])
+        infos = [UserEmbeddingInfo(nm, int(a), int(v)) for nm, a, v in zip(names, age[:k], version[:k])]
     except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the worker
       with self._stats_lock:
         self._counts["failed_batches"] += 1
@@ -414,12 +484,12 @@ class Engine:
       key = _batch_bins(len(batch))
       self._batch_hist[key] = self._batch_hist.get(key, 0) + 1
     start = 0
-    for p in batch:
+    for p, info in zip(batch, infos):
       k = p.rows.num_rows
       part = probs[start:start + k]
       start += k
       p.future.set_result(RankResponse(scores={t: part[:, i].copy() for i, t in enumerate(self.schema.labels)},
-                                       model_version=active.ranker.version))
+                                       model_version=active.ranker.version, user_embedding=info))
 
   def _fail_queued(self, carry: _Pending | None) -> None:
     items = [carry] if carry is not None else []
@@ -433,7 +503,17 @@ class Engine:
         p.future.set_exception(EngineClosed("the engine closed without draining"))
 
 
-def open_engine(workdir: Path, cfg: EngineConfig = EngineConfig()) -> Engine:
+def _monotonic_s() -> int:
+  return int(time.monotonic())
+
+
+def open_engine(workdir: Path, cfg: EngineConfig = EngineConfig(), *, clock: Callable[[], int] = _monotonic_s) -> Engine:
   """An Engine (not started) over the newest checkpoint of the ranker trained in `workdir`, and,
-  when its config names a user model (data.user_model), that user model and its cache."""
-  return Engine(load_ranker(workdir), cfg)
+  when its config names a user model (data.user_model), that user model's newest checkpoint and its
+  cache (`cfg.user_cache`). `clock() -> int` seconds, monotone, times the cache (tests fake it)."""
+  ranker = load_ranker(workdir)
+  users = None
+  if ranker.config is not None and ranker.config.data.user_model:
+    users = load_user_embeddings(Path(workdir), ranker.config.data.user_model, cfg.user_cache, ranker.schema,
+                                 jax.local_devices()[0], clock)
+  return Engine(ranker, cfg, users=users)

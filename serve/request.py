@@ -83,13 +83,13 @@ def concat_rows(parts: list[Rows], schema: Schema, total: int) -> Rows:
 
 
 def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int, require_user_id: bool = False,
-                   server_filled: frozenset[str] = frozenset(), user_only: Schema | None = None) -> Rows:
+                   server_filled: frozenset[str] = frozenset(), user_features: frozenset[str] = frozenset()) -> Rows:
   """Validates `req` against `schema` and returns its rows; raises RequestError naming the field.
 
   require_user_id: `req.user_id` must be set (a ranker that consumes a user embedding).
   server_filled: dense features of `schema` the server fills (user_emb_*): a client sending one is
-  an error; their rows stay 0 here. user_only: a second schema (the user tower's) whose features
-  `req.features` may also carry; they are validated by `encode_user_row`, not encoded here.
+  an error; their rows stay 0 here. user_features: the user tower's features, which `req.features`
+  may also carry; those not in `schema` are validated by `encode_user_row`, not encoded here.
   """
   if not isinstance(req, RankRequest):
     raise RequestError(f"expected a RankRequest, got {type(req).__name__}")
@@ -106,8 +106,7 @@ def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int, req
   dense_idx = {name: i for i, name in enumerate(schema.dense)}
   sparse_idx = {f.name: i for i, f in enumerate(schema.sparse)}
   rows = empty_rows(n, schema)
-  extra = frozenset() if user_only is None else (
-      (frozenset(user_only.dense) | {f.name for f in user_only.sparse}) - set(dense_idx) - set(sparse_idx))
+  extra = frozenset(user_features) - set(dense_idx) - set(sparse_idx)
   shared = _check_features(_known(req.features, "features", server_filled, extra), "features", schema,
                            dense_idx, sparse_idx)
   for r, cand in enumerate(req.candidates):
@@ -137,10 +136,10 @@ def check_user_id(user_id, *, required: bool) -> None:
     raise RequestError(f"user_id: {user_id} out of range [0, 2**63 - 1]")
 
 
-def encode_user_row(features: dict, schema: Schema) -> Rows:
-  """One row of `schema` (the user tower's) from a request's `features`: the tower's own features
-  (others, the ranker's, are skipped). Raises RequestError naming the field."""
-  names = frozenset(schema.dense) | {f.name for f in schema.sparse}
+def encode_user_row(features: dict, schema: Schema, names: frozenset[str]) -> Rows:
+  """One row of `schema` (the user tower's) from a request's `features`, filling only `names` (the
+  features the tower reads; the rest of the row is empty, others in `features` are skipped).
+  Raises RequestError naming the field."""
   dense_idx = {name: i for i, name in enumerate(schema.dense)}
   sparse_idx = {f.name: i for i, f in enumerate(schema.sparse)}
   rows = empty_rows(1, schema)

@@ -1,0 +1,317 @@
+"""User embeddings on the request path: a SUM user model, its ERCache and SOAP refresh, for one ranker.
+
+A ranker trained with `--data.user_model DIR` reads K D dense features `user_emb_*`: the frozen
+user tower's (standardised) embedding of the request's user. The engine fills them; `UserEmbeddings`
+holds what it needs:
+
+- the tower (`TowerEmbedder`): parameters on device and its standardised forward compiled ahead of
+  time for every refresh batch size (powers of two up to `UserCacheConfig.refresh_batch`);
+- the cache (`jaxrec.cache.soap.SoapCache` over an `ERCacheState` sized and timed by
+  `UserCacheConfig`): direct tier, failover tier with the stabilization ring of the last m
+  embeddings, default embedding zeros (the standardised mean);
+- the users' latest tower features (host, the `max_users_kept` most recently refreshed users),
+  which the refresh worker reads to run the tower.
+
+The engine's compiled bucket step (`make_sum_step`) runs, in one program over (cache state, ranker
+state, batch): `ercache.latest` for the batch's requests [R] -> broadcast each request's embedding
+to its candidate rows -> the ranker -> scores, plus source / age / version per request. It runs
+inside `SoapCache.transact` (the cache state is donated and replaced). Afterwards (`refresh`)
+requests not served DIRECT store their user features and are handed to the SOAP worker, which
+computes fresh embeddings off the request path and writes them back: the request path never waits
+for the user model (SOAP). Times are integer seconds of `clock()` (monotone; injectable for tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrec.cache import ercache
+from jaxrec.cache.ercache import ERCacheConfig, ERCacheState, Source
+from jaxrec.cache.hash_table import split_keys
+from jaxrec.cache.soap import SoapCache, SoapConfig, bucket
+from jaxrec.data.batch import Batch, Schema
+from jaxrec.training.state import merge_model
+from jaxrec.training.user_model import FrozenUserTower, load_user_model
+from serve.request import RankRequest, Rows, concat_rows, empty_rows, encode_user_row
+
+SOURCE_NAMES = {Source.DIRECT: "direct", Source.FRESH: "fresh", Source.FAILOVER: "failover",
+                Source.FALLBACK: "fallback", Source.NEEDS_INFERENCE: "needs_inference"}
+EMB_PREFIX = "user_emb_"
+
+
+@dataclasses.dataclass(frozen=True)
+class UserCacheConfig:
+  """The cache and refresh of one ranker's user model (see `jaxrec.cache.ercache.ERCacheConfig`)."""
+
+  direct_ttl_s: int = 60
+  """serve a cached embedding (DIRECT, no refresh) while younger than this"""
+  failover_ttl_s: int = 86_400
+  """past the direct TTL, serve the stale stabilized embedding (FAILOVER, refresh queued) while the
+  newest write is younger than this; beyond, the default embedding (FALLBACK)"""
+  direct_capacity: int = 1 << 16
+  """direct-tier slots (users)"""
+  failover_capacity: int = 1 << 18
+  """failover-tier slots (users); keep >= direct_capacity"""
+  stabilize_m: int = 1
+  """served embedding = mean of the user's last m embeddings written"""
+  refresh_batch: int = 256
+  """most users per user-model call of the refresh worker"""
+  refresh_wait_ms: float = 2.0
+  """how long the refresh worker waits to fill a batch"""
+  refresh_queue: int = 1024
+  """batches of refreshes waiting for the worker; beyond, refreshes are dropped (and retried on the
+  user's next request)"""
+  max_users_kept: int = 1 << 16
+  """users whose latest tower features are kept on the host for the refresh worker"""
+
+  def __post_init__(self):
+    if self.max_users_kept < 1:
+      raise ValueError(f"max_users_kept must be >= 1, got {self.max_users_kept}")
+
+  def ercache(self, dim: int) -> ERCacheConfig:
+    """The ERCacheConfig of a user model with `dim`-wide embeddings."""
+    return ERCacheConfig(dim=dim, direct_ttl_s=self.direct_ttl_s, failover_ttl_s=self.failover_ttl_s,
+                         direct_capacity=self.direct_capacity, failover_capacity=self.failover_capacity,
+                         stabilize_m=self.stabilize_m)
+
+  def soap(self) -> SoapConfig:
+    """The SoapConfig of the refresh worker."""
+    return SoapConfig(max_batch=self.refresh_batch, max_wait_s=self.refresh_wait_ms / 1e3,
+                      queue_size=self.refresh_queue)
+
+
+def embedding_columns(schema: Schema) -> np.ndarray:
+  """i32 [K D]: the positions of user_emb_0 .. user_emb_{KD-1} in the ranker's dense features (empty if none)."""
+  names = [n for n in schema.dense if n.startswith(EMB_PREFIX)]
+  return np.asarray([schema.dense.index(f"{EMB_PREFIX}{i}") for i in range(len(names))], np.int32)
+
+
+def user_model_dir(ranker_workdir: Path, configured: str) -> Path:
+  """The user model's workdir named by a ranker's data.user_model: as written if it exists (relative
+  to the current directory), else relative to the ranker's workdir."""
+  path = Path(configured)
+  if path.is_absolute() or path.exists():
+    return path
+  return Path(ranker_workdir) / path
+
+
+class TowerEmbedder:
+  """A frozen user tower on one device: `embed(rows [P]) -> f32 [P, K D]` standardised, compiled
+  ahead of time for each P in `sizes`."""
+
+  def __init__(self, tower: FrozenUserTower, sizes: list[int], device: jax.Device):
+    self.tower, self.device = tower, device
+    self.schema = tower.schema
+    model = tower.config.model
+    self.features = frozenset(model.user_sparse) | frozenset(model.user_dense)
+    self.dim = tower.out_features
+    self._args = jax.device_put((tower.params, tower.table, tower.mean, tower.std), device)
+    graphdef: nnx.GraphDef = tower.graphdef
+
+    def embed(params, table, mean, std, dense, sparse, sparse_mask):
+      batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask, labels=None, weights=None,
+                    domain=None, timestamp=None)
+      raw = merge_model(graphdef, params, table).user_embedding(batch).astype(jnp.float32)
+      return (raw - mean) / std
+
+    s = self.schema
+    self._compiled = {}
+    for p in sorted(set(sizes)):
+      shapes = (jax.ShapeDtypeStruct((p, s.num_dense), jnp.float32),
+                jax.ShapeDtypeStruct((p, s.num_sparse, s.max_len), jnp.int32),
+                jax.ShapeDtypeStruct((p, s.num_sparse, s.max_len), jnp.bool_))
+      self._compiled[p] = jax.jit(embed).lower(*self._args, *shapes).compile()
+      jax.block_until_ready(self.embed(empty_rows(p, s)))  # warm-up
+
+  @property
+  def version(self) -> int:
+    return self.tower.step
+
+  def encode(self, features: dict) -> Rows:
+    """The tower's row [1] from a request's features (RequestError naming a bad one)."""
+    return encode_user_row(features, self.schema, self.features)
+
+  def embed(self, rows: Rows) -> jax.Array:
+    """f32 [P, K D] on device: the standardised embeddings of P rows (P one of the compiled sizes)."""
+    args = jax.device_put((rows.dense, rows.sparse, rows.sparse_mask), self.device)
+    return self._compiled[rows.num_rows](*self._args, *args)
+
+
+def make_sum_step(graphdef: nnx.GraphDef, schema: Schema, emb_cols: np.ndarray):
+  """step(cache, state, hi, lo, valid, now, row_req, dense, sparse, sparse_mask) ->
+  (cache, (probs f32 [B, T], source i32 [B], age i32 [B], version i32 [B])), jitted, cache donated.
+
+  hi, lo u32 [B] and valid bool [B]: the batch's requests' user keys (request i in slot i, valid
+  marks the real ones); row_req i32 [B]: the request of each row; dense [B, Fd] with the user_emb
+  columns (`emb_cols`) left 0: the step fills them with the request's served embedding.
+  """
+  cols = jnp.asarray(emb_cols)
+
+  def step(cache: ERCacheState, state, hi, lo, valid, now, row_req, dense, sparse, sparse_mask):
+    cache, served = ercache.latest(cache, (hi, lo), now, valid)
+    dense = dense.at[:, cols].set(served.embedding.astype(jnp.float32)[row_req])
+    b = dense.shape[0]
+    zeros = jnp.zeros((b,), jnp.int32)
+    batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask,
+                  labels=jnp.zeros((b, schema.num_tasks), jnp.float32), weights=jnp.zeros((b,), jnp.float32),
+                  domain=zeros, timestamp=zeros)
+    probs = jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch).astype(jnp.float32))
+    return cache, (probs, served.source, served.age, served.version)
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def _keys(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(hi, lo) u32 halves of int64 ids, on the host (`hash_table.split_keys` without the transfer)."""
+  k = np.asarray(user_ids, np.int64).view(np.uint64)
+  return (k >> 32).astype(np.uint32), (k & 0xFFFFFFFF).astype(np.uint32)
+
+
+class UserEmbeddings:
+  """One ranker's user model on the request path: tower, cache, refresh worker (module docstring)."""
+
+  def __init__(self, tower: FrozenUserTower, cfg: UserCacheConfig, ranker_schema: Schema, device: jax.Device,
+               clock: Callable[[], int]):
+    self.cfg, self.device, self.clock = cfg, device, clock
+    self.emb_cols = embedding_columns(ranker_schema)
+    if self.emb_cols.size != tower.out_features:
+      raise ValueError(f"the ranker reads {self.emb_cols.size} user_emb_* features, the user model "
+                       f"{str(tower.workdir)!r} makes {tower.out_features}")
+    self.server_filled = frozenset(ranker_schema.dense[i] for i in self.emb_cols)
+    self._soap_cfg = cfg.soap()
+    self._sizes = sorted({bucket(n, self._soap_cfg.min_bucket) for n in range(1, cfg.refresh_batch + 1)})
+    self.embedder = TowerEmbedder(tower, self._sizes, device)
+    self.soap = SoapCache(ERCacheState.create(cfg.ercache(tower.out_features)), self._user_model,
+                          self._soap_cfg, version=tower.step, clock=clock)
+    self._features: collections.OrderedDict[int, Rows] = collections.OrderedDict()
+    self._features_lock = threading.Lock()
+    self._sources = dict.fromkeys(("direct", "fresh", "failover", "fallback"), 0)
+    self._sources_lock = threading.Lock()
+
+  @property
+  def features(self) -> frozenset[str]:
+    """The tower's features a request carries in `features`."""
+    return self.embedder.features
+
+  @property
+  def version(self) -> int:
+    return self.embedder.version
+
+  def start(self) -> None:
+    """Compiles the cache's paths (the tower was compiled on construction) and starts the worker."""
+    self.soap.start(warmup=True)
+    for size in self._sizes:  # the worker's calls with its argument types, so nothing compiles under load
+      keys, off = split_keys(np.zeros(size, np.int64)), jnp.asarray(np.zeros(size, bool))  # as the worker's
+      emb = self.embedder.embed(empty_rows(size, self.embedder.schema))  # committed to the device, as the worker's
+      self.soap.transact(lambda st: (st, ercache.direct_fresh(st, keys, 0)))
+      self.soap.transact(lambda st: (ercache.write(st, keys, emb, 0, self.version, off), None))
+    self.soap.counters()  # compiles the counters' copy
+
+  def close(self, drain: bool = True, timeout: float | None = None) -> None:
+    """Stops the refresh worker (drain: after the queued refreshes)."""
+    self.soap.close(drain=drain, timeout=timeout)
+
+  def set_tower(self, tower: FrozenUserTower) -> None:
+    """Hot-swaps the user model: compiles it for every refresh size here, then refreshes use it."""
+    if tower.out_features != self.embedder.dim:
+      raise ValueError(f"the new user model makes {tower.out_features}-wide embeddings, the served one "
+                       f"{self.embedder.dim}")
+    self.embedder = TowerEmbedder(tower, self._sizes, self.device)
+    self.soap.set_user_model(self._user_model, tower.step)
+
+  def encode(self, req: RankRequest) -> Rows:
+    """The request's user row for the tower (validated on the caller's thread)."""
+    return self.embedder.encode(req.features)
+
+  # ---- the compiled step
+
+  def compile_step(self, graphdef: nnx.GraphDef, schema: Schema, state, b: int) -> jax.stages.Compiled:
+    """`make_sum_step` compiled for a bucket of b rows (and b requests at most)."""
+    step = make_sum_step(graphdef, schema, self.emb_cols)
+    shapes = (jax.ShapeDtypeStruct((b,), jnp.uint32), jax.ShapeDtypeStruct((b,), jnp.uint32),
+              jax.ShapeDtypeStruct((b,), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32),
+              jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, schema.num_dense), jnp.float32),
+              jax.ShapeDtypeStruct((b, schema.num_sparse, schema.max_len), jnp.int32),
+              jax.ShapeDtypeStruct((b, schema.num_sparse, schema.max_len), jnp.bool_))
+    abstract = self.soap.transact(lambda st: (st, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), st)))
+    return step.lower(abstract, state, *shapes).compile()
+
+  def run(self, compiled: jax.stages.Compiled, state, rows: Rows, user_ids: list[int], counts: list[int]):
+    """Runs a compiled step over a batch: `rows` [B] (the requests' rows one after another, then
+    padding), request i has user_ids[i] and counts[i] rows. Returns device arrays (probs [B, T],
+    source [B], age [B], version [B]); per-request outputs in the first len(user_ids) slots."""
+    b = rows.num_rows
+    ids = np.zeros(b, np.int64)
+    ids[:len(user_ids)] = user_ids
+    valid = np.zeros(b, bool)
+    valid[:len(user_ids)] = True
+    row_req = np.zeros(b, np.int32)
+    row_req[:sum(counts)] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    hi, lo = _keys(ids)
+    args = jax.device_put((hi, lo, valid, np.int32(self.clock()), row_req, rows.dense, rows.sparse,
+                           rows.sparse_mask), self.device)
+    with jax.transfer_guard("disallow"):  # nothing but the explicit transfers above
+      return self.soap.transact(lambda cache: compiled(cache, state, *args))
+
+  def refresh(self, user_ids: list[int], user_rows: list[Rows], source: np.ndarray) -> list[str]:
+    """After a batch: keeps the tower features of the users not served DIRECT and queues their
+    refresh (never waits). Returns the source names of the requests."""
+    names = [SOURCE_NAMES[Source(int(s))] for s in source]
+    with self._sources_lock:
+      for n in names:
+        self._sources[n] = self._sources.get(n, 0) + 1
+    stale = [i for i, s in enumerate(source) if s != Source.DIRECT]
+    if stale:
+      with self._features_lock:
+        for i in stale:
+          self._features[user_ids[i]] = user_rows[i]
+          self._features.move_to_end(user_ids[i])
+        while len(self._features) > self.cfg.max_users_kept:
+          self._features.popitem(last=False)
+      self.soap.enqueue(np.asarray(user_ids, np.int64), np.asarray(source))
+    return names
+
+  def _user_model(self, ids: np.ndarray) -> jax.Array:
+    """The refresh worker's user model: ids int64 [P] -> f32 [P, K D], from the users' kept features."""
+    with self._features_lock:
+      missing = [int(i) for i in ids if int(i) not in self._features]
+      if missing:
+        raise KeyError(f"no features kept for users {missing[:8]} (more than max_users_kept="
+                       f"{self.cfg.max_users_kept} users waiting)")
+      rows = [self._features[int(i)] for i in ids]
+    return self.embedder.embed(concat_rows(rows, self.embedder.schema, len(rows)))
+
+  # ---- introspection
+
+  def stats(self) -> dict:
+    """{"sources": served-source counts, "cache": SoapCache.counters(), "users_kept": n, "last_error"}."""
+    with self._sources_lock:
+      sources = dict(self._sources)
+    with self._features_lock:
+      kept = len(self._features)
+    return {"sources": sources, "cache": self.soap.counters(), "users_kept": kept, "last_error": self.soap.last_error}
+
+  def describe(self) -> dict:
+    """{"workdir", "version", "embedding_dim", "features": [the tower's request features], "cache": {config}}."""
+    return {"workdir": str(self.embedder.tower.workdir), "version": self.version, "embedding_dim": self.embedder.dim,
+            "features": sorted(self.features), "cache": dataclasses.asdict(self.cfg)}
+
+
+def load_user_embeddings(ranker_workdir: Path, configured: str, cfg: UserCacheConfig, ranker_schema: Schema,
+                         device: jax.Device, clock: Callable[[], int]) -> UserEmbeddings:
+  """The user model a ranker's config names (data.user_model = `configured`), loaded and compiled."""
+  return UserEmbeddings(load_user_model(user_model_dir(ranker_workdir, configured)), cfg, ranker_schema, device,
+                        clock)
+
+
+__all__ = ["SOURCE_NAMES", "TowerEmbedder", "UserCacheConfig", "UserEmbeddings", "embedding_columns",
+           "load_user_embeddings", "make_sum_step", "user_model_dir"]

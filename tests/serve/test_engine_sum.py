@@ -1,0 +1,264 @@
+"""serve.engine with a SUM ranker (SOAP mode): cached user embeddings on the request path, refreshed off it."""
+
+import json
+import threading
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from jaxrec.data.batch import batch_from_numpy
+from jaxrec.training.user_model import load_user_model, train_user_model
+from serve.engine import Engine, EngineConfig, load_ranker, open_engine
+from serve.request import RankRequest, RequestError
+from serve.user_embedding import UserCacheConfig
+from train import ranker
+from train import user_model as train_user
+from train.probe import load_run
+
+RANKER_SMOKE = ["--data.batch_size", "64", "--data.eval_batch_size", "64", "--data.eval_examples", "128",
+                "--model.dcnv2.embed_dim", "8", "--model.dcnv2.top_mlp", "32,16", "--no-train.progress",
+                "--train.num_devices", "1", "--train.steps", "4", "--train.checkpoint_every", "4"]
+CACHE = UserCacheConfig(direct_ttl_s=60, failover_ttl_s=3600, direct_capacity=64, failover_capacity=128,
+                        refresh_batch=16, refresh_wait_ms=1.0)
+SMALL = EngineConfig(buckets=(8, 32), max_rows=32, max_wait_ms=1.0, max_candidates=16, user_cache=CACHE)
+CONTEXT = {"user_id", "user_segment", "user_activity", "device", "hour", "hour_sin", "hour_cos", "domain"}
+HIST = {"hist_ads", "hist_advertisers", "hist_categories", "hist_log_impressions", "hist_log_clicks", "hist_ctr_logit"}
+
+
+def train_sum(root, ranker_args=()):
+  """(user-model workdir, ranker workdir): a tiny user tower (10 steps) and a ranker on its embeddings."""
+  user_dir, ranker_dir = root / "user", root / "ranker"
+  train_user_model(train_user.smoke(), user_dir)
+  assert ranker.main(["--workdir", str(ranker_dir), "--data.user_model", str(user_dir)] + RANKER_SMOKE
+                     + list(ranker_args)) == 0
+  return user_dir, ranker_dir
+
+
+class FakeClock:
+  """clock() -> int seconds, moved by hand."""
+
+  def __init__(self, t: int = 1000):
+    self.t = t
+
+  def __call__(self) -> int:
+    return self.t
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  return train_sum(tmp_path_factory.mktemp("serve_sum"))
+
+
+@pytest.fixture(scope="module")
+def clock():
+  return FakeClock()
+
+
+@pytest.fixture(scope="module")
+def engine(dirs, clock):
+  eng = open_engine(dirs[1], SMALL, clock=clock).start()
+  yield eng
+  eng.close()
+
+
+@pytest.fixture(scope="module")
+def reference(dirs):
+  """scores(request) of the ranker with the user's fresh tower embedding, both run outside the engine."""
+  tower = load_user_model(dirs[0])
+  _, model, _ = load_run(dirs[1])
+  rschema = json.loads((dirs[1] / "schema.json").read_text())
+  rdense, rsparse = rschema["dense"], [f["name"] for f in rschema["sparse"]]
+
+  def tower_embedding(features):
+    s = tower.schema
+    dense = np.zeros((1, s.num_dense), np.float32)
+    sparse = np.zeros((1, s.num_sparse, s.max_len), np.int32)
+    mask = np.zeros(sparse.shape, bool)
+    for name, v in features.items():
+      if name in s.dense:
+        dense[0, s.dense.index(name)] = v
+      elif name in [f.name for f in s.sparse]:
+        j = [f.name for f in s.sparse].index(name)
+        ids = v if isinstance(v, list) else [v]
+        sparse[0, j, :len(ids)], mask[0, j, :len(ids)] = ids, True
+    batch = batch_from_numpy(dense=dense, sparse=sparse, sparse_mask=mask, labels=np.zeros((1, 2)),
+                             weights=np.ones(1), domain=np.zeros(1), timestamp=np.zeros(1))
+    return tower.embed(batch)[0]
+
+  def scores(req, emb=None):
+    emb = tower_embedding(req.features) if emb is None else emb
+    n = len(req.candidates)
+    dense = np.zeros((n, len(rdense)), np.float32)
+    sparse = np.zeros((n, len(rsparse), 1), np.int32)
+    mask = np.zeros(sparse.shape, bool)
+    for r, cand in enumerate(req.candidates):
+      for name, v in {**req.features, **cand}.items():
+        if name in rdense:
+          dense[r, rdense.index(name)] = v
+        elif name in rsparse:
+          sparse[r, rsparse.index(name), 0], mask[r, rsparse.index(name), 0] = v, True
+      dense[r, rdense.index("user_emb_0"):] = emb
+    batch = batch_from_numpy(dense=dense, sparse=sparse, sparse_mask=mask, labels=np.zeros((n, 2)),
+                             weights=np.ones(n), domain=np.zeros(n), timestamp=np.zeros(n))
+    return np.asarray(jax.nn.sigmoid(model(jax.tree.map(jax.numpy.asarray, batch)))), emb
+
+  return scores
+
+
+def sum_request(engine, user, n, rng):
+  """A request of `user` with every user, context and history feature set, and n candidates."""
+  names = {f["name"]: f for f in engine.describe()["sparse"]}
+  tower = engine.users.embedder.schema
+  names.update({f.name: {"vocab_size": f.vocab_size, "max_len": f.max_len} for f in tower.sparse if f.name in HIST})
+  dense = [n_ for n_ in engine.describe()["dense"] if not n_.startswith("user_emb_")] + [
+      d for d in tower.dense if d in HIST]
+  feats = {k: float(rng.normal()) for k in dense if k in CONTEXT | HIST}
+  feats.update({k: (int(rng.integers(f["vocab_size"])) if f["max_len"] == 1 else
+                    [int(i) for i in rng.integers(0, f["vocab_size"], size=int(rng.integers(1, f["max_len"] + 1)))])
+                for k, f in names.items() if k in CONTEXT | HIST})
+  feats["user_id"] = user
+  cands = [{**{k: float(rng.normal()) for k in dense if k not in CONTEXT | HIST},
+            **{k: int(rng.integers(f["vocab_size"])) for k, f in names.items() if k not in CONTEXT | HIST}}
+           for _ in range(n)]
+  return RankRequest(feats, cands, user_id=user)
+
+
+def assert_scores(resp, expected):
+  for i, t in enumerate(("click", "conversion")):
+    np.testing.assert_allclose(resp.scores[t], expected[:, i], rtol=0, atol=1e-5, err_msg=t)
+
+
+def test_fallback_then_direct_with_the_fresh_embedding(engine, reference, clock):
+  rng = np.random.default_rng(0)
+  req = sum_request(engine, 11, 5, rng)
+  first = engine.rank(req, timeout=30)
+  assert first.user_embedding.source == "fallback"
+  assert (first.user_embedding.age_s, first.user_embedding.version) == (-1, -1)
+  assert_scores(first, reference(req, emb=np.zeros(8, np.float32))[0])  # default embedding: zeros
+  assert engine.users.soap.wait_idle(30)
+  clock.t += 5
+  again = engine.rank(req, timeout=30)
+  assert again.user_embedding.source == "direct" and again.user_embedding.age_s == 5
+  assert again.user_embedding.version == 10 and again.model_version == 4
+  expected, emb = reference(req)
+  assert np.abs(emb).max() > 0.1  # the tower's embedding is not the default
+  assert_scores(again, expected)
+  with pytest.raises(AssertionError):  # negative control: the fallback's scores are not these
+    assert_scores(first, expected)
+
+
+def test_direct_ttl_expiry_serves_failover_then_refreshes(engine, reference, clock):
+  rng = np.random.default_rng(1)
+  req = sum_request(engine, 12, 3, rng)
+  engine.rank(req, timeout=30)
+  assert engine.users.soap.wait_idle(30)
+  assert engine.rank(req, timeout=30).user_embedding.source == "direct"
+  clock.t += 60  # the direct TTL
+  before = engine.stats()["user_embedding"]["cache"]["refresh_written"]
+  stale = engine.rank(req, timeout=30)
+  assert stale.user_embedding.source == "failover" and stale.user_embedding.age_s == 60
+  assert_scores(stale, reference(req)[0])  # stale, but the same tower: the same embedding (m = 1)
+  assert engine.users.soap.wait_idle(30)
+  assert engine.stats()["user_embedding"]["cache"]["refresh_written"] == before + 1
+  fresh = engine.rank(req, timeout=30)
+  assert fresh.user_embedding.source == "direct" and fresh.user_embedding.age_s == 0
+  clock.t += 3600  # past the failover TTL too: nothing usable
+  assert engine.rank(req, timeout=30).user_embedding.source == "fallback"
+  assert engine.users.soap.wait_idle(30)
+
+
+def test_failing_user_model_serves_failover_or_fallback(engine, clock):
+  rng = np.random.default_rng(2)
+  known = sum_request(engine, 13, 2, rng)
+  engine.rank(known, timeout=30)
+  assert engine.users.soap.wait_idle(30)
+  soap = engine.users.soap
+
+  def broken(ids):
+    raise RuntimeError("user model down")
+
+  soap.set_user_model(broken, 99)
+  try:
+    clock.t += 61
+    failures = engine.stats()["user_embedding"]["cache"]["refresh_failures"]
+    for _ in range(3):  # keeps serving: stale for the known user, default for a new one
+      assert engine.rank(known, timeout=30).user_embedding.source == "failover"
+      assert engine.rank(sum_request(engine, 14, 2, rng), timeout=30).user_embedding.source == "fallback"
+      assert soap.wait_idle(30)
+    st = engine.stats()
+    assert st["user_embedding"]["cache"]["refresh_failures"] > failures
+    assert "user model down" in st["user_embedding"]["last_error"] and st["failed_batches"] == 0
+  finally:
+    soap.set_user_model(engine.users._user_model, engine.users.version)
+  engine.rank(known, timeout=30)
+  assert soap.wait_idle(30)
+  assert engine.rank(known, timeout=30).user_embedding.source == "direct"
+
+
+def test_no_compilation_after_start(engine, clock):
+  compiles = []
+
+  def on_event(name, secs, **kw):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append(threading.current_thread().name)
+
+  rng = np.random.default_rng(3)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    for n in (1, 16):  # both buckets; one user refreshed (refresh batch 8)
+      engine.rank(sum_request(engine, 20 + n, n, rng), timeout=30)
+    assert engine.users.soap.wait_idle(30)
+    futures = [engine.submit(sum_request(engine, 100 + u, 2, rng)) for u in range(12)]  # up to 12 users refreshed
+    assert {f.result(timeout=30).user_embedding.source for f in futures} == {"fallback"}
+    assert engine.users.soap.wait_idle(30)
+    clock.t += 61
+    futures = [engine.submit(sum_request(engine, 100 + u, 2, rng)) for u in range(12)]
+    assert {f.result(timeout=30).user_embedding.source for f in futures} == {"failover"}
+    assert engine.users.soap.wait_idle(30)
+    engine.stats()
+    assert compiles == [], f"compiled after start, on threads {compiles}"
+    jax.jit(lambda x: x * 5 + 1)(np.ones(3, np.float32))  # negative control
+    assert compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+@pytest.mark.parametrize("user_id, features, candidates, match", [
+    (None, {}, [{}], r"user_id: required"),
+    (-3, {}, [{}], r"user_id: -3 out of range"),
+    ("3", {}, [{}], r"user_id: must be an integer"),
+    (3, {"user_emb_0": 0.5}, [{}], r"features\.user_emb_0: filled by the server"),
+    (3, {}, [{"user_emb_7": 0.5}], r"candidates\[0\]\.user_emb_7: filled by the server"),
+    (3, {"hist_ads": [1, 300]}, [{}], r"features\.hist_ads: id 300 out of range \[0, 299\]"),
+    (3, {"hist_ads": list(range(9))}, [{}], r"features\.hist_ads: 9 ids, the feature holds at most 8"),
+    (3, {"hist_ctr_logit": "x"}, [{}], r"features\.hist_ctr_logit: dense feature must be a number"),
+    (3, {}, [{"hist_ads": 1}], r"candidates\[0\]\.hist_ads: unknown feature"),
+    (3, {"user_id": 1000}, [{}], r"features\.user_id: id 1000 out of range"),
+])
+def test_validation_errors(engine, user_id, features, candidates, match):
+  with pytest.raises(RequestError, match=match):
+    engine.submit(RankRequest(features, candidates, user_id=user_id))
+
+
+def test_describe_example_and_stats(engine, dirs):
+  d = engine.describe()
+  um = d["user_model"]
+  assert um["version"] == 10 and um["embedding_dim"] == 8 and um["workdir"] == str(dirs[0])
+  assert {"user_id", "user_segment", "user_activity", "hist_ads", "hist_ctr_logit"} <= set(um["features"])
+  assert um["cache"]["direct_ttl_s"] == 60 and um["cache"]["stabilize_m"] == 1
+  body = json.loads(json.dumps(engine.example_request()))
+  assert isinstance(body["user_id"], int) and "hist_ads" in body["features"] and len(body["candidates"]) == 3
+  assert not any(k.startswith("user_emb_") for k in [*body["features"], *body["candidates"][0]])
+  resp = engine.rank(RankRequest(body["features"], body["candidates"], user_id=body["user_id"]), timeout=30)
+  assert resp.user_embedding.source in ("fallback", "direct", "failover")
+  st = json.loads(json.dumps(engine.stats()))
+  assert st["user_model_version"] == 10 and sum(st["user_embedding"]["sources"].values()) >= 1
+  assert {"direct_hits", "failover_hits", "refresh_written", "refresh_queued"} <= set(st["user_embedding"]["cache"])
+  assert engine.users.soap.wait_idle(30)
+
+
+def test_plain_engine_refuses_a_sum_ranker(dirs):
+  with pytest.raises(ValueError, match="open_engine"):
+    Engine(load_ranker(dirs[1]), SMALL)
