@@ -1,0 +1,105 @@
+"""Serve the rankers training runs left in a folder over HTTP.
+
+    python -m serve                                   # runs/demo (after `make demo`) on 127.0.0.1:8000
+    python -m serve --workdir runs --port 8001        # every ranker run under runs/, named by path
+    python -m serve --engine.buckets 64,256 --engine.max_queue 64 --admin_token s3cret
+    python -m serve --help                            # every config field, its type and default
+
+--workdir is one ranker run (served under the directory's name) or a folder of runs (each served
+under its relative path with "/" replaced by "."); see serve.registry. Every bucket of every model is
+compiled before the port opens. SIGINT/SIGTERM stop taking connections, let in-flight requests
+finish (up to drain_timeout_s) and drain the engines. Endpoints: see serve.app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from jaxrec.config import parse_config
+from serve.app import HttpConfig, create_app
+from serve.engine import EngineConfig
+from serve.registry import NoRunsError, Registry, discover_runs
+
+PROG = "python -m serve"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  workdir: str = "runs/demo"
+  """a ranker run's workdir, or a folder of them"""
+  host: str = "127.0.0.1"
+  """interface to bind (loopback by default; 0.0.0.0 exposes the server to the network)"""
+  port: int = 8000
+  admin_token: str | None = None
+  """token for /admin/* (Authorization: Bearer TOKEN); none reads JAXREC_ADMIN_TOKEN, and without
+  either the admin endpoints answer 403"""
+  max_depth: int = 3
+  """how many levels below workdir to look for runs"""
+  drain_timeout_s: float = 30.0
+  """on SIGINT/SIGTERM, how long in-flight requests may take to finish"""
+  log_level: str = "warning"
+  """uvicorn's log level (access logs are off)"""
+  engine: EngineConfig = EngineConfig()
+  http: HttpConfig = HttpConfig()
+
+
+class _Server(uvicorn.Server):
+  """uvicorn.Server whose SIGINT/SIGTERM shut down gracefully and then return from run() (uvicorn
+  re-raises the signal afterwards, which would kill the process before main drains the engines)."""
+
+  @contextlib.contextmanager
+  def capture_signals(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield
+      return
+    original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      yield
+    finally:
+      for sig, handler in original.items():
+        signal.signal(sig, handler)
+
+
+def smoke() -> ServeConfig:
+  """Small buckets and queue: starts in seconds on CPU."""
+  return ServeConfig(engine=EngineConfig(buckets=(8, 64, 256), max_rows=256, max_candidates=256, max_queue=32))
+
+
+def main(argv: list[str] | None = None) -> int:
+  cfg = parse_config(ServeConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+  try:
+    runs = discover_runs(Path(cfg.workdir), cfg.max_depth)
+  except NoRunsError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  token = cfg.admin_token or os.environ.get("JAXREC_ADMIN_TOKEN") or None
+  print(f"loading {len(runs)} model(s) and compiling buckets {list(cfg.engine.buckets)}: "
+        + ", ".join(f"{n} ({p})" for n, p in runs.items()), file=sys.stderr, flush=True)
+  try:
+    registry = Registry.open(runs, cfg.engine)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"{PROG}: error: cannot load a run: {e}", file=sys.stderr)
+    return 2
+  app = create_app(registry, cfg.http, admin_token=token)
+  server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                         access_log=False, timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+  print(f"serving {registry.names} on http://{cfg.host}:{cfg.port} (admin "
+        f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True)
+  try:
+    server.run()
+  finally:
+    registry.close(drain=True, timeout=cfg.drain_timeout_s)
+    print("drained and stopped", file=sys.stderr, flush=True)
+  return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,357 @@
+"""The HTTP front end (FastAPI): rank, models, examples, health, metrics and hot reload.
+
+    app = create_app(Registry.open(discover_runs(Path("runs")), EngineConfig()), HttpConfig(), admin_token=None)
+    uvicorn.run(app, host="127.0.0.1", port=8000)     # what `python -m serve` does, with a graceful drain
+
+Endpoints (the OpenAPI schema is at /openapi.json, browsable at /docs):
+
+    POST /v1/rank                 RankBody -> RankReply, candidates in request order
+    GET  /v1/models               every model's version and feature schema (Engine.describe())
+    GET  /v1/models/{name}/example  a valid RankBody for that model (Engine.example_request())
+    GET  /healthz                 {"status": "ok", "models": [...]}
+    GET  /metrics                 Prometheus text exposition (serve.metrics)
+    POST /admin/reload[?model=]   hot swap to the newest checkpoint; `Authorization: Bearer TOKEN`
+
+Errors are JSON `{"error": {"status", "type", "message", "field"}}` where `field` is the body path
+of the offending value (e.g. "candidates[3].features.ad_price") or null:
+
+    400 malformed_json     the body is not JSON (or not UTF-8, or nested too deep)
+    415 unsupported_media_type  a Content-Type other than application/json (none is taken as JSON)
+    413 too_large          the body is over HttpConfig.max_body_bytes
+    422 invalid_request    wrong types, unknown or missing fields, NaN/Infinity, ids out of range,
+                           too many candidates (pydantic's checks and the engine's RequestError alike)
+    404 unknown_model      no model of that name is served
+    401 / 403              admin endpoints: wrong or missing token / no token configured ("admin disabled")
+    409 swap_failed        /admin/reload: the new checkpoint cannot replace the served one (kept)
+    503 overloaded         the engine's queue is full or the request outwaited request_timeout_s;
+                           carries Retry-After (seconds)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import math
+import re
+import time
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from starlette.exceptions import HTTPException
+
+from serve.engine import EngineClosed, Overloaded, RankResponse, SwapError
+from serve.metrics import CONTENT_TYPE, HttpMetrics, render
+from serve.registry import Registry, UnknownModel
+from serve.request import RankRequest, RequestError
+
+__all__ = ["ApiError", "Candidate", "HttpConfig", "RankBody", "RankReply", "create_app"]
+
+MAX_ABS_INT = 2**63 - 1  # larger JSON integers are refused before they reach float() or int64
+MAX_ABS_FLOAT = float(np.finfo(np.float32).max)  # dense features are float32 in the model
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+  request_timeout_s: float = 10.0
+  """a rank request still waiting for the engine after this long is answered 503 (and cancelled if queued)"""
+  retry_after_s: int = 1
+  """the Retry-After header of a 503"""
+  max_body_bytes: int = 8 << 20
+  """larger request bodies are answered 413"""
+
+  def __post_init__(self):
+    if self.request_timeout_s <= 0 or self.retry_after_s < 0 or self.max_body_bytes < 1:
+      raise ValueError("request_timeout_s and max_body_bytes must be positive, retry_after_s >= 0")
+
+
+# ---- request and response bodies
+
+
+def _feature_value(v: Any) -> int | float | list[int]:
+  """A feature value as the engine takes it: a finite number (dense) or integer id(s) (sparse)."""
+  if isinstance(v, list):
+    for i in v:
+      if isinstance(i, bool) or not isinstance(i, int):
+        raise ValueError(f"sparse ids must be integers, got {type(i).__name__}")
+      if abs(i) > MAX_ABS_INT:
+        raise ValueError(f"id {i} is out of range")
+    return v
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    raise ValueError(f"a feature value is a number or a list of integer ids, got {type(v).__name__}")
+  if isinstance(v, float) and not math.isfinite(v):
+    raise ValueError(f"must be finite, got {v}")
+  if isinstance(v, float) and abs(v) > MAX_ABS_FLOAT:
+    raise ValueError(f"{v} is out of float32 range")
+  if isinstance(v, int) and abs(v) > MAX_ABS_INT:
+    raise ValueError(f"integer {v} is out of range")
+  return v
+
+
+FeatureValue = Annotated[int | float | list[int], PlainValidator(_feature_value, json_schema_input_type=int | float | list[int])]
+Features = dict[str, FeatureValue]
+
+
+class _Strict(BaseModel):
+  model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class Candidate(_Strict):
+  item_id: int = Field(ge=-MAX_ABS_INT, le=MAX_ABS_INT, description="the client's id for this candidate, echoed back")
+  features: Features = Field(default_factory=dict, description="this candidate's features (e.g. ad_id); "
+                             "they override the request's features of the same name")
+
+
+class RankBody(_Strict):
+  model: str = Field(description="a served model's name (GET /v1/models)")
+  user_id: int | None = Field(default=None, ge=0, le=MAX_ABS_INT,
+                              description="the user, for models with a user tower (SUM); optional otherwise")
+  features: Features = Field(default_factory=dict, description="request-level features, shared by every candidate")
+  candidates: list[Candidate] = Field(description="the items to score, at most the model's max_candidates")
+
+
+class ScoredCandidate(BaseModel):
+  item_id: int
+  scores: dict[str, float] = Field(description="{objective: probability}")
+
+
+class RankReply(BaseModel):
+  model: str
+  model_version: int = Field(description="the checkpoint step that scored this request")
+  user_embedding_source: Literal["direct", "fresh", "failover", "fallback"] | None = Field(
+      description="where the user embedding came from (SUM models); null for plain rankers")
+  candidates: list[ScoredCandidate] = Field(description="in request order")
+
+
+class ErrorDetail(BaseModel):
+  status: int
+  type: str
+  message: str
+  field: str | None = None
+
+
+class ErrorReply(BaseModel):
+  error: ErrorDetail
+
+
+# ---- errors
+
+
+def _error(status: int, kind: str, message: str, field: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+  body = {"error": {"status": status, "type": kind, "message": message, "field": field}}
+  return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ApiError(Exception):
+  """An error answered as JSON {"error": {...}} (see the module docstring)."""
+
+  def __init__(self, status: int, kind: str, message: str, field: str | None = None,
+               headers: dict[str, str] | None = None):
+    super().__init__(message)
+    self.status, self.kind, self.message, self.field, self.headers = status, kind, message, field, headers
+
+  def response(self) -> JSONResponse:
+    return _error(self.status, self.kind, self.message, self.field, self.headers)
+
+
+def _loc_to_field(loc: tuple) -> str | None:
+  """("body", "candidates", 3, "features", "x") -> "candidates[3].features.x"."""
+  out = ""
+  for part in loc[1:] if loc and loc[0] == "body" else loc:
+    out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+  return out or None
+
+
+_ENGINE_FIELD = re.compile(r"^(candidates\[\d+\]|features|candidates|user_id)(\.[^:\s]+)?: ")
+
+
+def _engine_error(e: RequestError) -> JSONResponse:
+  """RequestError's "candidates[3].ad_id: ..." names the field in the engine's terms; the body's
+  field is candidates[3].features.ad_id."""
+  msg = str(e)
+  m = _ENGINE_FIELD.match(msg)
+  if not m:
+    return _error(422, "invalid_request", msg)
+  head, name = m.group(1), m.group(2) or ""
+  field = head + (".features" + name if name and head.startswith("candidates[") else name)
+  return _error(422, "invalid_request", f"{field}: {msg[m.end():]}", field)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+  errors = exc.errors()
+  first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+  if first["type"] == "json_invalid":
+    return _error(400, "malformed_json", f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])} "
+                  f"at character {first['loc'][-1]}")
+  if tuple(first["loc"]) == ("body",) and isinstance(first.get("input"), (bytes, bytearray)):
+    return _error(415, "unsupported_media_type", "the body must be JSON sent as Content-Type: application/json")
+  field = _loc_to_field(tuple(first["loc"]))
+  more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+  msg = first["msg"].removeprefix("Value error, ")
+  return _error(422, "invalid_request", f"{field or 'body'}: {msg}{more}", field)
+
+
+async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+  kinds = {400: "malformed_json", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+           405: "method_not_allowed", 413: "too_large"}
+  return _error(exc.status_code, kinds.get(exc.status_code, "error"), str(exc.detail),
+                headers=getattr(exc, "headers", None))
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+  return exc.response()
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+  return _error(500, "internal", f"internal error: {type(exc).__name__}")
+
+
+# ---- observation and body limit (pure ASGI, no per-request task)
+
+
+class _Observe:
+  """Counts and times every HTTP request into HttpMetrics by route template, model and status, and
+  answers 413 to a body whose Content-Length is over the limit (a chunked one fails to parse)."""
+
+  def __init__(self, app, metrics: HttpMetrics, max_body_bytes: int):
+    self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    t0 = time.perf_counter()
+    status = 500
+    seen = 0
+
+    async def send_observed(message):
+      nonlocal status
+      if message["type"] == "http.response.start":
+        status = message["status"]
+      await send(message)
+
+    async def receive_limited():
+      nonlocal seen
+      message = await receive()
+      seen += len(message.get("body", b""))
+      if seen > self.max_body_bytes:
+        raise HTTPException(413, f"request body over {self.max_body_bytes} bytes")
+      return message
+
+    try:
+      length = dict(scope["headers"]).get(b"content-length", b"0")
+      if not length.isdigit() or int(length) > self.max_body_bytes:
+        bad = "invalid Content-Length" if not length.isdigit() else f"request body over {self.max_body_bytes} bytes"
+        await _error(413 if length.isdigit() else 400, "too_large" if length.isdigit() else "malformed_json",
+                     bad)(scope, receive, send_observed)
+        return
+      await self.app(scope, receive_limited, send_observed)
+    finally:
+      route = scope.get("route")
+      self.metrics.observe(getattr(route, "path", "other"), scope.get("jaxrec.model", ""), status,
+                           time.perf_counter() - t0)
+
+
+# ---- the app
+
+
+def _reply(name: str, resp: RankResponse, item_ids: list[int]) -> bytes:
+  cols = {t: s.tolist() for t, s in resp.scores.items()}
+  objectives = list(cols)
+  rows = zip(*(cols[t] for t in objectives))
+  ue = resp.user_embedding
+  return json.dumps({
+      "model": name, "model_version": int(resp.model_version),
+      "user_embedding_source": None if ue is None else ue.source,
+      "candidates": [{"item_id": i, "scores": dict(zip(objectives, r))} for i, r in zip(item_ids, rows)],
+  }, allow_nan=False).encode()
+
+
+def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_token: str | None = None,
+               metrics: HttpMetrics | None = None) -> FastAPI:
+  """The FastAPI app over `registry`'s started engines. The caller owns their lifecycle (start before,
+  `registry.close(drain=True)` after the server stops). `admin_token` None disables /admin."""
+  metrics = metrics or HttpMetrics()
+  app = FastAPI(title="jaxrec serving", version="1", description=__doc__.split("\n\n")[0],
+                strict_content_type=False)
+  app.add_exception_handler(RequestValidationError, _on_validation_error)
+  app.add_exception_handler(HTTPException, _on_http_error)
+  app.add_exception_handler(ApiError, _on_api_error)
+  app.add_exception_handler(Exception, _on_unexpected)
+  app.add_middleware(_Observe, metrics=metrics, max_body_bytes=cfg.max_body_bytes)
+  app.state.registry, app.state.metrics = registry, metrics
+  errors = {c: {"model": ErrorReply} for c in (400, 404, 413, 422, 503)}
+
+  def engine_for(request: Request, name: str):
+    try:
+      eng = registry.get(name)
+    except UnknownModel as e:
+      raise ApiError(404, "unknown_model", str(e), "model") from None
+    request.scope["jaxrec.model"] = name  # a metrics label only once known: clients cannot grow it
+    return eng
+
+  @app.post("/v1/rank", response_model=RankReply, responses=errors, summary="Score candidates for one user")
+  async def rank(body: RankBody, request: Request) -> Response:
+    eng = engine_for(request, body.model)
+    req = RankRequest(features=body.features, candidates=[c.features for c in body.candidates],
+                      user_id=body.user_id)
+    retry = {"Retry-After": str(cfg.retry_after_s)}
+    try:
+      future = eng.submit(req)
+    except RequestError as e:
+      return _engine_error(e)
+    except (Overloaded, EngineClosed) as e:
+      return _error(503, "overloaded", str(e), headers=retry)
+    try:
+      resp = await asyncio.wait_for(asyncio.wrap_future(future), cfg.request_timeout_s)
+    except TimeoutError:
+      return _error(503, "overloaded", f"no answer within {cfg.request_timeout_s} s", headers=retry)
+    except EngineClosed as e:
+      return _error(503, "overloaded", str(e), headers=retry)
+    except RequestError as e:
+      return _engine_error(e)
+    return Response(_reply(body.model, resp, [c.item_id for c in body.candidates]), media_type="application/json")
+
+  @app.get("/v1/models", summary="Served models, versions and feature schemas")
+  async def models() -> dict:
+    return {"models": [{"name": n, **registry.engines[n].describe()} for n in registry.names]}
+
+  @app.get("/v1/models/{name}/example", responses={404: {"model": ErrorReply}},
+           summary="A valid /v1/rank body for this model")
+  async def example(name: str, request: Request) -> dict:
+    ex = engine_for(request, name).example_request()  # the engine's layout: candidates are feature dicts
+    body = {"model": name, **{k: v for k, v in ex.items() if k != "candidates"}}
+    body["candidates"] = [{"item_id": i, "features": c} for i, c in enumerate(ex["candidates"])]
+    return body
+
+  @app.get("/healthz", summary="Liveness")
+  async def healthz() -> dict:
+    return {"status": "ok", "models": registry.names}
+
+  @app.get("/metrics", summary="Prometheus text exposition", response_class=Response)
+  async def metrics_page() -> Response:
+    stats = {n: registry.engines[n].stats() for n in registry.names}
+    return Response(render(metrics, stats), media_type=CONTENT_TYPE)
+
+  @app.post("/admin/reload", responses={c: {"model": ErrorReply} for c in (401, 403, 404, 409)},
+            summary="Hot-swap to the newest checkpoint (all models, or ?model=)")
+  async def reload(request: Request, model: Annotated[str | None, Query()] = None) -> dict:
+    if admin_token is None:
+      raise ApiError(403, "admin_disabled", "admin disabled: start the server with --admin_token or JAXREC_ADMIN_TOKEN")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
+      raise ApiError(401, "unauthorized", "missing or wrong admin token (send Authorization: Bearer TOKEN)",
+                     headers={"WWW-Authenticate": "Bearer"})
+    if model is not None:
+      engine_for(request, model)
+    try:
+      return {"reloaded": await asyncio.to_thread(registry.reload, model)}
+    except SwapError as e:
+      raise ApiError(409, "swap_failed", f"kept the served checkpoint: {e}") from None
+
+  return app

@@ -1,0 +1,242 @@
+"""A bounded load generator for `python -m serve`, on loopback only.
+
+    python -m serve.loadgen --model demo --mode closed --concurrency 32 --duration 20 --candidates 200
+    python -m serve.loadgen --model demo --mode open --rate 500 --concurrency 64 --out /tmp/open.json
+
+Request bodies are built from the server's GET /v1/models/{model}/example: `bodies` distinct
+bodies of `candidates` candidates each, with the request's sparse ids (user_id, ...) and each
+candidate's (ad_id, ...) drawn uniformly from the model's vocabularies (GET /v1/models).
+
+closed: `concurrency` workers each send their next request as soon as the last one is answered.
+open: requests arrive as a Poisson process of `rate` per second whatever the answers; an arrival
+while `concurrency` requests are in flight is dropped (counted, never sent), so load stays bounded.
+
+The report (printed, and written as JSON to --out): requests/s answered and answered 200, latency
+percentiles (ms) of all answers and of 200s, counts by status code, transport errors, drops.
+Everything stops after `duration` s plus at most `timeout_s` for requests in flight.
+
+>>> check_loopback("http://127.0.0.1:8000"), check_loopback("http://localhost:8000")
+(None, None)
+>>> check_loopback("http://10.1.2.3:8000")
+Traceback (most recent call last):
+ValueError: --url host '10.1.2.3' is not a loopback address: this load generator only targets 127.0.0.0/8, ::1 or localhost
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+import sys
+import time
+import urllib.parse
+from typing import Literal
+
+import httpx2 as httpx
+import numpy as np
+
+from jaxrec.config import parse_config
+
+PROG = "python -m serve.loadgen"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadConfig:
+  url: str = "http://127.0.0.1:8000"
+  """the server (loopback addresses only)"""
+  model: str = "demo"
+  mode: Literal["closed", "open"] = "closed"
+  concurrency: int = 32
+  """closed: workers sending back to back; open: most requests in flight (further arrivals drop)"""
+  rate: float = 100.0
+  """open: mean arrivals per second (Poisson)"""
+  duration: float = 20.0
+  """seconds of sending"""
+  warmup: float = 1.0
+  """seconds of the same load before `duration`, not counted"""
+  candidates: int = 200
+  """candidates per request"""
+  bodies: int = 64
+  """distinct request bodies, cycled"""
+  timeout_s: float = 30.0
+  """per request"""
+  seed: int = 0
+  out: str | None = None
+  """write the report here as JSON"""
+
+  def __post_init__(self):
+    if self.concurrency < 1 or self.rate <= 0 or self.duration <= 0 or self.warmup < 0:
+      raise ValueError("concurrency >= 1, rate > 0, duration > 0 and warmup >= 0 are needed")
+    if self.candidates < 1 or self.bodies < 1 or self.timeout_s <= 0:
+      raise ValueError("candidates >= 1, bodies >= 1 and timeout_s > 0 are needed")
+
+
+def check_loopback(url: str) -> None:
+  """ValueError unless `url` is http(s) to localhost or a loopback address."""
+  parts = urllib.parse.urlsplit(url)
+  host = parts.hostname or ""
+  if parts.scheme not in ("http", "https"):
+    raise ValueError(f"--url must be http://HOST:PORT, got {url!r}")
+  try:
+    loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    loopback = False
+  if not loopback:
+    raise ValueError(f"--url host {host!r} is not a loopback address: this load generator only targets "
+                     "127.0.0.0/8, ::1 or localhost")
+
+
+def make_bodies(example: dict, model_info: dict, cfg: LoadConfig) -> list[bytes]:
+  """`cfg.bodies` JSON bodies like `example` with `cfg.candidates` candidates and random sparse ids."""
+  rng = np.random.default_rng(cfg.seed)
+  vocab = {f["name"]: (f["vocab_size"] or 2**31 - 1, f["max_len"]) for f in model_info["sparse"]}
+
+  def vary(features: dict) -> dict:
+    out = dict(features)
+    for name, value in features.items():
+      if name in vocab:
+        hi, _ = vocab[name]
+        n = len(value) if isinstance(value, list) else 1
+        ids = [int(i) for i in rng.integers(0, hi, size=n)]
+        out[name] = ids if isinstance(value, list) else ids[0]
+    return out
+
+  templates = example["candidates"]
+  bodies = []
+  for _ in range(cfg.bodies):
+    body = {k: v for k, v in example.items() if k != "candidates"}
+    body["features"] = vary(example.get("features", {}))
+    if "user_id" in body:
+      body["user_id"] = int(rng.integers(0, 2**31 - 1))
+    body["candidates"] = [{"item_id": i, "features": vary(templates[i % len(templates)]["features"])}
+                          for i in range(cfg.candidates)]
+    bodies.append(json.dumps(body).encode())
+  return bodies
+
+
+@dataclasses.dataclass
+class _Tally:
+  latencies_ms: list[float] = dataclasses.field(default_factory=list)
+  ok_latencies_ms: list[float] = dataclasses.field(default_factory=list)
+  status: dict[str, int] = dataclasses.field(default_factory=dict)
+  errors: dict[str, int] = dataclasses.field(default_factory=dict)
+  dropped: int = 0
+  sent: int = 0
+
+
+def _percentiles(xs: list[float]) -> dict[str, float | None]:
+  if not xs:
+    return {"p50": None, "p95": None, "p99": None, "max": None}
+  a = np.asarray(xs)
+  return {f"p{q}": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)} | {"max": round(float(a.max()), 3)}
+
+
+async def _send(client: httpx.AsyncClient, url: str, body: bytes, tally: _Tally | None) -> None:
+  t0 = time.perf_counter()
+  try:
+    r = await client.post(url, content=body, headers={"content-type": "application/json"})
+    await r.aread()
+  except httpx.HTTPError as e:
+    if tally is not None:
+      tally.errors[type(e).__name__] = tally.errors.get(type(e).__name__, 0) + 1
+    return
+  if tally is not None:
+    ms = (time.perf_counter() - t0) * 1e3
+    tally.latencies_ms.append(ms)
+    tally.status[str(r.status_code)] = tally.status.get(str(r.status_code), 0) + 1
+    if r.status_code == 200:
+      tally.ok_latencies_ms.append(ms)
+
+
+async def _closed(client, url, bodies, cfg: LoadConfig, t_count: float, t_end: float, tally: _Tally) -> None:
+  async def worker(w: int) -> None:
+    i = w
+    while (now := time.perf_counter()) < t_end:
+      counted = now >= t_count
+      tally.sent += counted
+      await _send(client, url, bodies[i % len(bodies)], tally if counted else None)
+      i += cfg.concurrency
+
+  await asyncio.gather(*(worker(w) for w in range(cfg.concurrency)))
+
+
+async def _open(client, url, bodies, cfg: LoadConfig, t_count: float, t_end: float, tally: _Tally) -> None:
+  rng = np.random.default_rng(cfg.seed + 1)
+  in_flight: set[asyncio.Task] = set()
+  nxt, i = time.perf_counter(), 0
+  while nxt < t_end:
+    await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+    counted = nxt >= t_count
+    if len(in_flight) >= cfg.concurrency:
+      tally.dropped += counted
+    else:
+      tally.sent += counted
+      task = asyncio.create_task(_send(client, url, bodies[i % len(bodies)], tally if counted else None))
+      in_flight.add(task)
+      task.add_done_callback(in_flight.discard)
+      i += 1
+    nxt += float(rng.exponential(1.0 / cfg.rate))
+  if in_flight:
+    await asyncio.wait(in_flight)
+
+
+async def run_load(cfg: LoadConfig) -> dict:
+  """Runs the load described by `cfg` and returns the report (see the module docstring)."""
+  check_loopback(cfg.url)
+  base = cfg.url.rstrip("/")
+  limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+  async with httpx.AsyncClient(base_url=base, timeout=cfg.timeout_s, limits=limits) as client:
+    models = (await client.get("/v1/models")).raise_for_status().json()["models"]
+    info = next((m for m in models if m["name"] == cfg.model), None)
+    if info is None:
+      raise ValueError(f"model {cfg.model!r} is not served at {base}; served: {[m['name'] for m in models]}")
+    if cfg.candidates > info["max_candidates"]:
+      raise ValueError(f"--candidates {cfg.candidates} is over the server's max_candidates {info['max_candidates']}")
+    example = (await client.get(f"/v1/models/{cfg.model}/example")).raise_for_status().json()
+    bodies = make_bodies(example, info, cfg)
+    tally = _Tally()
+    t0 = time.perf_counter()
+    t_count, t_end = t0 + cfg.warmup, t0 + cfg.warmup + cfg.duration
+    run = _closed if cfg.mode == "closed" else _open
+    await run(client, "/v1/rank", bodies, cfg, t_count, t_end, tally)
+    wall = time.perf_counter() - t_count
+  answered = len(tally.latencies_ms)
+  return {
+      "url": base, "model": cfg.model, "mode": cfg.mode, "concurrency": cfg.concurrency,
+      "rate": cfg.rate if cfg.mode == "open" else None, "duration_s": cfg.duration, "candidates": cfg.candidates,
+      "wall_s": round(wall, 3), "sent": tally.sent, "answered": answered, "dropped": tally.dropped,
+      "rps": round(answered / wall, 2), "ok_rps": round(len(tally.ok_latencies_ms) / wall, 2),
+      "candidates_per_s": round(len(tally.ok_latencies_ms) * cfg.candidates / wall, 1),
+      "latency_ms": _percentiles(tally.latencies_ms), "ok_latency_ms": _percentiles(tally.ok_latencies_ms),
+      "status": dict(sorted(tally.status.items())), "errors": tally.errors,
+      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
+
+
+def summary(report: dict) -> str:
+  """One line: rate, latency percentiles, status counts."""
+  lat = report["latency_ms"]
+  fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+  return (f"{report['mode']} c={report['concurrency']}" + (f" rate={report['rate']:g}/s" if report["rate"] else "")
+          + f" {report['candidates']} cands: {report['rps']:.1f} req/s ({report['ok_rps']:.1f} ok), "
+          f"p50 {fmt(lat['p50'])} ms p95 {fmt(lat['p95'])} p99 {fmt(lat['p99'])} max {fmt(lat['max'])}, "
+          f"status {report['status']}, errors {report['errors']}, dropped {report['dropped']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  cfg = parse_config(LoadConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+  try:
+    report = asyncio.run(run_load(cfg))
+  except (ValueError, httpx.HTTPError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  print(summary(report))
+  if cfg.out:
+    with open(cfg.out, "w") as f:
+      json.dump(report, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,114 @@
+"""Which rankers a server holds: training runs found under a folder, one started engine each.
+
+A ranker run is a directory with config.json, schema.json and a non-empty checkpoints/ (what
+`python -m train.ranker` leaves). `discover_runs(dir)` serves `dir` itself under its own name when
+it is a run, else every run found up to `max_depth` levels below it, named by its relative path
+with "/" replaced by "."; user-model workdirs (user_model.json) are not rankers and are skipped.
+
+>>> import tempfile
+>>> root = Path(tempfile.mkdtemp())
+>>> for run in ("demo", "study/base/seed0", "study/user_model"):
+...   (root / run / "checkpoints" / "4").mkdir(parents=True)
+...   for name in ("config.json", "schema.json"):
+...     _ = (root / run / name).write_text("{}")
+>>> _ = (root / "study/user_model/user_model.json").write_text("{}")
+>>> sorted(discover_runs(root))
+['demo', 'study.base.seed0']
+>>> list(discover_runs(root / "demo"))
+['demo']
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from serve.engine import Engine, EngineConfig, open_engine
+
+__all__ = ["NoRunsError", "Registry", "UnknownModel", "discover_runs", "is_ranker_run"]
+
+
+class NoRunsError(FileNotFoundError):
+  """The folder holds no ranker run (the message says where it looked)."""
+
+
+class UnknownModel(KeyError):
+  """No model of that name is served (HTTP 404)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0]) if self.args else "unknown model"
+
+
+def is_ranker_run(path: Path) -> bool:
+  """True for a ranker training run's workdir (see the module docstring)."""
+  ckpt = path / "checkpoints"
+  return ((path / "config.json").is_file() and (path / "schema.json").is_file() and ckpt.is_dir()
+          and not (path / "user_model.json").exists() and any(ckpt.iterdir()))
+
+
+def discover_runs(root: Path, max_depth: int = 3) -> dict[str, Path]:
+  """{model name: run directory} under `root`, sorted by name; raises NoRunsError when there is none."""
+  root = Path(root)
+  if not root.is_dir():
+    raise NoRunsError(f"{root} is not a directory")
+  if is_ranker_run(root):
+    return {root.resolve().name: root}
+  runs: dict[str, Path] = {}
+
+  def walk(d: Path, depth: int) -> None:
+    for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+      if is_ranker_run(child):
+        runs[child.relative_to(root).as_posix().replace("/", ".")] = child
+      elif depth < max_depth and not (child / "user_model.json").exists():
+        walk(child, depth + 1)
+
+  walk(root, 1)
+  if not runs:
+    raise NoRunsError(f"{root} holds no ranker run (a directory with config.json, schema.json and "
+                      f"checkpoints/, searched {max_depth} levels deep); train one with "
+                      f"`python -m train.ranker --workdir {root}`")
+  return dict(sorted(runs.items()))
+
+
+class Registry:
+  """Started engines by model name. `open` loads and starts them; `close` drains them."""
+
+  def __init__(self, engines: dict[str, Engine]):
+    self.engines = dict(engines)
+    self._reload_lock = threading.Lock()
+
+  @classmethod
+  def open(cls, runs: dict[str, Path], cfg: EngineConfig) -> "Registry":
+    """Loads every run with `serve.engine.open_engine` and starts it (compiling its buckets)."""
+    engines: dict[str, Engine] = {}
+    try:
+      for name, workdir in runs.items():
+        engines[name] = open_engine(workdir, cfg).start()
+    except BaseException:
+      for eng in engines.values():
+        eng.close(drain=False)
+      raise
+    return cls(engines)
+
+  @property
+  def names(self) -> list[str]:
+    return list(self.engines)
+
+  def get(self, name: str) -> Engine:
+    try:
+      return self.engines[name]
+    except KeyError:
+      raise UnknownModel(f"unknown model {name!r}; served: {self.names}") from None
+
+  def reload(self, name: str | None = None) -> dict[str, dict]:
+    """Hot-swaps `name` (default every model) to its newest checkpoint; {name: Engine.reload()}.
+    One reload at a time; requests keep being served meanwhile."""
+    if name is not None:
+      self.get(name)  # UnknownModel
+    names = self.names if name is None else [name]
+    with self._reload_lock:
+      return {n: self.engines[n].reload() for n in names}
+
+  def close(self, drain: bool = True, timeout: float | None = None) -> None:
+    for eng in self.engines.values():
+      eng.close(drain=drain, timeout=timeout)

@@ -1,0 +1,323 @@
+"""serve.app over a tiny trained ranker: every endpoint, validation, admin auth, overload, metrics,
+run discovery and the CLI's error on a folder without runs."""
+
+import asyncio
+import json
+import random
+import re
+import shutil
+import threading
+import time
+
+import httpx2 as httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serve import __main__ as serve_main
+from serve.app import HttpConfig, create_app
+from serve.engine import EngineConfig
+from serve.registry import NoRunsError, Registry, discover_runs
+from serve.request import RankRequest
+from train import ranker
+
+SMOKE = ["--data.batch_size", "64", "--data.eval_batch_size", "64", "--data.eval_examples", "128",
+         "--model.dcnv2.embed_dim", "8", "--model.dcnv2.top_mlp", "32,16", "--no-train.progress",
+         "--train.num_devices", "1", "--train.steps", "4", "--train.checkpoint_every", "4"]
+SMALL = EngineConfig(buckets=(8, 32, 64), max_rows=64, max_wait_ms=1.0, max_candidates=48)
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("http") / "run"
+  assert ranker.main(["--workdir", str(wd)] + SMOKE) == 0
+  return wd
+
+
+@pytest.fixture(scope="module")
+def registry(run_dir):
+  reg = Registry.open({"tiny": run_dir}, SMALL)
+  yield reg
+  reg.close()
+
+
+@pytest.fixture(scope="module")
+def client(registry):
+  with TestClient(create_app(registry, HttpConfig(max_body_bytes=64 << 10), admin_token=TOKEN)) as c:
+    yield c
+
+
+@pytest.fixture(scope="module")
+def example(client):
+  r = client.get("/v1/models/tiny/example")
+  assert r.status_code == 200
+  return r.json()
+
+
+def test_example_round_trip_scores_match_the_engine(client, registry, example):
+  assert example["model"] == "tiny" and all(set(c) == {"item_id", "features"} for c in example["candidates"])
+  body = {**example, "candidates": [{"item_id": 1000 + i, "features": c["features"]}
+                                    for i, c in enumerate(example["candidates"] * 5)]}
+  r = client.post("/v1/rank", json=body)
+  assert r.status_code == 200, r.text
+  out = r.json()
+  assert out["model"] == "tiny" and out["model_version"] == 4 and out["user_embedding_source"] is None
+  assert [c["item_id"] for c in out["candidates"]] == [1000 + i for i in range(len(body["candidates"]))]
+  direct = registry.get("tiny").rank(RankRequest(body["features"], [c["features"] for c in body["candidates"]]),
+                                     timeout=30)
+  for t in ("click", "conversion"):
+    got = np.array([c["scores"][t] for c in out["candidates"]])
+    np.testing.assert_allclose(got, direct.scores[t], rtol=0, atol=1e-6)
+  # request order is kept: reversed candidates give reversed scores
+  rev = client.post("/v1/rank", json={**body, "candidates": body["candidates"][::-1]}).json()
+  assert [c["scores"] for c in rev["candidates"]] == [c["scores"] for c in out["candidates"]][::-1]
+
+
+def test_models_healthz_openapi(client):
+  models = client.get("/v1/models").json()["models"]
+  assert [m["name"] for m in models] == ["tiny"]
+  m = models[0]
+  assert m["version"] == 4 and m["objectives"] == ["click", "conversion"] and m["max_candidates"] == 48
+  assert "ad_price" in m["dense"] and {"name": "ad_id", "vocab_size": 300, "max_len": 1} in m["sparse"]
+  assert client.get("/healthz").json() == {"status": "ok", "models": ["tiny"]}
+  spec = client.get("/openapi.json").json()
+  assert {"/v1/rank", "/v1/models", "/v1/models/{name}/example", "/healthz", "/metrics",
+          "/admin/reload"} <= set(spec["paths"])
+  schemas = spec["components"]["schemas"]
+  assert {"model", "user_id", "features", "candidates"} == set(schemas["RankBody"]["properties"])
+  assert set(schemas["RankReply"]["properties"]) == {"model", "model_version", "user_embedding_source", "candidates"}
+  assert client.get("/v1/models/nope/example").status_code == 404
+
+
+def _cand(**features):
+  return {"item_id": 1, "features": features}
+
+
+@pytest.mark.parametrize("body, status, field, match", [
+    ('{"model": "tiny", ', 400, None, "malformed JSON"),
+    ('{"model": "tiny", "features": {"user_activity": NaN}, "candidates": [{"item_id": 1}]}', 422,
+     "features.user_activity", "finite"),
+    ('{"model": "tiny", "candidates": [{"item_id": 1, "features": {"ad_price": -Infinity}}]}', 422,
+     "candidates[0].features.ad_price", "finite"),
+    ({"model": "tiny", "candidates": [{"item_id": "a"}]}, 422, "candidates[0].item_id", "integer"),
+    ({"model": "tiny", "candidates": [{"item_id": 1.5}]}, 422, "candidates[0].item_id", "integer"),
+    ({"model": "tiny", "candidates": [_cand(ad_price="1.0")]}, 422, "candidates[0].features.ad_price", "number"),
+    ({"model": "tiny", "candidates": [_cand(ad_price=True)]}, 422, "candidates[0].features.ad_price", "number"),
+    ({"model": "tiny", "candidates": [_cand(ad_price=10**40)]}, 422, "candidates[0].features.ad_price", "range"),
+    ({"model": "tiny", "candidates": [_cand(ad_id=[1.5])]}, 422, "candidates[0].features.ad_id", "integers"),
+    ({"model": "tiny", "candidates": [_cand(ad_id=300)]}, 422, "candidates[0].features.ad_id",
+     r"id 300 out of range \[0, 299\]"),
+    ({"model": "tiny", "candidates": [_cand(), _cand(ad_id=-1)]}, 422, "candidates[1].features.ad_id", "out of range"),
+    ({"model": "tiny", "features": {"user_id": 1000}, "candidates": [_cand()]}, 422, "features.user_id", "out of range"),
+    ({"model": "tiny", "features": {"nope": 1}, "candidates": [_cand()]}, 422, "features.nope", "unknown feature"),
+    ({"model": "tiny", "candidates": [_cand()] * 49}, 422, "candidates", "49 candidates, at most 48"),
+    ({"model": "tiny", "candidates": []}, 422, "candidates", "at least one"),
+    ({"model": "tiny", "user_id": -1, "candidates": [_cand()]}, 422, "user_id", "greater than or equal"),
+    ({"candidates": [_cand()]}, 422, "model", "required"),
+    ({"model": "tiny", "candidates": [_cand()], "extra": 1}, 422, "extra", "not permitted"),
+    ({"model": 7, "candidates": [_cand()]}, 422, "model", "string"),
+    ([1, 2], 422, None, "dictionary"),
+    ({"model": "nope", "candidates": [_cand()]}, 404, "model", "unknown model 'nope'"),
+])
+def test_validation_errors_name_the_field(client, body, status, field, match):
+  content = body if isinstance(body, str) else json.dumps(body)
+  r = client.post("/v1/rank", content=content, headers={"content-type": "application/json"})
+  assert r.status_code == status, r.text
+  err = r.json()["error"]
+  assert err["status"] == status and err["field"] == field and re.search(match, err["message"]), err
+
+
+def test_content_type_and_size_limits(client, example):
+  assert client.post("/v1/rank", content=json.dumps(example)).status_code == 200  # no Content-Type: JSON
+  r = client.post("/v1/rank", content=json.dumps(example), headers={"content-type": "text/plain"})
+  assert r.status_code == 415 and r.json()["error"]["type"] == "unsupported_media_type"
+  r = client.post("/v1/rank", content=b"x" * (65 << 10), headers={"content-type": "application/json"})
+  assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
+  assert client.get("/v1/rank").status_code == 405 and client.get("/nope").status_code == 404
+
+
+def _mutations(example, rng):
+  """Malformed bodies: random bytes, truncations, deep nesting, and the example with one value replaced."""
+  text = json.dumps(example)
+  junk = [None, True, -1, 2**70, 1e308, "x", "", [], {}, [[]], {"a": {}}, [1.5], [-1], ["1"], [None], float("nan")]
+  yield b"\xff\xfe\x00garbage"
+  yield b"[" * 50_000 + b"]" * 50_000
+  yield b'{"model": "tiny", "candidates": [' + b"[" * 5000
+  yield b"null"
+  for _ in range(60):
+    cut = rng.randrange(len(text))
+    yield text[:cut].encode()
+    body = json.loads(text)
+    where = rng.choice(["top", "features", "candidate", "cfeature"])
+    if where == "top":
+      body[rng.choice(["model", "user_id", "features", "candidates", "junk"])] = rng.choice(junk)
+    elif where == "features":
+      body["features"][rng.choice(list(body["features"]) + ["zzz"])] = rng.choice(junk)
+    elif where == "candidate":
+      body["candidates"][rng.randrange(len(body["candidates"]))] = rng.choice(junk)
+    else:
+      c = body["candidates"][rng.randrange(len(body["candidates"]))]
+      key = rng.choice(["item_id", "features"])
+      if key == "features" and isinstance(c["features"], dict):
+        c["features"][rng.choice(list(c["features"]) + ["zzz"])] = rng.choice(junk)
+      else:
+        c[key] = rng.choice(junk)
+    yield json.dumps(body).encode()  # NaN is written as the NaN literal Python's json accepts
+
+
+def test_fuzzed_bodies_get_4xx_and_the_server_keeps_serving(client, example):
+  codes = {}
+  for body in _mutations(example, random.Random(0)):
+    r = client.post("/v1/rank", content=body, headers={"content-type": "application/json"})
+    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+    assert r.status_code < 500, (body[:200], r.text)
+    if r.status_code != 200:
+      assert set(r.json()["error"]) == {"status", "type", "message", "field"}
+  assert codes.get(400, 0) > 0 and codes.get(422, 0) > 0, codes
+  assert client.post("/v1/rank", json=example).status_code == 200
+
+
+def test_admin_reload_needs_the_token(client, registry):
+  assert client.post("/admin/reload").status_code == 401
+  r = client.post("/admin/reload", headers={"authorization": "Bearer wrong"})
+  assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+  r = client.post("/admin/reload", params={"model": "nope"}, headers={"authorization": f"Bearer {TOKEN}"})
+  assert r.status_code == 404
+  r = client.post("/admin/reload", params={"model": "tiny"}, headers={"authorization": f"Bearer {TOKEN}"})
+  assert r.status_code == 200, r.text
+  assert r.json()["reloaded"]["tiny"]["version"] == 4
+  assert registry.get("tiny").stats()["swaps"] == 1
+  with TestClient(create_app(registry, HttpConfig())) as no_admin:  # no token configured
+    r = no_admin.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 403 and "admin disabled" in r.json()["error"]["message"]
+
+
+SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\["\\n])*",?)*\})? '
+                    r'(-?[0-9.]+(e[+-]?[0-9]+)?|NaN|[+-]Inf)$')
+COMMENT = re.compile(r"^# (HELP [a-zA-Z_:][a-zA-Z0-9_:]* .*|TYPE [a-zA-Z_:][a-zA-Z0-9_:]* "
+                     r"(counter|gauge|histogram|summary|untyped))$")
+
+
+def _scrape(client) -> dict[str, float]:
+  r = client.get("/metrics")
+  assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+  samples = {}
+  for line in r.text.rstrip("\n").split("\n"):
+    assert SAMPLE.match(line) or COMMENT.match(line), line
+    if not line.startswith("#"):
+      name, value = line.rsplit(" ", 1)
+      samples[name] = float(value)
+  return samples
+
+
+def test_metrics_exposition_counts_requests(client, example):
+  before = _scrape(client)
+  assert client.post("/v1/rank", json=example).status_code == 200
+  assert client.post("/v1/rank", json={**example, "model": "nope"}).status_code == 404
+  after = _scrape(client)
+  ok = 'jaxrec_http_requests_total{path="/v1/rank",model="tiny",code="200"}'
+  assert after[ok] == before.get(ok, 0) + 1
+  unknown = 'jaxrec_http_requests_total{path="/v1/rank",model="",code="404"}'  # client names never become labels
+  assert after[unknown] == before.get(unknown, 0) + 1
+  assert not any('model="nope"' in k for k in after)
+  count = 'jaxrec_http_request_duration_seconds_count{path="/v1/rank",model="tiny"}'
+  assert after[count] == before[count] + 1
+  assert after['jaxrec_http_request_duration_seconds_bucket{path="/v1/rank",model="tiny",le="+Inf"}'] == after[count]
+  assert after['jaxrec_engine_requests_total{model="tiny"}'] > before['jaxrec_engine_requests_total{model="tiny"}']
+  assert sum(v for k, v in after.items() if k.startswith("jaxrec_engine_batches_total{")) > 0
+  assert after['jaxrec_engine_queue_depth{model="tiny"}'] == 0
+  assert after['jaxrec_engine_model_version{model="tiny"}'] == 4
+  parser = pytest.importorskip("prometheus_client.parser")  # a second, independent parse
+  families = {f.name for f in parser.text_string_to_metric_families(client.get("/metrics").text)}
+  assert {"jaxrec_http_requests", "jaxrec_http_request_duration_seconds", "jaxrec_engine_batches"} <= families
+
+
+def _gate(engine):
+  """Holds the engine's worker before each batch until the returned event is set."""
+  gate, entered, run = threading.Event(), threading.Event(), engine._run
+
+  def held(batch):
+    entered.set()
+    gate.wait(30)
+    run(batch)
+
+  engine._run = held
+  return gate, entered
+
+
+def test_overload_sheds_503_with_retry_after(run_dir, example):
+  reg = Registry.open({"tiny": run_dir}, EngineConfig(buckets=(64,), max_rows=64, max_wait_ms=0, max_queue=2,
+                                                      max_candidates=48))
+  app = create_app(reg, HttpConfig(request_timeout_s=5, retry_after_s=2))
+  gate, entered = _gate(reg.get("tiny"))
+  body = {**example, "model": "tiny"}
+
+  async def flood():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+      first = asyncio.create_task(c.post("/v1/rank", json=body))
+      while not entered.is_set():  # the worker holds the first request
+        await asyncio.sleep(0.01)
+      rest = [asyncio.create_task(c.post("/v1/rank", json=body)) for _ in range(40)]
+      while sum(t.done() for t in rest) < 38:  # two fill the queue, the others are shed at once
+        await asyncio.sleep(0.01)
+      gate.set()
+      return await asyncio.gather(first, *rest), (await c.get("/metrics")).text
+
+  try:
+    t0 = time.monotonic()
+    answers, metrics = asyncio.run(flood())
+    assert time.monotonic() - t0 < 20
+  finally:
+    reg.close()
+  codes = [r.status_code for r in answers]
+  assert codes.count(200) == 3 and codes.count(503) == 38, codes
+  for r in answers:
+    if r.status_code == 503:
+      assert r.headers["retry-after"] == "2" and r.json()["error"]["type"] == "overloaded"
+  assert 'jaxrec_http_requests_total{path="/v1/rank",model="tiny",code="503"} 38' in metrics
+
+
+def test_a_request_outwaiting_its_deadline_is_answered_503(run_dir, example):
+  reg = Registry.open({"tiny": run_dir}, EngineConfig(buckets=(64,), max_rows=64, max_wait_ms=0, max_queue=4,
+                                                      max_candidates=48))
+  gate, entered = _gate(reg.get("tiny"))
+  try:
+    with TestClient(create_app(reg, HttpConfig(request_timeout_s=0.3))) as c:
+      t0 = time.monotonic()
+      r = c.post("/v1/rank", json=example)
+      assert r.status_code == 503 and "no answer within 0.3 s" in r.json()["error"]["message"]
+      assert time.monotonic() - t0 < 5
+      gate.set()
+      assert c.post("/v1/rank", json=example).status_code == 200
+  finally:
+    gate.set()
+    reg.close()
+
+
+def test_discover_runs_in_a_folder(run_dir, tmp_path):
+  for dest in ("demo", "study/base/seed0", "study/base/seed1"):
+    shutil.copytree(run_dir, tmp_path / dest)
+  user_model = tmp_path / "study" / "user_model"
+  shutil.copytree(run_dir, user_model)
+  (user_model / "user_model.json").write_text("{}")
+  (tmp_path / "study" / "notes").mkdir()
+  (tmp_path / "deep/a/b/c/run").mkdir(parents=True)  # too deep and not a run anyway
+  runs = discover_runs(tmp_path)
+  assert list(runs) == ["demo", "study.base.seed0", "study.base.seed1"]
+  assert runs["study.base.seed1"] == tmp_path / "study/base/seed1"
+  assert list(discover_runs(tmp_path / "study" / "base" / "seed0")) == ["seed0"]
+  with pytest.raises(NoRunsError, match="holds no ranker run"):
+    discover_runs(tmp_path / "deep")
+  with pytest.raises(NoRunsError):
+    discover_runs(user_model)
+
+
+def test_cli_clear_error_on_a_folder_without_runs(tmp_path, capsys):
+  assert serve_main.main(["--workdir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert err.startswith("python -m serve: error: ") and "holds no ranker run" in err
+  assert serve_main.main(["--workdir", str(tmp_path / "missing")]) == 2
+  assert "is not a directory" in capsys.readouterr().err

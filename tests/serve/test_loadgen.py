@@ -1,0 +1,93 @@
+"""serve.loadgen against `python -m serve` run as a subprocess on a free loopback port, which then
+stops gracefully on SIGTERM."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from serve import loadgen
+from train import ranker
+
+SMOKE = ["--data.batch_size", "64", "--data.eval_batch_size", "64", "--data.eval_examples", "128",
+         "--model.dcnv2.embed_dim", "8", "--model.dcnv2.top_mlp", "32,16", "--no-train.progress",
+         "--train.num_devices", "1", "--train.steps", "4", "--train.checkpoint_every", "4"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  root = tmp_path_factory.mktemp("loadgen")
+  assert ranker.main(["--workdir", str(root / "runs" / "tiny")] + SMOKE) == 0
+  port = free_port()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "serve", "--workdir", str(root / "runs"), "--port", str(port),
+       "--engine.buckets", "8,64,256", "--engine.max_rows", "256", "--engine.max_candidates", "64",
+       "--engine.max_queue", "8"], stderr=subprocess.PIPE, text=True)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + 120
+  while True:
+    try:
+      urllib.request.urlopen(url + "/healthz", timeout=1)
+      break
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.communicate()[1]}")
+      time.sleep(0.2)
+  yield proc, url
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
+
+
+def test_closed_loop_report_and_out_file(server, tmp_path, capsys):
+  _, url = server
+  out = tmp_path / "closed.json"
+  assert loadgen.main(["--url", url, "--model", "tiny", "--concurrency", "4", "--duration", "2", "--warmup", "0.3",
+                       "--candidates", "50", "--bodies", "8", "--out", str(out)]) == 0
+  assert capsys.readouterr().out.startswith("closed c=4 50 cands: ")
+  report = json.loads(out.read_text())
+  assert report["status"] == {"200": report["answered"]} and report["errors"] == {}
+  assert report["answered"] >= 10 and report["rps"] > 5 and report["dropped"] == 0
+  assert 1.9 < report["wall_s"] < 10
+  lat = report["latency_ms"]
+  assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+
+
+def test_open_loop_caps_in_flight_and_counts_drops(server):
+  _, url = server
+  cfg = loadgen.LoadConfig(url=url, model="tiny", mode="open", rate=2000, concurrency=2, duration=1.0, warmup=0,
+                           candidates=64, bodies=4)
+  report = asyncio.run(loadgen.run_load(cfg))
+  assert report["dropped"] > 0 and report["answered"] > 0  # 2 in flight cannot keep up with 2000/s
+  assert report["sent"] == report["answered"] and set(report["status"]) <= {"200", "503"}
+
+
+def test_refuses_bad_targets(server, capsys):
+  _, url = server
+  assert loadgen.main(["--url", "http://192.168.1.1:8000", "--duration", "1"]) == 2
+  assert "not a loopback address" in capsys.readouterr().err
+  assert loadgen.main(["--url", url, "--model", "nope", "--duration", "1"]) == 2
+  assert "'nope' is not served" in capsys.readouterr().err
+  assert loadgen.main(["--url", url, "--model", "tiny", "--candidates", "65", "--duration", "1"]) == 2
+  assert "over the server's max_candidates 64" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_server_gracefully(server):
+  proc, _ = server
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err
+  assert "serving ['tiny']" in err and "drained and stopped" in err and "Traceback" not in err
