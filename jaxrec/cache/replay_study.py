@@ -1,0 +1,288 @@
+"""The ERCache replay study: inferences saved, downstream NE and staleness vs TTL, and failover.
+
+`run_replay_study(cfg, workdir)` replays request streams through ERCache's device tiers
+(`jaxrec.cache.replay`) under a sweep of direct TTLs and injected failure rates, and writes
+WORKDIR/replay.json, replay.md and three PNGs (replay_ttl.png, replay_staleness.png,
+replay_failover.png). Streams (`ReplayConfig.sources`):
+
+- `adsworld`: the requests of the ads world's `stream` (default the eval split) over
+  `warmup_s + measure_s` seconds, served by a SUM downstream ranker (`ranker`: a workdir of
+  `python -m train.ranker --data.user_model DIR`, e.g. runs/sum_study/ranker_sum/seed0). The user
+  tower's embedding of request r at its own time is what inference returns (`fresh[r]`); each
+  policy's replay decides which embedding every request is served (a cached one computed at an
+  earlier request, the fresh one, a failover ring's, or the fallback: zeros, the embedding
+  mean), and the ranker scores every candidate of the measured requests with it. Downstream NE
+  is reported per objective and relative to TTL 0 (inference on every request);
+- `taobao` / `movielens`: the access pattern of a real log (Taobao UserBehavior events, MovieLens
+  ratings; `../shared/data`): one request per event at its timestamp. No user model exists for
+  them, so only inferences saved, staleness and fallbacks are reported.
+
+Only requests at or after `warmup_s` (from the stream's first request) count; the warm-up fills
+the cache as a long-running server's would be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxrec.cache.ercache import Source
+from jaxrec.cache.replay import AccessStream, ReplayPolicy, Trace, replay, summarize
+from jaxrec.config import config_from_dict, config_to_dict
+from jaxrec.data.adsworld import AdsWorld
+from jaxrec.data.batch import Batch, Schema
+from jaxrec.data.errors import DataFormatError, DataSpecError
+from jaxrec.data.paths import require_data
+from jaxrec.data.pipeline import pad_batch
+from jaxrec.metrics import MetricAccumulator
+from jaxrec.models import build_model
+from jaxrec.progress import progress
+from jaxrec.training import sharding
+from jaxrec.training.checkpoint import Checkpointer
+from jaxrec.training.loop import RankerConfig
+from jaxrec.training.state import plan_train_state
+from jaxrec.training.step import batch_shardings, dense_optimizer, make_eval_step
+from jaxrec.training.user_model import load_user_model
+
+SOURCES = ("adsworld", "taobao", "movielens")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+  ranker: str = "runs/sum_study/ranker_sum/seed0"
+  """workdir of a SUM downstream ranker (trained with --data.user_model); its user model is the one
+  its config names (python -m train.sum_study --workdir runs/sum_study makes both)"""
+  sources: tuple[str, ...] = SOURCES
+  """streams to replay: adsworld (with downstream NE), taobao, movielens (access pattern only; skipped
+  with a note when ../shared/data is absent)"""
+  stream: str = "eval"
+  """the ads world's request stream (split) to replay"""
+  warmup_s: int = 86_400
+  """seconds of traffic that fill the cache before counting starts"""
+  measure_s: int = 86_400
+  """seconds of ads-world traffic counted after the warm-up (the real logs are replayed to their end)"""
+  ttls_s: tuple[int, ...] = (0, 10, 30, 60, 120, 300, 600, 1800, 3600)
+  """direct-tier TTLs swept (0: inference on every request, the NE reference)"""
+  headline_ttl_s: int = 60
+  """the direct TTL of the failure runs"""
+  failure_rates: tuple[float, ...] = (0.01, 0.05)
+  """injected user-model failure rates, each replayed with and without the failover tier"""
+  failover_ttl_s: int = 86_400
+  max_requests: int = 0
+  """replay only the first this many requests of each real log (0: all)"""
+  stabilize_m: int = 1
+  seed: int = 0
+  eval_batch_size: int = 8192
+  progress: bool = True
+
+  def __post_init__(self):
+    bad = [s for s in self.sources if s not in SOURCES]
+    if bad or not self.sources:
+      raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {self.sources}")
+    if self.warmup_s < 0 or self.measure_s <= 0 or not self.ttls_s or min(self.ttls_s) < 0:
+      raise ValueError("need warmup_s >= 0, measure_s > 0 and TTLs >= 0")
+    if self.max_requests < 0:
+      raise ValueError(f"max_requests must be >= 0, got {self.max_requests}")
+    if 0 not in self.ttls_s:
+      raise ValueError("ttls_s must include 0 (the no-cache reference the NE change is measured against)")
+
+  def policies(self) -> list[tuple[str, ReplayPolicy]]:
+    """(name, policy) of every replay: the TTL sweep, then each failure rate without and with failover."""
+    base = ReplayPolicy(failover_ttl_s=self.failover_ttl_s, stabilize_m=self.stabilize_m, seed=self.seed)
+    out = [(f"ttl={t}", dataclasses.replace(base, direct_ttl_s=t)) for t in sorted(set(self.ttls_s))]
+    for rate in self.failure_rates:
+      for fo in (False, True):
+        out.append((f"ttl={self.headline_ttl_s} fail={rate:g} failover={'on' if fo else 'off'}",
+                    dataclasses.replace(base, direct_ttl_s=self.headline_ttl_s, failure_rate=rate, failover=fo)))
+    return out
+
+
+# ----- streams ------------------------------------------------------------------------------------
+
+
+def taobao_stream() -> AccessStream:
+  """One request per Taobao UserBehavior event (the head copy in ../shared/data), in time order."""
+  from jaxrec.data.readers.taobao import read_taobao_events
+  ev = read_taobao_events(require_data("taobao_userbehavior_head/UserBehavior.csv"))
+  order = np.argsort(ev.timestamp, kind="stable")
+  return AccessStream(ev.user_id[order].astype(np.int64), ev.timestamp[order].astype(np.int64), "taobao")
+
+
+def movielens_stream() -> AccessStream:
+  """One request per MovieLens-100k rating (u.data), in time order."""
+  from jaxrec.data.readers.movielens import _read_ratings
+  r = _read_ratings(require_data("ml-100k/u.data"))
+  order = np.argsort(r[:, 3], kind="stable")
+  return AccessStream(r[order, 0].astype(np.int64), r[order, 3].astype(np.int64), "movielens")
+
+
+# ----- the ads world with a SUM ranker ----------------------------------------------------------
+
+
+class SumRanker:
+  """A SUM downstream ranker restored from its workdir, and the user tower its config names."""
+
+  def __init__(self, workdir: str | Path):
+    wd = Path(workdir)
+    hint = "train one with: python -m train.sum_study --workdir runs/sum_study"
+    if not (wd / "config.json").exists() or not (wd / "schema.json").exists():
+      raise DataSpecError(f"ranker {str(workdir)!r}: not a training run's workdir (no config.json/schema.json); {hint}")
+    self.cfg = config_from_dict(RankerConfig, json.loads((wd / "config.json").read_text()))
+    if not self.cfg.data.user_model:
+      raise DataSpecError(f"ranker {str(workdir)!r} was trained without --data.user_model: it reads no user "
+                          f"embedding, so there is nothing to cache; {hint}")
+    self.tower = load_user_model(self.cfg.data.user_model)
+    self.schema = Schema.from_json(json.loads((wd / "schema.json").read_text()))
+    self.world = AdsWorld(self.tower.world_config)
+    mesh = sharding.make_mesh(self.cfg.train.num_devices)
+    graphdef, _, abstract, state_sh = plan_train_state(
+        lambda: build_model(self.schema, self.cfg.model, row_multiple=mesh.devices.size),
+        dense_optimizer(self.cfg.optim), mesh)
+    ckpt = Checkpointer(wd)
+    try:
+      self.state = ckpt.restore(abstract, state_sh)
+    finally:
+      ckpt.close()
+    self._bsh = batch_shardings(mesh, True)
+    self._step = make_eval_step(graphdef, state_sh, self._bsh)
+    self.devices = mesh.devices.size
+
+  def predict(self, batch: Batch) -> np.ndarray:
+    """f32 [B, T] probabilities (batch rows a multiple of the mesh's devices)."""
+    return np.asarray(self._step(self.state, jax.device_put(batch, self._bsh)))
+
+
+def _adsworld_stream(ranker: SumRanker, cfg: ReplayConfig) -> tuple[AccessStream, np.ndarray, object]:
+  req = ranker.world.requests(cfg.stream, 0.0, float(cfg.warmup_s + cfg.measure_s))
+  if len(req) == 0:
+    raise DataSpecError(f"the ads world's {cfg.stream!r} stream has no requests in the window")
+  stream = AccessStream(req.user_id.astype(np.int64), np.floor(req.timestamp_s).astype(np.int64), "adsworld")
+  fresh = []
+  chunk = 4096
+  with progress(len(req), "user-model inference (fresh embeddings)", enabled=cfg.progress) as bar:
+    for s in range(0, len(req), chunk):
+      sl = slice(s, s + chunk)
+      fresh.append(ranker.tower.embed_users(req.user_id[sl], req.timestamp_s[sl], ranker.world, cfg.stream))
+      bar.update(min(chunk, len(req) - s))
+  return stream, np.concatenate(fresh).astype(np.float32), req
+
+
+def _measured_examples(ranker: SumRanker, cfg: ReplayConfig, req, measured: np.ndarray):
+  """(base batch of the measured requests' candidates, the request index [N] of each row)."""
+  ids = req.request_id[measured]
+  k = ranker.world.cfg.candidates_per_request
+  batch, extras = ranker.world.examples(cfg.stream, int(ids[0]) * k, (int(ids[-1]) + 1) * k)
+  if not np.array_equal(np.unique(extras["request_id"]), ids):
+    raise AssertionError("measured requests are not contiguous in the stream")  # time order = id order
+  return batch, (extras["request_id"] - int(req.request_id[0])).astype(np.int64)
+
+
+def _downstream_metrics(ranker: SumRanker, base: Batch, row_req: np.ndarray, served: np.ndarray,
+                        cfg: ReplayConfig) -> dict:
+  """Eval metrics of the ranker on the measured rows, each row given its request's served embedding."""
+  acc = MetricAccumulator(ranker.schema.labels)
+  n, bs = base.dense.shape[0], cfg.eval_batch_size
+  bs += -bs % ranker.devices
+  for s in range(0, n, bs):
+    sl = slice(s, min(s + bs, n))
+    part = dataclasses.replace(
+        jax.tree.map(lambda a: a[sl], base),
+        dense=np.concatenate([base.dense[sl], served[row_req[sl]]], axis=1).astype(np.float32))
+    padded = pad_batch(part, bs)
+    probs = ranker.predict(padded)[: sl.stop - sl.start]
+    acc.add(part.labels, probs, part.weights, part.true_prob)
+  return acc.result()
+
+
+# ----- the study --------------------------------------------------------------------------------
+
+
+def _replay_all(stream: AccessStream, fresh: np.ndarray, cfg: ReplayConfig, measured: np.ndarray,
+                on_trace=None) -> dict:
+  out = {}
+  pols = cfg.policies()
+  with progress(len(pols), f"replaying {stream.name} ({len(stream)} requests)", enabled=cfg.progress) as bar:
+    for name, pol in pols:
+      trace = replay(stream, fresh, pol)
+      out[name] = {"policy": dataclasses.asdict(pol), **summarize(trace, measured)}
+      out[name]["ages"] = _age_histogram(trace, measured)
+      if on_trace is not None:
+        out[name].update(on_trace(trace))
+      bar.update(1)
+  return out
+
+
+AGE_EDGES_S = (0, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400)
+
+
+def _age_histogram(trace: Trace, measured: np.ndarray) -> dict:
+  """Counts of served ages (s) of the measured requests served any embedding but the fallback, in
+  bins [AGE_EDGES_S[i], AGE_EDGES_S[i+1]) (the last bin open-ended)."""
+  src = trace.source[measured]
+  age = trace.age[measured][src != Source.FALLBACK]
+  edges = np.asarray(AGE_EDGES_S + (np.iinfo(np.int32).max,))
+  return {"edges_s": list(AGE_EDGES_S), "counts": np.histogram(age, edges)[0].tolist()}
+
+
+def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
+  """Runs every source's replays; writes replay.json, replay.md and the PNGs into `workdir`."""
+  from jaxrec.cache import replay_report
+  wd = Path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  results: dict = {"config": config_to_dict(cfg), "date": datetime.date.today().isoformat(), "sources": {},
+                   "skipped": {}}
+  for source in cfg.sources:
+    if source == "adsworld":
+      ranker = SumRanker(cfg.ranker)
+      stream, fresh, req = _adsworld_stream(ranker, cfg)
+      measured = req.timestamp_s >= cfg.warmup_s
+      base, row_req = _measured_examples(ranker, cfg, req, measured)
+
+      def downstream(trace: Trace, ranker=ranker, base=base, row_req=row_req):
+        return {"metrics": _downstream_metrics(ranker, base, row_req, trace.embedding, cfg)}
+
+      runs = _replay_all(stream, fresh, cfg, measured, downstream)
+      zeros = _downstream_metrics(ranker, base, row_req, np.zeros_like(fresh), cfg)
+      results["sources"]["adsworld"] = {"requests": len(stream), "measured_requests": int(measured.sum()),
+                                        "measured_rows": int(base.dense.shape[0]), "runs": runs,
+                                        "no_user_model_metrics": zeros, "ranker": str(cfg.ranker),
+                                        "user_model": str(ranker.cfg.data.user_model),
+                                        "consecutive_within": _gap_shares(stream)}
+    else:
+      try:
+        stream = taobao_stream() if source == "taobao" else movielens_stream()
+        if cfg.max_requests:
+          stream = AccessStream(stream.user_id[:cfg.max_requests], stream.time_s[:cfg.max_requests], stream.name)
+      except DataFormatError as e:  # the real data folder is absent (or a file is malformed)
+        results["skipped"][source] = str(e)
+        continue
+      measured = stream.time_s >= stream.time_s[0] + cfg.warmup_s
+      fresh = np.zeros((len(stream), 1), np.float32)
+      results["sources"][source] = {"requests": len(stream), "measured_requests": int(measured.sum()),
+                                    "runs": _replay_all(stream, fresh, cfg, measured),
+                                    "consecutive_within": _gap_shares(stream)}
+  results["seconds"] = time.time() - t0
+  (wd / "replay.json").write_text(json.dumps(results, indent=2, allow_nan=True))
+  (wd / "replay.md").write_text(replay_report.markdown(results, cfg))
+  replay_report.plots(results, cfg, wd)
+  return results
+
+
+def _gap_shares(stream: AccessStream) -> dict:
+  """Shares of a user's consecutive requests within 60 s and 600 s (ERCache's access statistic)."""
+  u, t = np.asarray(stream.user_id), np.asarray(stream.time_s)
+  o = np.lexsort((t, u))
+  same = u[o][1:] == u[o][:-1]
+  gaps = np.diff(t[o])[same]
+  return {"60": float(np.mean(gaps < 60)) if gaps.size else float("nan"),
+          "600": float(np.mean(gaps < 600)) if gaps.size else float("nan")}
+
+
+__all__ = ["ReplayConfig", "SOURCES", "SumRanker", "movielens_stream", "run_replay_study", "taobao_stream"]

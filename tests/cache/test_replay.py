@@ -1,0 +1,137 @@
+"""ERCache replay: the scan against a Python model of the tiers, and the study end to end."""
+
+import doctest
+import json
+
+import numpy as np
+import pytest
+
+from jaxrec.cache import replay as replay_mod
+from jaxrec.cache.ercache import Source
+from jaxrec.cache.replay import AccessStream, ReplayPolicy, failures, replay, summarize
+from jaxrec.cache.replay_study import ReplayConfig, run_replay_study
+from jaxrec.data.adsworld import AdsWorldConfig
+from jaxrec.training.sum_study import run_sum_study
+from serve import replay as replay_cli
+from train import sum_study
+
+
+def reference(stream: AccessStream, fresh: np.ndarray, pol: ReplayPolicy):
+  """ERCache's semantics (m = 1, no capacity limit) with a dict: user -> (embedding, write time)."""
+  cache: dict[int, tuple[np.ndarray, int]] = {}
+  failed = failures(len(stream), pol.failure_rate, pol.seed)
+  t0 = int(stream.time_s[0])
+  out = []
+  for r, (u, t) in enumerate(zip(stream.user_id.tolist(), stream.time_s.tolist())):
+    now = t - t0
+    hit = cache.get(u)
+    if hit is not None and now - hit[1] < pol.direct_ttl_s:
+      out.append((Source.DIRECT, now - hit[1], hit[0]))
+    elif not failed[r]:
+      cache[u] = (fresh[r], now)
+      out.append((Source.FRESH, 0, fresh[r]))
+    elif pol.failover and hit is not None and now - hit[1] < max(pol.failover_ttl_s, pol.direct_ttl_s):
+      out.append((Source.FAILOVER, now - hit[1], hit[0]))
+    else:
+      out.append((Source.FALLBACK, -1, np.zeros_like(fresh[r])))
+  return out
+
+
+def random_stream(rng, n, users, max_gap):
+  t = np.cumsum(rng.integers(0, max_gap, n))
+  return AccessStream(rng.integers(0, users, n).astype(np.int64), t.astype(np.int64))
+
+
+@pytest.mark.parametrize("ttl,fail,failover", [(0, 0.0, True), (20, 0.0, True), (20, 0.3, True),
+                                                (20, 0.3, False), (5, 0.5, True)])
+def test_replay_matches_dict_model(ttl, fail, failover):
+  rng = np.random.default_rng(ttl * 7 + int(fail * 10))
+  stream = random_stream(rng, 400, users=13, max_gap=9)
+  fresh = rng.normal(size=(400, 3)).astype(np.float32)
+  pol = ReplayPolicy(direct_ttl_s=ttl, failure_rate=fail, failover=failover, failover_ttl_s=60, capacity=64,
+                     seed=3)
+  trace = replay(stream, fresh, pol)
+  want = reference(stream, fresh, pol)
+  assert [Source(s) for s in trace.source] == [w[0] for w in want]
+  np.testing.assert_array_equal(trace.age, [w[1] for w in want])
+  np.testing.assert_array_equal(trace.embedding, np.stack([w[2] for w in want]))
+  s = summarize(trace)
+  assert s["direct"] + s["fresh"] + s["failover"] + s["fallback"] == 400
+  assert s["inferences"] == 400 - s["direct"] and s["failed_inferences"] == int(trace.failed.sum())
+  if ttl == 0:
+    assert s["direct"] == 0
+  if fail and not failover:
+    assert s["failover"] == 0 and s["fallback"] == s["failed_inferences"]
+
+
+def test_replay_negative_control():
+  """A reference with the TTL off by one second disagrees: the comparison above can fail."""
+  rng = np.random.default_rng(0)
+  stream = random_stream(rng, 300, users=5, max_gap=6)
+  fresh = rng.normal(size=(300, 2)).astype(np.float32)
+  trace = replay(stream, fresh, ReplayPolicy(direct_ttl_s=10))
+  want = reference(stream, fresh, ReplayPolicy(direct_ttl_s=11))
+  assert [Source(s) for s in trace.source] != [w[0] for w in want]
+
+
+def test_bad_streams_raise():
+  with pytest.raises(ValueError, match="non-decreasing"):
+    AccessStream(np.array([1, 2]), np.array([5, 3]))
+  with pytest.raises(ValueError, match="fresh must be"):
+    replay(AccessStream(np.array([1]), np.array([0])), np.zeros((2, 1)), ReplayPolicy())
+  with pytest.raises(ValueError, match="failure_rate"):
+    ReplayPolicy(failure_rate=1.5)
+  with pytest.raises(ValueError, match="must include 0"):
+    ReplayConfig(ttls_s=(60,))
+
+
+def test_doctest():
+  assert doctest.testmod(replay_mod).failed == 0
+
+
+@pytest.fixture(scope="module")
+def sum_runs(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("sum")
+  run_sum_study(sum_study.smoke(), wd)
+  return wd
+
+
+def small_config(sum_runs, sources=("adsworld",)):
+  return ReplayConfig(ranker=str(sum_runs / "ranker_sum" / "seed0"), sources=sources, warmup_s=7200,
+                      measure_s=7200, ttls_s=(0, 60, 600), failure_rates=(0.2,), max_requests=12_000,
+                      progress=False)
+
+
+def test_study_on_the_ads_world(sum_runs, tmp_path):
+  assert AdsWorldConfig.small() == sum_study.smoke().world
+  out = run_replay_study(small_config(sum_runs), tmp_path)
+  res = out["sources"]["adsworld"]
+  runs = res["runs"]
+  assert res["measured_requests"] > 50 and res["measured_rows"] == res["measured_requests"] * 32
+  assert runs["ttl=0"]["inferences_saved"] == 0 and runs["ttl=600"]["inferences_saved"] > 0
+  ne0 = runs["ttl=0"]["metrics"]["click/ne"]
+  assert np.isfinite(ne0) and runs["ttl=0"]["metrics"]["click/count"] == res["measured_rows"]
+  off, on = runs["ttl=60 fail=0.2 failover=off"], runs["ttl=60 fail=0.2 failover=on"]
+  assert off["failed_inferences"] == on["failed_inferences"] > 0  # same seeded failures
+  assert off["fallback"] == off["failed_inferences"] and on["fallback"] < off["fallback"]
+  assert res["no_user_model_metrics"]["click/ne"] != ne0
+  saved = json.loads((tmp_path / "replay.json").read_text())
+  assert saved["sources"]["adsworld"]["runs"]["ttl=60"]["inferences_saved"] == runs["ttl=60"]["inferences_saved"]
+  md = (tmp_path / "replay.md").read_text()
+  assert "| 60 |" in md and "failover tier cuts fallbacks" in md
+  for png in ("replay_ttl.png", "replay_staleness.png", "replay_failover.png"):
+    assert (tmp_path / png).stat().st_size > 10_000, png
+
+
+@pytest.mark.realdata
+def test_study_on_real_access_logs(data_dir, sum_runs, tmp_path):
+  out = run_replay_study(small_config(sum_runs, ("movielens", "taobao")), tmp_path)
+  for source in ("movielens", "taobao"):
+    res = out["sources"][source]
+    assert res["requests"] == 12_000 and 0 < res["runs"]["ttl=60"]["inferences_saved"] < 1
+    assert "metrics" not in res["runs"]["ttl=60"]
+
+
+def test_cli_errors_clearly(tmp_path, capsys):
+  assert replay_cli.main(["--workdir", str(tmp_path / "out"), "--ranker", str(tmp_path / "nope")]) == 2
+  assert "not a training run's workdir" in capsys.readouterr().err
