@@ -315,6 +315,8 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
       return _error(503, "overloaded", str(e), headers=retry)
     except RequestError as e:
       return _engine_error(e)
+    if resp.user_embedding is not None and resp.user_embedding.age_s >= 0:
+      metrics.observe_user_embedding(body.model, resp.user_embedding.age_s)
     return Response(_reply(body.model, resp, [c.item_id for c in body.candidates]), media_type="application/json")
 
   @app.get("/v1/models", summary="Served models, versions and feature schemas")

@@ -34,6 +34,7 @@ __all__ = ["CONTENT_TYPE", "Exposition", "Histogram", "HttpMetrics", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+AGE_BUCKETS_S = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -119,6 +120,7 @@ class HttpMetrics:
     self._lock = threading.Lock()
     self._counts: dict[tuple[str, str, int], int] = {}
     self._latency: dict[tuple[str, str], Histogram] = {}
+    self._age: dict[str, Histogram] = {}
 
   def observe(self, path: str, model: str, code: int, seconds: float) -> None:
     with self._lock:
@@ -128,10 +130,19 @@ class HttpMetrics:
         hist = self._latency[path, model] = Histogram(self.latency_buckets_s)
       hist.observe(seconds)
 
+  def observe_user_embedding(self, model: str, age_s: float) -> None:
+    """The age of the user embedding a request was served (staleness; fallbacks have none)."""
+    with self._lock:
+      hist = self._age.get(model)
+      if hist is None:
+        hist = self._age[model] = Histogram(AGE_BUCKETS_S)
+      hist.observe(age_s)
+
   def write(self, out: Exposition) -> None:
     with self._lock:
       counts = sorted(self._counts.items())
       hists = sorted((k, list(h.counts), h.total) for k, h in self._latency.items())
+      ages = sorted((k, list(h.counts), h.total) for k, h in self._age.items())
     for (path, model, code), n in counts:
       out.add("jaxrec_http_requests_total", "counter",
               "HTTP requests answered, by path template, model and status code.", n,
@@ -140,6 +151,10 @@ class HttpMetrics:
       out.add_histogram("jaxrec_http_request_duration_seconds",
                         "Time from the request's first byte to its response's, seconds.",
                         self.latency_buckets_s, bucket_counts, total, (("path", path), ("model", model)))
+    for model, bucket_counts, total in ages:
+      out.add_histogram("jaxrec_user_embedding_age_seconds", "Age of the user embedding served with a request "
+                        "(staleness; SUM rankers, fallbacks excluded), seconds.", AGE_BUCKETS_S, bucket_counts,
+                        total, (("model", model),))
 
 
 _ENGINE_COUNTERS = {
@@ -157,10 +172,10 @@ _CACHE_TIERS = {  # ERCache counter (jaxrec.cache.ercache.COUNTERS) -> (family, 
 _CACHE_OTHER = {
     "fresh": "User rows served a fresh user-model inference.",
     "inference_failures": "User rows whose user-model inference failed or missed its deadline.",
-    "fallbacks": "User rows served the default user embedding (nothing cached).",
+    "fallbacks": "User rows served the default user embedding (nothing cached young enough).",
     "writes": "User embeddings written to the cache.",
-    "inferences_saved": "User-model inferences saved by direct-tier hits.",
 }
+_CACHE_GAUGES = {"refresh_queued": "Users waiting for a background (SOAP) refresh of their embedding."}
 
 
 def _metric_name(key: str) -> str:
@@ -176,7 +191,8 @@ def write_engine_stats(out: Exposition, model: str, stats: Mapping) -> None:
 
   Known keys get typed families (counters end in _total); the cache counters of a model with a
   user tower (stats["cache"], ERCache's COUNTERS) become jaxrec_cache_{hits,misses,evictions}_total
-  by tier; any other numeric key is exported as the gauge jaxrec_engine_<key>.
+  by tier, next to served sources and SOAP refresh counters; any other numeric key is exported as
+  the gauge jaxrec_engine_<key>.
   """
   m = (("model", model),)
   for key, value in stats.items():
@@ -196,8 +212,10 @@ def write_engine_stats(out: Exposition, model: str, stats: Mapping) -> None:
       out.add("jaxrec_engine_queue_depth", "gauge", "Requests waiting in the engine's queue.", value, m)
     elif key == "version" and _is_number(value):
       out.add("jaxrec_engine_model_version", "gauge", "Checkpoint step of the served ranker.", value, m)
-    elif key == "cache" and isinstance(value, Mapping):
-      _write_cache(out, m, value)
+    elif key == "user_model_version" and _is_number(value):
+      out.add("jaxrec_user_model_version", "gauge", "Checkpoint step of the user model (SUM rankers).", value, m)
+    elif key == "user_embedding" and isinstance(value, Mapping):
+      _write_user_embedding(out, m, value)
     elif _is_number(value):
       name = _metric_name(key)
       out.add(f"jaxrec_engine_{name}", "gauge", f"Engine.stats()[{key!r}].", value, m)
@@ -208,7 +226,16 @@ def write_engine_stats(out: Exposition, model: str, stats: Mapping) -> None:
                   f"Engine.stats()[{key!r}][{k!r}].", v, m)
 
 
-def _write_cache(out: Exposition, m: Labels, cache: Mapping) -> None:
+def _write_user_embedding(out: Exposition, m: Labels, stats: Mapping) -> None:
+  """serve.user_embedding.UserEmbeddings.stats(): served sources, cache and refresh counters."""
+  for source, n in stats.get("sources", {}).items():
+    out.add("jaxrec_user_embedding_served_total", "counter",
+            "Requests by the source of their user embedding (direct, fresh, failover, fallback).", n,
+            m + (("source", source),))
+  cache = stats.get("cache", {})
+  if "direct_hits" in cache:
+    out.add("jaxrec_cache_inferences_saved_total", "counter",
+            "User-model inferences saved: rows served from the direct tier.", cache["direct_hits"], m)
   for key, value in cache.items():
     if not _is_number(value):
       continue
@@ -218,8 +245,15 @@ def _write_cache(out: Exposition, m: Labels, cache: Mapping) -> None:
               m + (("tier", tier),))
     elif key in _CACHE_OTHER:
       out.add(f"jaxrec_cache_{key}_total", "counter", _CACHE_OTHER[key], value, m)
-    else:
-      out.add(f"jaxrec_cache_{_metric_name(key)}", "gauge", f"Engine.stats()['cache'][{key!r}].", value, m)
+    elif key in _CACHE_GAUGES:
+      out.add(f"jaxrec_cache_{key}", "gauge", _CACHE_GAUGES[key], value, m)
+    else:  # the SOAP worker's counters (jaxrec.cache.soap.WORKER_COUNTERS)
+      out.add(f"jaxrec_cache_{_metric_name(key)}_total", "counter", f"SOAP refresh worker: {key}.", value, m)
+  if _is_number(stats.get("users_kept")):
+    out.add("jaxrec_user_embedding_users_kept", "gauge", "Users whose tower features are kept for refresh.",
+            stats["users_kept"], m)
+  out.add("jaxrec_user_embedding_refresh_error", "gauge", "1 while the refresh worker's last attempt failed.",
+          int(stats.get("last_error") is not None), m)
 
 
 def render(http: HttpMetrics, engine_stats: Mapping[str, Mapping]) -> str:
