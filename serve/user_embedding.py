@@ -190,8 +190,10 @@ class UserEmbeddings:
     self._soap_cfg = cfg.soap()
     self._sizes = sorted({bucket(n, self._soap_cfg.min_bucket) for n in range(1, cfg.refresh_batch + 1)})
     self.embedder = TowerEmbedder(tower, self._sizes, device)
-    self.soap = SoapCache(ERCacheState.create(cfg.ercache(tower.out_features)), self._user_model,
-                          self._soap_cfg, version=tower.step, clock=clock)
+    # committed to the device, as the compiled step's outputs are (so the worker's jitted calls
+    # see one argument signature and compile once, at start)
+    cache = jax.device_put(ERCacheState.create(cfg.ercache(tower.out_features)), device)
+    self.soap = SoapCache(cache, self._user_model, self._soap_cfg, version=tower.step, clock=clock)
     self._features: collections.OrderedDict[int, Rows] = collections.OrderedDict()
     self._features_lock = threading.Lock()
     self._sources = dict.fromkeys(("direct", "fresh", "failover", "fallback"), 0)

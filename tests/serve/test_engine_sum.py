@@ -63,12 +63,13 @@ def engine(dirs, clock):
   eng.close()
 
 
-@pytest.fixture(scope="module")
-def reference(dirs):
-  """scores(request) of the ranker with the user's fresh tower embedding, both run outside the engine."""
-  tower = load_user_model(dirs[0])
-  _, model, _ = load_run(dirs[1])
-  rschema = json.loads((dirs[1] / "schema.json").read_text())
+def make_reference(user_dir, ranker_dir):
+  """scores(request, emb=None) -> (probs [N, T], emb [D]): the ranker with the user's tower embedding
+  (`emb`, default: the tower run on the request's features), newest checkpoints of both, run outside
+  the engine; `scores.embedding(features)` is the embedding alone."""
+  tower = load_user_model(user_dir)
+  _, model, _ = load_run(ranker_dir)
+  rschema = json.loads((ranker_dir / "schema.json").read_text())
   rdense, rsparse = rschema["dense"], [f["name"] for f in rschema["sparse"]]
 
   def tower_embedding(features):
@@ -104,7 +105,13 @@ def reference(dirs):
                              weights=np.ones(n), domain=np.zeros(n), timestamp=np.zeros(n))
     return np.asarray(jax.nn.sigmoid(model(jax.tree.map(jax.numpy.asarray, batch)))), emb
 
+  scores.embedding = tower_embedding
   return scores
+
+
+@pytest.fixture(scope="module")
+def reference(dirs):
+  return make_reference(*dirs)
 
 
 def sum_request(engine, user, n, rng):
@@ -197,7 +204,7 @@ def test_failing_user_model_serves_failover_or_fallback(engine, clock):
   assert engine.rank(known, timeout=30).user_embedding.source == "direct"
 
 
-def test_no_compilation_after_start(engine, clock):
+def test_no_compilation_after_start(dirs):
   compiles = []
 
   def on_event(name, secs, **kw):
@@ -205,6 +212,8 @@ def test_no_compilation_after_start(engine, clock):
       compiles.append(threading.current_thread().name)
 
   rng = np.random.default_rng(3)
+  clock = FakeClock()
+  engine = open_engine(dirs[1], SMALL, clock=clock).start()
   jax.monitoring.register_event_duration_secs_listener(on_event)
   try:
     for n in (1, 16):  # both buckets; one user refreshed (refresh batch 8)
@@ -223,6 +232,7 @@ def test_no_compilation_after_start(engine, clock):
     assert compiles
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
+    engine.close()
 
 
 @pytest.mark.parametrize("user_id, features, candidates, match", [
