@@ -1,7 +1,18 @@
 """The compiled serving loop and its HTTP front end (`python -m serve`).
 
-Built so far: `serve.request` (RankRequest, validation into model rows) and `serve.engine`
-(load a trained ranker, dynamic batching over ahead-of-time compiled bucket steps). Not built
-yet (the serving issue): the HTTP front end, device-resident caches, SOAP user embeddings,
-ERCache tiers, hot swap.
+- `serve.request`: RankRequest (features, candidates, user_id), validation into model rows with
+  errors that name the field (RequestError).
+- `serve.engine`: `open_engine(workdir)` loads a trained ranker (and, for a SUM ranker, its user
+  model and cache); dynamic batching over ahead-of-time compiled bucket steps (no compilation and
+  no implicit host-device transfer on the request path), bounded queue (Overloaded), drain on
+  close, hot swap of a newer checkpoint under load (`Engine.reload` / `swap`), `describe`,
+  `example_request`, `stats`.
+- `serve.user_embedding`: SUM user embeddings on the request path (SOAP): the bucket step reads
+  each request's user embedding from the device-resident ERCache (direct tier, failover tier with
+  stabilization over the last m embeddings, each with its own TTL and capacity:
+  `EngineConfig.user_cache`), a background worker runs the frozen user tower on the request's user
+  features and writes fresh embeddings back; responses say which source served (direct,
+  failover, fallback).
+- `serve.app`, `serve.registry`, `serve.metrics`, `serve.loadgen`, `python -m serve`: the HTTP
+  front end over the engine (see `serve.app`).
 """

@@ -1,16 +1,32 @@
 """The serving engine without HTTP: a trained ranker, dynamic batching, one compiled step per bucket.
 
-    engine = Engine(load_ranker(Path("runs/demo")), EngineConfig())
+    engine = open_engine(Path("runs/demo"), EngineConfig())   # or Engine(load_ranker(...), cfg)
     engine.start()                       # compiles every bucket; nothing compiles after this
     resp = engine.rank(RankRequest(features={"user_id": 7}, candidates=[{"ad_id": 1}, {"ad_id": 2}]))
     resp.scores["click"]                 # f32 [N], one probability per candidate
+    engine.reload()                      # hot swap to the workdir's newest checkpoint, under load
     engine.close(drain=True)
 
 `submit` validates on the caller's thread (RequestError) and queues the request on a bounded
 queue (Overloaded when full). One worker thread takes requests off the queue until they hold
 `max_rows` candidate rows or `max_wait_ms` has passed since the first, pads their rows to the
 smallest bucket that holds them, runs that bucket's ahead-of-time compiled step
-(lookup -> model -> sigmoid) and hands each request its own rows' scores.
+(lookup -> model -> sigmoid) and hands each request its own rows' scores. The only host-device
+transfers of a batch are its inputs (explicit `device_put`) and its outputs; the step runs under
+`jax.transfer_guard("disallow")`.
+
+A ranker trained on a user model's embeddings (`--data.user_model`, dense features `user_emb_*`)
+is opened with its user model (`serve.user_embedding`): requests must carry `user_id` (the cache
+key) and the tower's user features; the step reads each request's embedding from the device
+cache (SOAP: never waiting for the user model) and a background worker refreshes stale ones.
+The response's `user_embedding` says which source served: direct, failover or fallback.
+
+Hot swap (`swap`, `reload`): the new checkpoint is compiled and warmed for every bucket on the
+caller's thread while the worker keeps serving, then replaces the served one between two batches
+(one reference assignment), so no request fails and each is scored wholly by one version;
+`reload` also swaps in the user model's newest checkpoint (refreshes use it from then on, and the
+cache's stabilization averages the versions). Another schema or graph raises SwapError and the
+old checkpoint stays.
 """
 
 from __future__ import annotations
