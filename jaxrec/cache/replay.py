@@ -9,6 +9,12 @@ by the caller, e.g. the frozen user tower at the request's time), and `policy.fa
 makes a seeded fraction of inferences fail (timeout or error). A failed inference takes the
 failover tier when `policy.failover` is on, else the fallback (the cache's default embedding).
 
+With `policy.soap` the request path never waits for the user model (SUM's SOAP): a request is
+served the newest embedding available (`ercache.latest`: the direct tier, else the failover
+ring's stale one, else the fallback) and, when that was not a direct hit, the inference it
+triggers is written back for later requests (as the background worker would, before the
+user's next request arrives); a failed inference writes nothing.
+
 The trace says, per request: the source (`ercache.Source`: DIRECT means inference was skipped),
 the served embedding, and its age in seconds (0 for FRESH, -1 for FALLBACK).
 
@@ -69,6 +75,8 @@ class ReplayPolicy:
   capacity: int = 1 << 14
   """slots of the direct tier; the failover tier gets twice as many"""
   seed: int = 0
+  soap: bool = False
+  """SOAP: serve the newest cached embedding at once and write the fresh one back for later requests"""
 
   def __post_init__(self):
     if not 0.0 <= self.failure_rate <= 1.0:
@@ -95,13 +103,17 @@ def failures(n: int, rate: float, seed: int) -> np.ndarray:
   return np.random.default_rng(np.random.SeedSequence([seed, 0xFA17])).random(n) < rate
 
 
-@functools.partial(jax.jit, static_argnames=("use_failover",))
-def _scan(state: ERCacheState, hi, lo, times, fresh, ok, *, use_failover: bool):
+@functools.partial(jax.jit, static_argnames=("use_failover", "soap"))
+def _scan(state: ERCacheState, hi, lo, times, fresh, ok, *, use_failover: bool, soap: bool):
   def step(state, x):
     h, l, now, emb, good = x
     ids = (h[None], l[None])
-    state, looked = ercache.lookup(state, ids, now)
-    state, served = ercache.resolve_after_inference(state, ids, now, looked, emb[None], good[None], 0)
+    if soap:
+      state, served = ercache.latest(state, ids, now)
+      state = ercache.write(state, ids, emb[None], now, 0, (served.source != Source.DIRECT) & good[None])
+    else:
+      state, looked = ercache.lookup(state, ids, now)
+      state, served = ercache.resolve_after_inference(state, ids, now, looked, emb[None], good[None], 0)
     if not use_failover:  # no failover tier: a failed inference gets the default embedding
       gone = served.source == Source.FAILOVER
       served = served.replace(embedding=jnp.where(gone[:, None], state.fallback, served.embedding),
@@ -124,7 +136,7 @@ def replay(stream: AccessStream, fresh: np.ndarray, policy: ReplayPolicy) -> Tra
   times = jnp.asarray((t - (t[0] if n else 0)).astype(np.int32))
   failed = failures(n, policy.failure_rate, policy.seed)
   _, (source, age, emb) = _scan(state, hi, lo, times, jnp.asarray(fresh), jnp.asarray(~failed),
-                                use_failover=policy.failover)
+                                use_failover=policy.failover, soap=policy.soap)
   source, age, emb = jax.device_get((source, age, emb))
   needed = source != Source.DIRECT
   return Trace(source=np.asarray(source), age=np.asarray(age), embedding=np.asarray(emb), failed=failed & needed)

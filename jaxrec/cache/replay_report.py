@@ -12,8 +12,10 @@ from matplotlib.figure import Figure
 _COLORS = {"adsworld": "tab:blue", "taobao": "tab:orange", "movielens": "tab:green"}
 
 
-def _ttl_runs(runs: dict) -> list[tuple[int, dict]]:
-  return sorted((r["policy"]["direct_ttl_s"], r) for name, r in runs.items() if r["policy"]["failure_rate"] == 0)
+def _ttl_runs(runs: dict, soap: bool = False) -> list[tuple[int, dict]]:
+  return sorted(((r["policy"]["direct_ttl_s"], r) for r in runs.values()
+                 if r["policy"]["failure_rate"] == 0 and r["policy"].get("soap", False) == soap),
+                key=lambda x: x[0])
 
 
 def _fail_runs(runs: dict) -> list[dict]:
@@ -65,6 +67,20 @@ def markdown(results: dict, cfg) -> str:
       row += [f"{a['p50']:.0f} / {a['p90']:.0f} / {a['p99']:.0f}"]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    soap = _ttl_runs(runs, soap=True)
+    if soap:
+      cols = ["SOAP, direct TTL (s)", "inferences (refreshes)", "served stale (failover tier)", "fallbacks"]
+      cols += [f"{t} NE vs sync TTL 0" for t in tasks] + ["served age p50 / p90 / p99 (s)"]
+      lines += ["SOAP (the request never waits for the user model: it is served the newest cached embedding, "
+                "and the inference it triggers is written back for the user's later requests):", "",
+                "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+      for t_s, r in soap:
+        a = r["served_age"]
+        row = [str(t_s), str(r["inferences"]), str(r["failover"]), str(r["fallback"])]
+        row += [_rel(_ne(r, t), _ne(ref, t)) for t in tasks]
+        row += [f"{a['p50']:.0f} / {a['p90']:.0f} / {a['p99']:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+      lines.append("")
     if "no_user_model_metrics" in res:
       z = res["no_user_model_metrics"]
       lines += ["Every request given the fallback embedding instead (as if there were no user model): " +
@@ -145,7 +161,7 @@ def plots(results: dict, cfg, wd: Path) -> list[Path]:
       ax.step(np.maximum(np.asarray(h["edges_s"][1:] + [2 * h["edges_s"][-1]], float), 1), cdf, where="post",
               label=f"TTL {t} s")
     ax.set(xscale="log", xlabel="served embedding age (s)", ylabel="share of requests served <= age",
-           title=f"{source}: staleness", ylim=(0, 1.02))
+           title=f"{source}: staleness", ylim=(0, 1.02), xlim=(1, 2 * max(cfg.ttls_s)))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
   _save(fig, wd / "replay_staleness.png")

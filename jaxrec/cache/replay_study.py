@@ -67,8 +67,12 @@ class ReplayConfig:
   """seconds of traffic that fill the cache before counting starts"""
   measure_s: int = 86_400
   """seconds of ads-world traffic counted after the warm-up (the real logs are replayed to their end)"""
-  ttls_s: tuple[int, ...] = (0, 10, 30, 60, 120, 300, 600, 1800, 3600)
-  """direct-tier TTLs swept (0: inference on every request, the NE reference)"""
+  ttls_s: tuple[int, ...] = (0, 10, 30, 60, 90, 120, 300, 600, 1800, 3600, 86_400)
+  """direct-tier TTLs swept (0: inference on every request, the NE reference; a day: about what a
+  daily batch precompute of the embeddings would serve)"""
+  soap_ttls_s: tuple[int, ...] = (0, 60)
+  """direct TTLs replayed in SOAP mode too (requests never wait: served the newest cached embedding
+  while the fresh one is written back for later requests)"""
   headline_ttl_s: int = 60
   """the direct TTL of the failure runs"""
   failure_rates: tuple[float, ...] = (0.01, 0.05)
@@ -96,6 +100,8 @@ class ReplayConfig:
     """(name, policy) of every replay: the TTL sweep, then each failure rate without and with failover."""
     base = ReplayPolicy(failover_ttl_s=self.failover_ttl_s, stabilize_m=self.stabilize_m, seed=self.seed)
     out = [(f"ttl={t}", dataclasses.replace(base, direct_ttl_s=t)) for t in sorted(set(self.ttls_s))]
+    out += [(f"soap ttl={t}", dataclasses.replace(base, direct_ttl_s=t, soap=True))
+            for t in sorted(set(self.soap_ttls_s))]
     for rate in self.failure_rates:
       for fo in (False, True):
         out.append((f"ttl={self.headline_ttl_s} fail={rate:g} failover={'on' if fo else 'off'}",

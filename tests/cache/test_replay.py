@@ -27,6 +27,13 @@ def reference(stream: AccessStream, fresh: np.ndarray, pol: ReplayPolicy):
     hit = cache.get(u)
     if hit is not None and now - hit[1] < pol.direct_ttl_s:
       out.append((Source.DIRECT, now - hit[1], hit[0]))
+    elif pol.soap:  # served the newest cached embedding; the inference is written back afterwards
+      if pol.failover and hit is not None and now - hit[1] < max(pol.failover_ttl_s, pol.direct_ttl_s):
+        out.append((Source.FAILOVER, now - hit[1], hit[0]))
+      else:
+        out.append((Source.FALLBACK, -1, np.zeros_like(fresh[r])))
+      if not failed[r]:
+        cache[u] = (fresh[r], now)
     elif not failed[r]:
       cache[u] = (fresh[r], now)
       out.append((Source.FRESH, 0, fresh[r]))
@@ -42,14 +49,16 @@ def random_stream(rng, n, users, max_gap):
   return AccessStream(rng.integers(0, users, n).astype(np.int64), t.astype(np.int64))
 
 
-@pytest.mark.parametrize("ttl,fail,failover", [(0, 0.0, True), (20, 0.0, True), (20, 0.3, True),
-                                                (20, 0.3, False), (5, 0.5, True)])
-def test_replay_matches_dict_model(ttl, fail, failover):
+@pytest.mark.parametrize("ttl,fail,failover,soap", [(0, 0.0, True, False), (20, 0.0, True, False),
+                                                     (20, 0.3, True, False), (20, 0.3, False, False),
+                                                     (5, 0.5, True, False), (0, 0.2, True, True),
+                                                     (20, 0.3, True, True)])
+def test_replay_matches_dict_model(ttl, fail, failover, soap):
   rng = np.random.default_rng(ttl * 7 + int(fail * 10))
   stream = random_stream(rng, 400, users=13, max_gap=9)
   fresh = rng.normal(size=(400, 3)).astype(np.float32)
   pol = ReplayPolicy(direct_ttl_s=ttl, failure_rate=fail, failover=failover, failover_ttl_s=60, capacity=64,
-                     seed=3)
+                     seed=3, soap=soap)
   trace = replay(stream, fresh, pol)
   want = reference(stream, fresh, pol)
   assert [Source(s) for s in trace.source] == [w[0] for w in want]
@@ -60,6 +69,8 @@ def test_replay_matches_dict_model(ttl, fail, failover):
   assert s["inferences"] == 400 - s["direct"] and s["failed_inferences"] == int(trace.failed.sum())
   if ttl == 0:
     assert s["direct"] == 0
+  if soap:
+    assert s["fresh"] == 0  # SOAP never waits for (nor serves) the inference a request triggers
   if fail and not failover:
     assert s["failover"] == 0 and s["fallback"] == s["failed_inferences"]
 
@@ -98,7 +109,8 @@ def sum_runs(tmp_path_factory):
 
 def small_config(sum_runs, sources=("adsworld",)):
   return ReplayConfig(ranker=str(sum_runs / "ranker_sum" / "seed0"), sources=sources, warmup_s=7200,
-                      measure_s=7200, ttls_s=(0, 60, 600), failure_rates=(0.2,), max_requests=12_000,
+                      measure_s=7200, ttls_s=(0, 60, 600), soap_ttls_s=(0,), failure_rates=(0.2,),
+                      max_requests=12_000,
                       progress=False)
 
 
@@ -115,10 +127,13 @@ def test_study_on_the_ads_world(sum_runs, tmp_path):
   assert off["failed_inferences"] == on["failed_inferences"] > 0  # same seeded failures
   assert off["fallback"] == off["failed_inferences"] and on["fallback"] < off["fallback"]
   assert res["no_user_model_metrics"]["click/ne"] != ne0
+  soap = runs["soap ttl=0"]
+  assert soap["fresh"] == 0 and soap["direct"] == 0 and soap["failover"] > 0  # served the previous request's
+  assert np.isfinite(soap["metrics"]["click/ne"])
   saved = json.loads((tmp_path / "replay.json").read_text())
   assert saved["sources"]["adsworld"]["runs"]["ttl=60"]["inferences_saved"] == runs["ttl=60"]["inferences_saved"]
   md = (tmp_path / "replay.md").read_text()
-  assert "| 60 |" in md and "failover tier cuts fallbacks" in md
+  assert "| 60 |" in md and "failover tier cuts fallbacks" in md and "SOAP" in md
   for png in ("replay_ttl.png", "replay_staleness.png", "replay_failover.png"):
     assert (tmp_path / png).stat().st_size > 10_000, png
 
