@@ -232,7 +232,7 @@ class Engine:
     self._active = self._prepare(ranker, compile_steps=False)
     self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=cfg.max_queue)
     self._lock = threading.Lock()
-    self._swap_lock = threading.Lock()  # one swap at a time
+    self._swap_lock = threading.RLock()  # one swap or reload at a time
     self._stats_lock = threading.Lock()
     self._closed = False
     self._stop = threading.Event()
@@ -327,26 +327,28 @@ class Engine:
   def reload(self) -> dict:
     """Hot-swaps in the newest checkpoint of the served ranker's workdir (see `swap`); returns
     {"version": ranker step, "user_model_version": user-model step or None}."""
-    ranker = self._active.ranker
-    if ranker.workdir is None:
-      raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
-    new = load_ranker(ranker.workdir)
-    if self.users is None:
-      return {"version": self.swap(new), "user_model_version": None}
-    tower = load_user_model(self.users.embedder.tower.workdir)
-    self._check_swappable(new)  # before the user model is swapped, so that a bad ranker swaps nothing
-    if tower.step != self.users.version:
-      try:
-        self.users.set_tower(tower)
-      except ValueError as e:
-        raise SwapError(str(e)) from None
-    return {"version": self.swap(new), "user_model_version": self.users.version}
+    with self._swap_lock:
+      ranker = self._active.ranker
+      if ranker.workdir is None:
+        raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
+      new = load_ranker(ranker.workdir)
+      if self.users is None:
+        return {"version": self.swap(new), "user_model_version": None}
+      tower = load_user_model(self.users.embedder.tower.workdir)
+      self._check_swappable(new)  # before the user model is swapped, so that a bad ranker swaps nothing
+      if tower.step != self.users.version:
+        try:
+          self.users.set_tower(tower)
+        except ValueError as e:
+          raise SwapError(str(e)) from None
+      return {"version": self.swap(new), "user_model_version": self.users.version}
 
   # ---- introspection
 
   def describe(self) -> dict:
     """JSON-able description of what is served: {"version", "dense": [names], "sparse": [{"name",
-    "vocab_size", "max_len"}], "objectives": [labels], "max_candidates", "user_model": None}."""
+    "vocab_size", "max_len"}], "objectives": [labels], "max_candidates", "user_model": None or
+    {"workdir", "version", "embedding_dim", "features": [the tower's request features], "cache": {...}}}."""
     r, s = self._active.ranker, self.schema
     return {"version": r.version, "dense": list(s.dense),
             "sparse": [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len} for f in s.sparse],

@@ -227,6 +227,10 @@ class UserEmbeddings:
     if tower.out_features != self.embedder.dim:
       raise ValueError(f"the new user model makes {tower.out_features}-wide embeddings, the served one "
                        f"{self.embedder.dim}")
+    model = tower.config.model
+    if tower.schema != self.embedder.schema or set(model.user_sparse) | set(model.user_dense) != self.features:
+      raise ValueError("the new user model reads other features (or another schema) than the served one; "
+                       "start a new engine for it")
     self.embedder = TowerEmbedder(tower, self._sizes, self.device)
     self.soap.set_user_model(self._user_model, tower.step)
 

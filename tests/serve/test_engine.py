@@ -1,6 +1,7 @@
 """serve.engine: scores match the model, dynamic batching splits them back, no compiles after start."""
 
 import concurrent.futures
+import dataclasses
 import threading
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from jaxrec.data.batch import batch_from_numpy
 from serve.engine import Engine, EngineClosed, EngineConfig, Overloaded, load_ranker
-from serve.request import RankRequest, RequestError
+from serve.request import RankRequest, RequestError, concat_rows
 from train import ranker
 from train.probe import load_run
 
@@ -180,6 +181,10 @@ def test_no_compilation_after_start(loaded):
       # negative control: the listener does see a compilation
       jax.jit(lambda x: x * 3 + 1)(np.ones(5, np.float32))
       assert len(compiles) > n0
+      # the step runs under the transfer guard: a state left on the host is refused, not copied
+      host = dataclasses.replace(eng._active, state=jax.device_get(eng._active.state))
+      with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        eng._run_bucket(host, concat_rows([], eng.schema, 8), [], [])
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
 

@@ -11,7 +11,7 @@ import pytest
 from jaxrec.data.batch import batch_from_numpy
 from jaxrec.training.user_model import load_user_model, train_user_model
 from serve.engine import Engine, EngineConfig, load_ranker, open_engine
-from serve.request import RankRequest, RequestError
+from serve.request import RankRequest, RequestError, concat_rows
 from serve.user_embedding import UserCacheConfig
 from train import ranker
 from train import user_model as train_user
@@ -230,6 +230,10 @@ def test_no_compilation_after_start(dirs):
     assert compiles == [], f"compiled after start, on threads {compiles}"
     jax.jit(lambda x: x * 5 + 1)(np.ones(3, np.float32))  # negative control
     assert compiles
+    # the step runs under the transfer guard: a ranker state left on the host is refused, not copied
+    active = engine._active
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+      engine.users.run(active.compiled[8], jax.device_get(active.state), concat_rows([], engine.schema, 8), [], [])
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
     engine.close()
