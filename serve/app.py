@@ -23,8 +23,9 @@ of the offending value (e.g. "candidates[3].features.ad_price") or null:
     404 unknown_model      no model of that name is served
     401 / 403              admin endpoints: wrong or missing token / no token configured ("admin disabled")
     409 swap_failed        /admin/reload: the new checkpoint cannot replace the served one (kept)
-    503 overloaded         the engine's queue is full or the request outwaited request_timeout_s;
-                           carries Retry-After (seconds)
+    503 overloaded         more than max_in_flight rank requests at once (refused before reading the
+                           body), the engine's queue is full, or the request outwaited
+                           request_timeout_s; carries Retry-After (seconds)
 """
 
 from __future__ import annotations
@@ -62,12 +63,15 @@ class HttpConfig:
   """a rank request still waiting for the engine after this long is answered 503 (and cancelled if queued)"""
   retry_after_s: int = 1
   """the Retry-After header of a 503"""
+  max_in_flight: int = 64
+  """rank requests handled at once (reading, validating, queued or scoring); beyond, 503 at once
+  without reading the body. Bounds the wait to about max_in_flight / throughput"""
   max_body_bytes: int = 2 << 20
   """larger request bodies are answered 413 (1024 candidates of the ads world take about 250 kB)"""
 
   def __post_init__(self):
-    if self.request_timeout_s <= 0 or self.retry_after_s < 0 or self.max_body_bytes < 1:
-      raise ValueError("request_timeout_s and max_body_bytes must be positive, retry_after_s >= 0")
+    if self.request_timeout_s <= 0 or self.retry_after_s < 0 or self.max_body_bytes < 1 or self.max_in_flight < 1:
+      raise ValueError("request_timeout_s, max_in_flight and max_body_bytes must be positive, retry_after_s >= 0")
 
 
 # ---- request and response bodies
@@ -216,19 +220,23 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 # ---- observation and body limit (pure ASGI, no per-request task)
 
 
-class _Observe:
-  """Counts and times every HTTP request into HttpMetrics by route template, model and status, and
-  answers 413 to a body whose Content-Length is over the limit (a chunked one fails to parse)."""
+class _Front:
+  """Pure ASGI, around the whole app: counts and times every HTTP request into HttpMetrics (route
+  template, model, status); answers 413 to a Content-Length over the limit (a chunked body over it
+  fails to parse); and sheds rank requests beyond `max_in_flight` with 503 before reading their body,
+  so an overloaded server refuses work for the price of a header parse."""
 
-  def __init__(self, app, metrics: HttpMetrics, max_body_bytes: int):
-    self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+  def __init__(self, app, metrics: HttpMetrics, cfg: HttpConfig):
+    self.app, self.metrics, self.cfg = app, metrics, cfg
+    self.in_flight = 0
+    """rank requests being read, validated, queued or scored (the event loop's thread only)"""
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
     t0 = time.perf_counter()
-    status = 500
-    seen = 0
+    status, seen, limit = 500, 0, self.cfg.max_body_bytes
+    rank = scope["path"] == "/v1/rank" and scope["method"] == "POST"
 
     async def send_observed(message):
       nonlocal status
@@ -240,22 +248,28 @@ class _Observe:
       nonlocal seen
       message = await receive()
       seen += len(message.get("body", b""))
-      if seen > self.max_body_bytes:
-        raise HTTPException(413, f"request body over {self.max_body_bytes} bytes")
+      if seen > limit:
+        raise HTTPException(413, f"request body over {limit} bytes")
       return message
 
+    length = dict(scope["headers"]).get(b"content-length", b"0")
     try:
-      length = dict(scope["headers"]).get(b"content-length", b"0")
-      if not length.isdigit() or int(length) > self.max_body_bytes:
-        bad = "invalid Content-Length" if not length.isdigit() else f"request body over {self.max_body_bytes} bytes"
-        await _error(413 if length.isdigit() else 400, "too_large" if length.isdigit() else "malformed_json",
-                     bad)(scope, receive, send_observed)
-        return
-      await self.app(scope, receive_limited, send_observed)
+      if not length.isdigit():
+        await _error(400, "malformed_json", "invalid Content-Length")(scope, receive, send_observed)
+      elif int(length) > limit:
+        await _error(413, "too_large", f"request body over {limit} bytes")(scope, receive, send_observed)
+      elif rank and self.in_flight >= self.cfg.max_in_flight:
+        await _error(503, "overloaded", f"{self.in_flight} rank requests in flight (max_in_flight)",
+                     headers={"Retry-After": str(self.cfg.retry_after_s)})(scope, receive, send_observed)
+      else:
+        self.in_flight += rank
+        try:
+          await self.app(scope, receive_limited, send_observed)
+        finally:
+          self.in_flight -= rank
     finally:
-      route = scope.get("route")
-      self.metrics.observe(getattr(route, "path", "other"), scope.get("jaxrec.model", ""), status,
-                           time.perf_counter() - t0)
+      path = getattr(scope.get("route"), "path", "/v1/rank" if rank else "other")
+      self.metrics.observe(path, scope.get("jaxrec.model", ""), status, time.perf_counter() - t0)
 
 
 # ---- the app
@@ -284,7 +298,7 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
   app.add_exception_handler(HTTPException, _on_http_error)
   app.add_exception_handler(ApiError, _on_api_error)
   app.add_exception_handler(Exception, _on_unexpected)
-  app.add_middleware(_Observe, metrics=metrics, max_body_bytes=cfg.max_body_bytes)
+  app.add_middleware(_Front, metrics=metrics, cfg=cfg)
   app.state.registry, app.state.metrics = registry, metrics
   errors = {c: {"model": ErrorReply} for c in (400, 404, 413, 422, 503)}
 

@@ -280,6 +280,31 @@ def test_overload_sheds_503_with_retry_after(run_dir, example):
   assert 'jaxrec_http_requests_total{path="/v1/rank",model="tiny",code="503"} 38' in metrics
 
 
+def test_requests_beyond_max_in_flight_are_shed_before_reading_the_body(run_dir, example):
+  reg = Registry.open({"tiny": run_dir}, EngineConfig(buckets=(64,), max_rows=64, max_wait_ms=0, max_queue=16,
+                                                      max_candidates=48))
+  app = create_app(reg, HttpConfig(max_in_flight=3))
+  gate, entered = _gate(reg.get("tiny"))
+
+  async def flood():
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+      tasks = [asyncio.create_task(c.post("/v1/rank", json=example)) for _ in range(10)]
+      while sum(t.done() for t in tasks) < 7:
+        await asyncio.sleep(0.01)
+      gate.set()
+      return await asyncio.gather(*tasks), (await c.get("/metrics")).text
+
+  try:
+    answers, metrics = asyncio.run(flood())
+  finally:
+    gate.set()
+    reg.close()
+  assert sorted(r.status_code for r in answers) == [200] * 3 + [503] * 7
+  shed = [r for r in answers if r.status_code == 503]
+  assert all("max_in_flight" in r.json()["error"]["message"] and r.headers["retry-after"] == "1" for r in shed)
+  assert 'jaxrec_http_requests_total{path="/v1/rank",model="",code="503"} 7' in metrics
+
+
 def test_a_request_outwaiting_its_deadline_is_answered_503(run_dir, example):
   reg = Registry.open({"tiny": run_dir}, EngineConfig(buckets=(64,), max_rows=64, max_wait_ms=0, max_queue=4,
                                                       max_candidates=48))
