@@ -23,7 +23,7 @@ of the offending value (e.g. "candidates[3].features.ad_price") or null:
     404 unknown_model      no model of that name is served
     401 / 403              admin endpoints: wrong or missing token / no token configured ("admin disabled")
     409 swap_failed        /admin/reload: the new checkpoint cannot replace the served one (kept)
-    503 overloaded         more than max_in_flight rank requests at once (refused before reading the
+    503 overloaded         more than max_in_flight rank requests at once (refused before parsing the
                            body), the engine's queue is full, or the request outwaited
                            request_timeout_s; carries Retry-After (seconds)
 """
@@ -65,7 +65,7 @@ class HttpConfig:
   """the Retry-After header of a 503"""
   max_in_flight: int = 64
   """rank requests handled at once (reading, validating, queued or scoring); beyond, 503 at once
-  without reading the body. Bounds the wait to about max_in_flight / throughput"""
+  without parsing the body. Bounds the wait to about max_in_flight / throughput"""
   max_body_bytes: int = 2 << 20
   """larger request bodies are answered 413 (1024 candidates of the ads world take about 250 kB)"""
 
@@ -220,11 +220,16 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 # ---- observation and body limit (pure ASGI, no per-request task)
 
 
+async def _discard_body(receive) -> None:
+  while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
+    pass
+
+
 class _Front:
   """Pure ASGI, around the whole app: counts and times every HTTP request into HttpMetrics (route
   template, model, status); answers 413 to a Content-Length over the limit (a chunked body over it
-  fails to parse); and sheds rank requests beyond `max_in_flight` with 503 before reading their body,
-  so an overloaded server refuses work for the price of a header parse."""
+  fails to parse); and sheds rank requests beyond `max_in_flight` with 503 before parsing their body,
+  so an overloaded server refuses work for the price of reading it."""
 
   def __init__(self, app, metrics: HttpMetrics, cfg: HttpConfig):
     self.app, self.metrics, self.cfg = app, metrics, cfg
@@ -259,6 +264,7 @@ class _Front:
       elif int(length) > limit:
         await _error(413, "too_large", f"request body over {limit} bytes")(scope, receive, send_observed)
       elif rank and self.in_flight >= self.cfg.max_in_flight:
+        await _discard_body(receive)  # a socket closed with unread data resets: the client would lose the 503
         await _error(503, "overloaded", f"{self.in_flight} rank requests in flight (max_in_flight)",
                      headers={"Retry-After": str(self.cfg.retry_after_s)})(scope, receive, send_observed)
       else:

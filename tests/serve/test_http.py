@@ -280,7 +280,7 @@ def test_overload_sheds_503_with_retry_after(run_dir, example):
   assert 'jaxrec_http_requests_total{path="/v1/rank",model="tiny",code="503"} 38' in metrics
 
 
-def test_requests_beyond_max_in_flight_are_shed_before_reading_the_body(run_dir, example):
+def test_requests_beyond_max_in_flight_are_shed_before_parsing_the_body(run_dir, example):
   reg = Registry.open({"tiny": run_dir}, EngineConfig(buckets=(64,), max_rows=64, max_wait_ms=0, max_queue=16,
                                                       max_candidates=48))
   app = create_app(reg, HttpConfig(max_in_flight=3))
