@@ -265,7 +265,7 @@ class Engine:
                 jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.int32),
                 jax.ShapeDtypeStruct((b, s.num_sparse, s.max_len), jnp.bool_))
         active.compiled[b] = step.lower(state, *args).compile()
-      jax.block_until_ready(self._run_bucket(active, concat_rows([], s, b), [], []))  # warm-up, no request
+      jax.block_until_ready(self._run_bucket(active, concat_rows([], s, b), []))  # warm-up, no request
     return active
 
   def start(self) -> "Engine":
@@ -427,12 +427,13 @@ class Engine:
 
   # ---- worker
 
-  def _run_bucket(self, active: _Active, rows: Rows, user_ids: list[int], counts: list[int]):
-    """Device outputs of the bucket step over `rows`: probs [B, T], and with a user model also
-    (source, age, version) [B] per request (request i has user_ids[i] and counts[i] rows)."""
+  def _run_bucket(self, active: _Active, rows: Rows, batch: list[_Pending]):
+    """Device outputs of the bucket step over `rows` (those of `batch`, then padding): probs [B, T],
+    and with a user model also (source, age, version) [B], request i of `batch` in slot i."""
     b = rows.num_rows
     if self.users is not None:
-      return self.users.run(active.compiled[b], active.state, rows, user_ids, counts)
+      return self.users.run(active.compiled[b], active.state, rows, [p.user_id for p in batch],
+                            [p.rows.num_rows for p in batch], [p.user_row for p in batch])
     args = jax.device_put((rows.dense, rows.sparse, rows.sparse_mask), self.device)
     with jax.transfer_guard("disallow"):  # nothing but the explicit transfers above
       return active.compiled[b](active.state, *args)
@@ -478,8 +479,7 @@ class Engine:
     try:
       bucket = self.cfg.bucket_for(n)
       rows = concat_rows([p.rows for p in batch], self.schema, bucket)
-      out = jax.device_get(self._run_bucket(active, rows, [p.user_id for p in batch],
-                                            [p.rows.num_rows for p in batch]))
+      out = jax.device_get(self._run_bucket(active, rows, batch))
       infos = [None] * len(batch)
       if self.users is None:
         probs = out
@@ -533,5 +533,5 @@ def open_engine(workdir: Path, cfg: EngineConfig = EngineConfig(), *, clock: Cal
   users = None
   if ranker.config is not None and ranker.config.data.user_model:
     users = load_user_embeddings(Path(workdir), ranker.config.data.user_model, cfg.user_cache, ranker.schema,
-                                 jax.local_devices()[0], clock)
+                                 jax.local_devices()[0], clock, cfg.buckets)
   return Engine(ranker, cfg, users=users)

@@ -24,10 +24,13 @@ for the user model (SOAP). Times are integer seconds of `clock()` (monotone; inj
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import functools
+import logging
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,8 @@ from jaxrec.data.batch import Batch, Schema
 from jaxrec.training.state import merge_model
 from jaxrec.training.user_model import FrozenUserTower, load_user_model
 from serve.request import RankRequest, Rows, concat_rows, empty_rows, encode_user_row
+
+log = logging.getLogger(__name__)
 
 SOURCE_NAMES = {Source.DIRECT: "direct", Source.FRESH: "fresh", Source.FAILOVER: "failover",
                 Source.FALLBACK: "fallback", Source.NEEDS_INFERENCE: "needs_inference"}
@@ -72,10 +77,21 @@ class UserCacheConfig:
   user's next request)"""
   max_users_kept: int = 1 << 16
   """users whose latest tower features are kept on the host for the refresh worker"""
+  mode: Literal["soap", "sync"] = "soap"
+  """soap: the request path never waits for the user model (stale or default embedding, refreshed
+  in the background); sync: a direct-tier hit skips the user model, a miss runs it for the
+  request within sync_deadline_ms (FRESH), and on failure or timeout serves the failover tier
+  (FAILOVER), else the default embedding (FALLBACK)"""
+  sync_deadline_ms: float = 50.0
+  """sync mode: how long a batch waits for the user model"""
 
   def __post_init__(self):
     if self.max_users_kept < 1:
       raise ValueError(f"max_users_kept must be >= 1, got {self.max_users_kept}")
+    if self.mode not in ("soap", "sync"):
+      raise ValueError(f"mode must be 'soap' or 'sync', got {self.mode!r}")
+    if not self.sync_deadline_ms > 0:
+      raise ValueError(f"sync_deadline_ms must be > 0, got {self.sync_deadline_ms}")
 
   def ercache(self, dim: int) -> ERCacheConfig:
     """The ERCacheConfig of a user model with `dim`-wide embeddings."""
@@ -146,28 +162,69 @@ class TowerEmbedder:
     return self._compiled[rows.num_rows](*self._args, *args)
 
 
+def _rank(graphdef: nnx.GraphDef, schema: Schema, cols: jax.Array, state, embedding, row_req, dense, sparse,
+          sparse_mask) -> jax.Array:
+  """probs f32 [B, T] of the ranker with each row's user_emb columns set to its request's embedding."""
+  dense = dense.at[:, cols].set(embedding.astype(jnp.float32)[row_req])
+  b = dense.shape[0]
+  zeros = jnp.zeros((b,), jnp.int32)
+  batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask,
+                labels=jnp.zeros((b, schema.num_tasks), jnp.float32), weights=jnp.zeros((b,), jnp.float32),
+                domain=zeros, timestamp=zeros)
+  return jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch).astype(jnp.float32))
+
+
 def make_sum_step(graphdef: nnx.GraphDef, schema: Schema, emb_cols: np.ndarray):
   """step(cache, state, hi, lo, valid, now, row_req, dense, sparse, sparse_mask) ->
   (cache, (probs f32 [B, T], source i32 [B], age i32 [B], version i32 [B])), jitted, cache donated.
 
-  hi, lo u32 [B] and valid bool [B]: the batch's requests' user keys (request i in slot i, valid
-  marks the real ones); row_req i32 [B]: the request of each row; dense [B, Fd] with the user_emb
-  columns (`emb_cols`) left 0: the step fills them with the request's served embedding.
+  The SOAP step: `ercache.latest` (never waits), then the ranker. hi, lo u32 [B] and valid bool
+  [B]: the batch's requests' user keys (request i in slot i, valid marks the real ones); row_req i32
+  [B]: the request of each row; dense [B, Fd] with the user_emb columns (`emb_cols`) left 0: the
+  step fills them with the request's served embedding.
   """
   cols = jnp.asarray(emb_cols)
 
   def step(cache: ERCacheState, state, hi, lo, valid, now, row_req, dense, sparse, sparse_mask):
     cache, served = ercache.latest(cache, (hi, lo), now, valid)
-    dense = dense.at[:, cols].set(served.embedding.astype(jnp.float32)[row_req])
-    b = dense.shape[0]
-    zeros = jnp.zeros((b,), jnp.int32)
-    batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask,
-                  labels=jnp.zeros((b, schema.num_tasks), jnp.float32), weights=jnp.zeros((b,), jnp.float32),
-                  domain=zeros, timestamp=zeros)
-    probs = jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch).astype(jnp.float32))
+    probs = _rank(graphdef, schema, cols, state, served.embedding, row_req, dense, sparse, sparse_mask)
     return cache, (probs, served.source, served.age, served.version)
 
   return jax.jit(step, donate_argnums=0)
+
+
+def make_sync_steps(graphdef: nnx.GraphDef, schema: Schema, emb_cols: np.ndarray):
+  """The two jitted steps of sync mode (cache donated), around the user model run between them:
+
+      lookup(cache, hi, lo, valid, now) -> (cache, Served [B])        DIRECT or NEEDS_INFERENCE
+      resolve(cache, state, hi, lo, valid, now, looked_up, embeddings [B, D], ok bool [B], version,
+              row_req, dense, sparse, sparse_mask) -> (cache, (probs, source, age, version))
+
+  resolve writes and serves the NEEDS_INFERENCE requests' embeddings where ok (FRESH), the failover
+  tier or the default where not, then runs the ranker (arguments as in `make_sum_step`).
+  """
+  cols = jnp.asarray(emb_cols)
+
+  def lookup(cache: ERCacheState, hi, lo, valid, now):
+    return ercache.lookup(cache, (hi, lo), now, valid)
+
+  def resolve(cache: ERCacheState, state, hi, lo, valid, now, looked_up, embeddings, ok, version, row_req, dense,
+              sparse, sparse_mask):
+    cache, served = ercache.resolve_after_inference(cache, (hi, lo), now, looked_up, embeddings, ok, version, valid)
+    probs = _rank(graphdef, schema, cols, state, served.embedding, row_req, dense, sparse, sparse_mask)
+    return cache, (probs, served.source, served.age, served.version)
+
+  return jax.jit(lookup, donate_argnums=0), jax.jit(resolve, donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncStep:
+  """Sync mode's compiled steps for one bucket (`make_sync_steps`) and a zero embedding block
+  [B, D] on device (passed when no request needs the user model)."""
+
+  lookup: jax.stages.Compiled
+  resolve: jax.stages.Compiled
+  zeros: jax.Array
 
 
 def _keys(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +237,7 @@ class UserEmbeddings:
   """One ranker's user model on the request path: tower, cache, refresh worker (module docstring)."""
 
   def __init__(self, tower: FrozenUserTower, cfg: UserCacheConfig, ranker_schema: Schema, device: jax.Device,
-               clock: Callable[[], int]):
+               clock: Callable[[], int], buckets: tuple[int, ...] = ()):
     self.cfg, self.device, self.clock = cfg, device, clock
     self.emb_cols = embedding_columns(ranker_schema)
     if self.emb_cols.size != tower.out_features:
@@ -189,11 +246,16 @@ class UserEmbeddings:
     self.server_filled = frozenset(ranker_schema.dense[i] for i in self.emb_cols)
     self._soap_cfg = cfg.soap()
     self._sizes = sorted({bucket(n, self._soap_cfg.min_bucket) for n in range(1, cfg.refresh_batch + 1)})
-    self.embedder = TowerEmbedder(tower, self._sizes, device)
+    # sync mode runs the tower over a whole bucket's requests (`buckets`: the engine's)
+    self._tower_sizes = self._sizes + (list(buckets) if cfg.mode == "sync" else [])
+    self.embedder = TowerEmbedder(tower, self._tower_sizes, device)
     # committed to the device, as the compiled step's outputs are (so the worker's jitted calls
     # see one argument signature and compile once, at start)
     cache = jax.device_put(ERCacheState.create(cfg.ercache(tower.out_features)), device)
-    self.soap = SoapCache(cache, self._user_model, self._soap_cfg, version=tower.step, clock=clock)
+    self.soap = SoapCache(cache, functools.partial(self._user_model, self.embedder), self._soap_cfg,
+                          version=tower.step, clock=clock)
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="user-tower")  # sync mode
+    self._sync_counts = {"sync_inferences": 0, "sync_timeouts": 0, "sync_errors": 0}
     self._features: collections.OrderedDict[int, Rows] = collections.OrderedDict()
     self._features_lock = threading.Lock()
     self._sources = dict.fromkeys(("direct", "fresh", "failover", "fallback"), 0)
@@ -221,9 +283,11 @@ class UserEmbeddings:
   def close(self, drain: bool = True, timeout: float | None = None) -> None:
     """Stops the refresh worker (drain: after the queued refreshes)."""
     self.soap.close(drain=drain, timeout=timeout)
+    self._pool.shutdown(wait=False)
 
   def set_tower(self, tower: FrozenUserTower) -> None:
-    """Hot-swaps the user model: compiles it for every refresh size here, then refreshes use it."""
+    """Hot-swaps the user model: compiles it for every batch size here, then refreshes (and sync
+    mode's inferences) use it."""
     if tower.out_features != self.embedder.dim:
       raise ValueError(f"the new user model makes {tower.out_features}-wide embeddings, the served one "
                        f"{self.embedder.dim}")
@@ -231,8 +295,9 @@ class UserEmbeddings:
     if tower.schema != self.embedder.schema or set(model.user_sparse) | set(model.user_dense) != self.features:
       raise ValueError("the new user model reads other features (or another schema) than the served one; "
                        "start a new engine for it")
-    self.embedder = TowerEmbedder(tower, self._sizes, self.device)
-    self.soap.set_user_model(self._user_model, tower.step)
+    embedder = TowerEmbedder(tower, self._tower_sizes, self.device)
+    self.soap.set_user_model(functools.partial(self._user_model, embedder), tower.step)
+    self.embedder = embedder
 
   def encode(self, req: RankRequest) -> Rows:
     """The request's user row for the tower (validated on the caller's thread)."""
@@ -240,21 +305,32 @@ class UserEmbeddings:
 
   # ---- the compiled step
 
-  def compile_step(self, graphdef: nnx.GraphDef, schema: Schema, state, b: int) -> jax.stages.Compiled:
-    """`make_sum_step` compiled for a bucket of b rows (and b requests at most)."""
-    step = make_sum_step(graphdef, schema, self.emb_cols)
-    shapes = (jax.ShapeDtypeStruct((b,), jnp.uint32), jax.ShapeDtypeStruct((b,), jnp.uint32),
-              jax.ShapeDtypeStruct((b,), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32),
-              jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, schema.num_dense), jnp.float32),
-              jax.ShapeDtypeStruct((b, schema.num_sparse, schema.max_len), jnp.int32),
-              jax.ShapeDtypeStruct((b, schema.num_sparse, schema.max_len), jnp.bool_))
-    abstract = self.soap.transact(lambda st: (st, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), st)))
-    return step.lower(abstract, state, *shapes).compile()
+  def compile_step(self, graphdef: nnx.GraphDef, schema: Schema, state, b: int) -> jax.stages.Compiled | SyncStep:
+    """The bucket step for b rows (and b requests at most): `make_sum_step` compiled (soap mode),
+    or `make_sync_steps` compiled (sync mode)."""
+    def sds(shape, dtype):
+      return jax.ShapeDtypeStruct(shape, dtype)
 
-  def run(self, compiled: jax.stages.Compiled, state, rows: Rows, user_ids: list[int], counts: list[int]):
+    keys = (sds((b,), jnp.uint32), sds((b,), jnp.uint32), sds((b,), jnp.bool_), sds((), jnp.int32))
+    rows = (sds((b,), jnp.int32), sds((b, schema.num_dense), jnp.float32),
+            sds((b, schema.num_sparse, schema.max_len), jnp.int32), sds((b, schema.num_sparse, schema.max_len), jnp.bool_))
+    cache = self.soap.transact(lambda st: (st, jax.tree.map(lambda x: sds(x.shape, x.dtype), st)))
+    if self.cfg.mode == "soap":
+      return make_sum_step(graphdef, schema, self.emb_cols).lower(cache, state, *keys, *rows).compile()
+    lookup, resolve = make_sync_steps(graphdef, schema, self.emb_cols)
+    looked_up = jax.eval_shape(lookup, cache, *keys)[1]
+    lookup = lookup.lower(cache, *keys).compile()
+    dim = self.embedder.dim
+    resolve = resolve.lower(cache, state, *keys, looked_up, sds((b, dim), jnp.float32), sds((b,), jnp.bool_),
+                            sds((), jnp.int32), *rows).compile()
+    return SyncStep(lookup, resolve, jax.device_put(np.zeros((b, dim), np.float32), self.device))
+
+  def run(self, compiled: jax.stages.Compiled | SyncStep, state, rows: Rows, user_ids: list[int],
+          counts: list[int], user_rows: list[Rows]):
     """Runs a compiled step over a batch: `rows` [B] (the requests' rows one after another, then
-    padding), request i has user_ids[i] and counts[i] rows. Returns device arrays (probs [B, T],
-    source [B], age [B], version [B]); per-request outputs in the first len(user_ids) slots."""
+    padding), request i has user_ids[i], counts[i] rows and the tower row user_rows[i]. Returns
+    device arrays (probs [B, T], source [B], age [B], version [B]); per-request outputs in the first
+    len(user_ids) slots."""
     b = rows.num_rows
     ids = np.zeros(b, np.int64)
     ids[:len(user_ids)] = user_ids
@@ -263,10 +339,43 @@ class UserEmbeddings:
     row_req = np.zeros(b, np.int32)
     row_req[:sum(counts)] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
     hi, lo = _keys(ids)
-    args = jax.device_put((hi, lo, valid, np.int32(self.clock()), row_req, rows.dense, rows.sparse,
-                           rows.sparse_mask), self.device)
+    keys = jax.device_put((hi, lo, valid, np.int32(self.clock())), self.device)
+    batch = jax.device_put((row_req, rows.dense, rows.sparse, rows.sparse_mask), self.device)
+    if isinstance(compiled, SyncStep):
+      return self._run_sync(compiled, state, keys, batch, user_rows, b)
     with jax.transfer_guard("disallow"):  # nothing but the explicit transfers above
-      return self.soap.transact(lambda cache: compiled(cache, state, *args))
+      return self.soap.transact(lambda cache: compiled(cache, state, *keys, *batch))
+
+  def _run_sync(self, step: SyncStep, state, keys, batch, user_rows: list[Rows], b: int):
+    """Sync mode: lookup; the user model over the requests (if any missed the direct tier) within
+    the deadline; resolve and rank."""
+    with jax.transfer_guard("disallow"):
+      looked_up = self.soap.transact(lambda cache: step.lookup(cache, *keys))
+    k = len(user_rows)
+    need = np.asarray(jax.device_get(looked_up.source))[:k] == Source.NEEDS_INFERENCE
+    emb, ok = step.zeros, np.zeros(b, bool)
+    embedder = self.embedder
+    if need.any():
+      tower_rows = concat_rows(user_rows, embedder.schema, b)
+      future = self._pool.submit(lambda: jax.block_until_ready(embedder.embed(tower_rows)))
+      try:
+        emb = future.result(timeout=self.cfg.sync_deadline_ms / 1e3)
+        ok[:k] = need
+        self._count(sync_inferences=1)
+      except concurrent.futures.TimeoutError:
+        self._count(sync_timeouts=1)
+      except Exception as e:  # noqa: BLE001 - a failed user model serves the failover tier, never fails the batch
+        log.warning("user model failed on %d requests: %r", int(need.sum()), e)
+        self.soap.last_error = repr(e)
+        self._count(sync_errors=1)
+    extra = jax.device_put((ok, np.int32(embedder.version)), self.device)
+    with jax.transfer_guard("disallow"):
+      return self.soap.transact(lambda cache: step.resolve(cache, state, *keys, looked_up, emb, *extra, *batch))
+
+  def _count(self, **add: int) -> None:
+    with self._sources_lock:
+      for name, v in add.items():
+        self._sync_counts[name] += v
 
   def refresh(self, user_ids: list[int], user_rows: list[Rows], source: np.ndarray) -> list[str]:
     """After a batch: keeps the tower features of the users not served DIRECT and queues their
@@ -276,7 +385,7 @@ class UserEmbeddings:
       for n in names:
         self._sources[n] = self._sources.get(n, 0) + 1
     stale = [i for i, s in enumerate(source) if s != Source.DIRECT]
-    if stale:
+    if stale and self.cfg.mode == "soap":
       with self._features_lock:
         for i in stale:
           self._features[user_ids[i]] = user_rows[i]
@@ -286,25 +395,29 @@ class UserEmbeddings:
       self.soap.enqueue(np.asarray(user_ids, np.int64), np.asarray(source))
     return names
 
-  def _user_model(self, ids: np.ndarray) -> jax.Array:
-    """The refresh worker's user model: ids int64 [P] -> f32 [P, K D], from the users' kept features."""
+  def _user_model(self, embedder: TowerEmbedder, ids: np.ndarray) -> jax.Array:
+    """The refresh worker's user model (bound to one embedder): ids int64 [P] -> f32 [P, K D], from
+    the users' kept features."""
     with self._features_lock:
       missing = [int(i) for i in ids if int(i) not in self._features]
       if missing:
         raise KeyError(f"no features kept for users {missing[:8]} (more than max_users_kept="
                        f"{self.cfg.max_users_kept} users waiting)")
       rows = [self._features[int(i)] for i in ids]
-    return self.embedder.embed(concat_rows(rows, self.embedder.schema, len(rows)))
+    return embedder.embed(concat_rows(rows, embedder.schema, len(rows)))
 
   # ---- introspection
 
   def stats(self) -> dict:
-    """{"sources": served-source counts, "cache": SoapCache.counters(), "users_kept": n, "last_error"}."""
+    """{"mode", "sources": served-source counts, "cache": SoapCache.counters(), "users_kept": n,
+    "last_error", and in sync mode "sync_inferences", "sync_timeouts", "sync_errors" (batches)}."""
     with self._sources_lock:
-      sources = dict(self._sources)
+      sources, sync = dict(self._sources), dict(self._sync_counts)
     with self._features_lock:
       kept = len(self._features)
-    return {"sources": sources, "cache": self.soap.counters(), "users_kept": kept, "last_error": self.soap.last_error}
+    out = {"mode": self.cfg.mode, "sources": sources, "cache": self.soap.counters(), "users_kept": kept,
+           "last_error": self.soap.last_error}
+    return {**out, **sync} if self.cfg.mode == "sync" else out
 
   def describe(self) -> dict:
     """{"workdir", "version", "embedding_dim", "features": [the tower's request features], "cache": {config}}."""
@@ -313,11 +426,12 @@ class UserEmbeddings:
 
 
 def load_user_embeddings(ranker_workdir: Path, configured: str, cfg: UserCacheConfig, ranker_schema: Schema,
-                         device: jax.Device, clock: Callable[[], int]) -> UserEmbeddings:
-  """The user model a ranker's config names (data.user_model = `configured`), loaded and compiled."""
+                         device: jax.Device, clock: Callable[[], int], buckets: tuple[int, ...]) -> UserEmbeddings:
+  """The user model a ranker's config names (data.user_model = `configured`), loaded and compiled
+  (for the engine's row `buckets` too in sync mode)."""
   return UserEmbeddings(load_user_model(user_model_dir(ranker_workdir, configured)), cfg, ranker_schema, device,
-                        clock)
+                        clock, buckets)
 
 
-__all__ = ["SOURCE_NAMES", "TowerEmbedder", "UserCacheConfig", "UserEmbeddings", "embedding_columns",
-           "load_user_embeddings", "make_sum_step", "user_model_dir"]
+__all__ = ["SOURCE_NAMES", "SyncStep", "TowerEmbedder", "UserCacheConfig", "UserEmbeddings", "embedding_columns",
+           "load_user_embeddings", "make_sum_step", "make_sync_steps", "user_model_dir"]

@@ -184,7 +184,7 @@ def test_no_compilation_after_start(loaded):
       # the step runs under the transfer guard: a state left on the host is refused, not copied
       host = dataclasses.replace(eng._active, state=jax.device_get(eng._active.state))
       with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
-        eng._run_bucket(host, concat_rows([], eng.schema, 8), [], [])
+        eng._run_bucket(host, concat_rows([], eng.schema, 8), [])
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
 

@@ -1,7 +1,9 @@
 """serve.engine with a SUM ranker (SOAP mode): cached user embeddings on the request path, refreshed off it."""
 
+import dataclasses
 import json
 import threading
+import time
 
 import jax
 import jax.monitoring
@@ -198,7 +200,7 @@ def test_failing_user_model_serves_failover_or_fallback(engine, clock):
     assert st["user_embedding"]["cache"]["refresh_failures"] > failures
     assert "user model down" in st["user_embedding"]["last_error"] and st["failed_batches"] == 0
   finally:
-    soap.set_user_model(engine.users._user_model, engine.users.version)
+    engine.users.set_tower(engine.users.embedder.tower)  # the served tower again (recompiled)
   engine.rank(known, timeout=30)
   assert soap.wait_idle(30)
   assert engine.rank(known, timeout=30).user_embedding.source == "direct"
@@ -233,7 +235,7 @@ def test_no_compilation_after_start(dirs):
     # the step runs under the transfer guard: a ranker state left on the host is refused, not copied
     active = engine._active
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
-      engine.users.run(active.compiled[8], jax.device_get(active.state), concat_rows([], engine.schema, 8), [], [])
+      engine.users.run(active.compiled[8], jax.device_get(active.state), concat_rows([], engine.schema, 8), [], [], [])
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
     engine.close()
@@ -276,3 +278,92 @@ def test_describe_example_and_stats(engine, dirs):
 def test_plain_engine_refuses_a_sum_ranker(dirs):
   with pytest.raises(ValueError, match="open_engine"):
     Engine(load_ranker(dirs[1]), SMALL)
+
+
+# ---- sync mode: a direct-tier miss runs the user model for the request, within a deadline
+
+SYNC = dataclasses.replace(SMALL, user_cache=dataclasses.replace(CACHE, mode="sync", sync_deadline_ms=1000.0))
+
+
+class BrokenTower:
+  """Stands in for the engine's TowerEmbedder: raises, or answers after `delay_s` (past the deadline)."""
+
+  def __init__(self, real, delay_s=None):
+    self.real, self.delay_s = real, delay_s
+
+  def __getattr__(self, name):  # everything but embed: the real one's
+    return getattr(self.real, name)
+
+  def embed(self, rows):
+    if self.delay_s is None:
+      raise RuntimeError("user model down")
+    time.sleep(self.delay_s)
+    return self.real.embed(rows)
+
+
+@pytest.fixture(scope="module")
+def sync_clock():
+  return FakeClock()
+
+
+@pytest.fixture(scope="module")
+def sync_engine(dirs, sync_clock):
+  compiles = []
+
+  def on_event(name, secs, **kw):
+    if name == "/jax/core/compile/backend_compile_duration" and threading.current_thread().name != "MainThread":
+      compiles.append(threading.current_thread().name)  # the serving threads (the tests' references compile)
+
+  eng = open_engine(dirs[1], SYNC, clock=sync_clock).start()
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  yield eng, compiles
+  jax.monitoring.unregister_event_duration_listener(on_event)
+  eng.close()
+
+
+def test_sync_miss_runs_the_user_model_for_the_request(sync_engine, reference, sync_clock):
+  eng, compiles = sync_engine
+  rng = np.random.default_rng(5)
+  req = sum_request(eng, 41, 6, rng)
+  first = eng.rank(req, timeout=30)
+  assert (first.user_embedding.source, first.user_embedding.age_s, first.user_embedding.version) == ("fresh", 0, 10)
+  assert_scores(first, reference(req)[0])
+  sync_clock.t += 7
+  hit = eng.rank(req, timeout=30)
+  assert (hit.user_embedding.source, hit.user_embedding.age_s) == ("direct", 7)
+  assert_scores(hit, reference(req)[0])
+  sync_clock.t += 60
+  assert eng.rank(req, timeout=30).user_embedding.source == "fresh"  # past the direct TTL: inferred again
+  together = [eng.submit(sum_request(eng, 50 + u, 3, rng)) for u in range(9)]  # one batch of 27 rows: bucket 32
+  assert {f.result(timeout=30).user_embedding.source for f in together} == {"fresh"}
+  st = eng.stats()["user_embedding"]
+  assert st["mode"] == "sync" and st["sync_inferences"] >= 3 and st["sync_timeouts"] == st["sync_errors"] == 0
+  assert st["cache"]["refresh_enqueued"] == 0  # nothing goes to the background worker
+  assert compiles == [], f"compiled after start, on threads {compiles}"
+
+
+@pytest.mark.parametrize("delay_s, counter", [(None, "sync_errors"), (1.5, "sync_timeouts")])
+def test_sync_failing_or_slow_user_model_serves_failover_or_fallback(sync_engine, reference, sync_clock, delay_s,
+                                                                     counter):
+  eng, compiles = sync_engine
+  rng = np.random.default_rng(6)
+  known = sum_request(eng, 60 + int(delay_s or 0), 2, rng)
+  assert eng.rank(known, timeout=30).user_embedding.source == "fresh"
+  real = eng.users.embedder
+  before = eng.stats()["user_embedding"][counter]
+  eng.users.embedder = BrokenTower(real, delay_s)
+  try:
+    sync_clock.t += 61
+    stale = eng.rank(known, timeout=30)
+    assert (stale.user_embedding.source, stale.user_embedding.age_s) == ("failover", 61)
+    assert_scores(stale, reference(known)[0])
+    new = eng.rank(sum_request(eng, 70 + int(delay_s or 0), 2, rng), timeout=30)
+    assert new.user_embedding.source == "fallback"
+    assert eng.stats()["user_embedding"][counter] == before + 2
+  finally:
+    eng.users.embedder = real
+  if delay_s:
+    time.sleep(delay_s)  # the slow calls still run, one after the other: let them finish
+  assert eng.rank(known, timeout=30).user_embedding.source == "fresh"
+  assert eng.stats()["failed_batches"] == 0
+  assert compiles == [], f"compiled after start, on threads {compiles}"
