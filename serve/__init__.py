@@ -12,7 +12,8 @@
   stabilization over the last m embeddings, each with its own TTL and capacity:
   `EngineConfig.user_cache`), a background worker runs the frozen user tower on the request's user
   features and writes fresh embeddings back; responses say which source served (direct,
-  failover, fallback).
+  failover, fallback). `UserCacheConfig(mode="sync")`: a direct-tier miss runs the tower for the
+  request within a deadline instead (fresh), failing over to the failover tier, else the fallback.
 - `serve.app`, `serve.registry`, `serve.metrics`, `serve.loadgen`, `python -m serve`: the HTTP
   front end over the engine (see `serve.app`).
 """

@@ -19,6 +19,13 @@ inside `SoapCache.transact` (the cache state is donated and replaced). Afterward
 requests not served DIRECT store their user features and are handed to the SOAP worker, which
 computes fresh embeddings off the request path and writes them back: the request path never waits
 for the user model (SOAP). Times are integer seconds of `clock()` (monotone; injectable for tests).
+
+`UserCacheConfig.mode = "sync"` is ERCache's synchronous path instead (`make_sync_steps`): per
+bucket, one compiled `ercache.lookup` (a direct-tier hit skips the user model), then, if some
+request missed, the tower over the batch's user rows on a helper thread awaited at most
+`sync_deadline_ms`, then one compiled `ercache.resolve_after_inference` + ranker: FRESH where the
+tower answered in time, else the failover tier (FAILOVER) or the default (FALLBACK). The only
+extra transfers are the lookup's sources [B] out and the success mask [B] in.
 """
 
 from __future__ import annotations
