@@ -63,7 +63,7 @@ class HttpConfig:
   """a rank request still waiting for the engine after this long is answered 503 (and cancelled if queued)"""
   retry_after_s: int = 1
   """the Retry-After header of a 503"""
-  max_in_flight: int = 64
+  max_in_flight: int = 32
   """rank requests handled at once (reading, validating, queued or scoring); beyond, 503 at once
   without parsing the body. Bounds the wait to about max_in_flight / throughput"""
   max_body_bytes: int = 2 << 20

@@ -33,7 +33,7 @@ import time
 import urllib.parse
 from typing import Literal
 
-import httpx2 as httpx
+import aiohttp
 import numpy as np
 
 from jaxrec.config import parse_config
@@ -132,12 +132,13 @@ def _percentiles(xs: list[float]) -> dict[str, float | None]:
   return {f"p{q}": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)} | {"max": round(float(a.max()), 3)}
 
 
-async def _send(client: httpx.AsyncClient, url: str, body: bytes, tally: _Tally | None) -> None:
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, tally: _Tally | None) -> None:
   t0 = time.perf_counter()
   try:
-    r = await client.post(url, content=body, headers={"content-type": "application/json"})
-    await r.aread()
-  except httpx.HTTPError as e:
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+      await r.read()
+      code = r.status
+  except (aiohttp.ClientError, TimeoutError) as e:
     if tally is not None:
       tally.errors[type(e).__name__] = tally.errors.get(type(e).__name__, 0) + 1
     await asyncio.sleep(0.01)  # a refused connection fails at once: do not spin
@@ -145,8 +146,8 @@ async def _send(client: httpx.AsyncClient, url: str, body: bytes, tally: _Tally 
   if tally is not None:
     ms = (time.perf_counter() - t0) * 1e3
     tally.latencies_ms.append(ms)
-    tally.status[str(r.status_code)] = tally.status.get(str(r.status_code), 0) + 1
-    if r.status_code == 200:
+    tally.status[str(code)] = tally.status.get(str(code), 0) + 1
+    if code == 200:
       tally.ok_latencies_ms.append(ms)
 
 
@@ -186,15 +187,18 @@ async def run_load(cfg: LoadConfig) -> dict:
   """Runs the load described by `cfg` and returns the report (see the module docstring)."""
   check_loopback(cfg.url)
   base = cfg.url.rstrip("/")
-  limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-  async with httpx.AsyncClient(base_url=base, timeout=cfg.timeout_s, limits=limits) as client:
-    models = (await client.get("/v1/models")).raise_for_status().json()["models"]
+  connector = aiohttp.TCPConnector(limit=cfg.concurrency)
+  timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+  async with aiohttp.ClientSession(base, connector=connector, timeout=timeout, raise_for_status=False) as client:
+    async with client.get("/v1/models", raise_for_status=True) as r:
+      models = (await r.json())["models"]
     info = next((m for m in models if m["name"] == cfg.model), None)
     if info is None:
       raise ValueError(f"model {cfg.model!r} is not served at {base}; served: {[m['name'] for m in models]}")
     if cfg.candidates > info["max_candidates"]:
       raise ValueError(f"--candidates {cfg.candidates} is over the server's max_candidates {info['max_candidates']}")
-    example = (await client.get(f"/v1/models/{cfg.model}/example")).raise_for_status().json()
+    async with client.get(f"/v1/models/{cfg.model}/example", raise_for_status=True) as r:
+      example = await r.json()
     bodies = make_bodies(example, info, cfg)
     tally = _Tally()
     t0 = time.perf_counter()
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
   cfg = parse_config(LoadConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
   try:
     report = asyncio.run(run_load(cfg))
-  except (ValueError, httpx.HTTPError) as e:
+  except (ValueError, aiohttp.ClientError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   print(summary(report))
