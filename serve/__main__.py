@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 import uvicorn
 
@@ -47,6 +48,8 @@ class ServeConfig:
   """on SIGINT/SIGTERM, how long in-flight requests may take to finish"""
   log_level: str = "warning"
   """uvicorn's log level (access logs are off)"""
+  loop: Literal["asyncio", "uvloop", "auto"] = "asyncio"
+  """uvicorn's event loop (uvloop needs the uvloop package; auto takes it when installed)"""
   engine: EngineConfig = EngineConfig()
   http: HttpConfig = HttpConfig()
 
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   app = create_app(registry, cfg.http, admin_token=token)
   server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                         access_log=False, timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+                                         loop=cfg.loop, access_log=False,
+                                         timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
   print(f"serving {registry.names} on http://{cfg.host}:{cfg.port} (admin "
         f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True)
   try:
