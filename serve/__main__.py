@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{PROG}: error: cannot load a run: {e}", file=sys.stderr)
     return 2
   app = create_app(registry, cfg.http, admin_token=token)
-  server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                         loop=cfg.loop, access_log=False,
-                                         timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+  server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, loop=cfg.loop,
+                                  access_log=False, timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
   print(f"serving {registry.names} on http://{cfg.host}:{cfg.port} (admin "
         f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True)
   try:

@@ -5,7 +5,8 @@
 
 Request bodies are built from the server's GET /v1/models/{model}/example: `bodies` distinct
 bodies of `candidates` candidates each, with the request's sparse ids (user_id, ...) and each
-candidate's (ad_id, ...) drawn uniformly from the model's vocabularies (GET /v1/models).
+candidate's (ad_id, ...) drawn uniformly from the model's vocabularies (GET /v1/models). The client
+is aiohttp (one session, at most `concurrency` connections), the same as ../shared/bench/serve_anchor.py.
 
 closed: `concurrency` workers each send their next request as soon as the last one is answered.
 open: requests arrive as a Poisson process of `rate` per second whatever the answers; an arrival
@@ -107,8 +108,9 @@ def make_bodies(example: dict, model_info: dict, cfg: LoadConfig) -> list[bytes]
   for _ in range(cfg.bodies):
     body = {k: v for k, v in example.items() if k != "candidates"}
     body["features"] = vary(example.get("features", {}))
-    if "user_id" in body:
-      body["user_id"] = int(rng.integers(0, 2**31 - 1))
+    if "user_id" in body:  # the cache key: the user feature's id when there is one, so users repeat
+      uid = body["features"].get("user_id")
+      body["user_id"] = uid if isinstance(uid, int) else int(rng.integers(0, 2**31 - 1))
     body["candidates"] = [{"item_id": i, "features": vary(templates[i % len(templates)]["features"])}
                           for i in range(cfg.candidates)]
     bodies.append(json.dumps(body).encode())
