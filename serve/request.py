@@ -168,6 +168,21 @@ def _known(feats, where: str, server_filled: frozenset[str], skip: frozenset[str
   return out
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _dense_value(value: int | float, field: str) -> float:
+  """`value` as a float that float32 holds (finite, |x| <= 3.4e38); RequestError otherwise."""
+  try:
+    x = float(value)
+  except OverflowError:  # an int beyond float64
+    x = math.inf
+  if not math.isfinite(x) or abs(x) > F32_MAX:
+    raise RequestError(f"{field}: dense feature must be finite and within float32 range "
+                       f"(|x| <= {F32_MAX:.3g}), got {value if math.isfinite(x) else x}")
+  return x
+
+
 def _check_features(feats: dict, where: str, schema: Schema, dense_idx: dict[str, int],
                     sparse_idx: dict[str, int]) -> dict[str, float | list[int]]:
   """{name: float (dense) or list of ids (sparse)} of one feature dict, validated."""
@@ -177,9 +192,7 @@ def _check_features(feats: dict, where: str, schema: Schema, dense_idx: dict[str
     if name in dense_idx:
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{field}: dense feature must be a number, got {type(value).__name__}")
-      if not math.isfinite(value):
-        raise RequestError(f"{field}: dense feature must be finite, got {value}")
-      out[name] = float(value)
+      out[name] = _dense_value(value, field)
     elif name in sparse_idx:
       feat = schema.sparse[sparse_idx[name]]
       ids = value if isinstance(value, list) else [value]

@@ -145,6 +145,8 @@ def test_missing_features_are_empty_rows(engine):
     ({}, [{"ad_price": "1.0"}], r"candidates\[0\]\.ad_price: dense feature must be a number, got str"),
     ({}, [{}, {"ad_price": float("nan")}], r"candidates\[1\]\.ad_price: dense feature must be finite"),
     ({"user_activity": float("inf")}, [{}], r"features\.user_activity: dense feature must be finite"),
+    ({"user_activity": 1e308}, [{}], r"features\.user_activity: dense feature must be finite and within float32"),
+    ({}, [{"ad_price": -10**400}], r"candidates\[0\]\.ad_price: dense feature must be finite and within float32"),
     ({"user_id": 1000}, [{}], r"features\.user_id: id 1000 out of range \[0, 999\]"),
     ({}, [{"ad_id": -1}], r"candidates\[0\]\.ad_id: id -1 out of range \[0, 299\]"),
     ({}, [{"ad_id": 1.5}], r"candidates\[0\]\.ad_id: sparse feature ids must be integers, got float"),
