@@ -3,6 +3,7 @@
     python -m serve                                   # runs/demo (after `make demo`) on 127.0.0.1:8000
     python -m serve --workdir runs --port 8001        # every ranker run under runs/, named by path
     python -m serve --engine.buckets 64,256 --engine.max_queue 64 --admin_token s3cret
+    python -m serve --workdir runs --engine_per_model ttl.json    # per-model overrides, see serve.registry
     python -m serve --help                            # every config field, its type and default
 
 --workdir is one ranker run (served under the directory's name) or a folder of runs (each served
@@ -27,7 +28,7 @@ import uvicorn
 from jaxrec.config import parse_config
 from serve.app import HttpConfig, create_app
 from serve.engine import EngineConfig
-from serve.registry import NoRunsError, Registry, discover_runs
+from serve.registry import NoRunsError, Registry, discover_runs, engine_configs
 
 PROG = "python -m serve"
 
@@ -51,6 +52,9 @@ class ServeConfig:
   loop: Literal["asyncio", "uvloop", "auto"] = "asyncio"
   """uvicorn's event loop (uvloop needs the uvloop package; auto takes it when installed)"""
   engine: EngineConfig = EngineConfig()
+  """every model's engine (buckets, batching, queue, and a SUM ranker's user cache: TTLs, capacities)"""
+  engine_per_model: str = ""
+  """a JSON file of per-model overrides of --engine.*: {model name: {field: value, "user_cache": {...}}}"""
   http: HttpConfig = HttpConfig()
 
 
@@ -83,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
   except NoRunsError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
+  try:
+    engine_cfgs = engine_configs(list(runs), cfg.engine, cfg.engine_per_model)
+  except ValueError as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
   token = cfg.admin_token or os.environ.get("JAXREC_ADMIN_TOKEN") or None
   print(f"loading {len(runs)} model(s) and compiling buckets {list(cfg.engine.buckets)}: "
         + ", ".join(f"{n} ({p})" for n, p in runs.items()), file=sys.stderr, flush=True)
   try:
-    registry = Registry.open(runs, cfg.engine)
+    registry = Registry.open(runs, engine_cfgs)
   except (FileNotFoundError, ValueError) as e:
     print(f"{PROG}: error: cannot load a run: {e}", file=sys.stderr)
     return 2

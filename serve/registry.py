@@ -20,12 +20,14 @@ with "/" replaced by "."; user-model workdirs (user_model.json) are not rankers 
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
+from jaxrec.config import config_from_dict, config_to_dict
 from serve.engine import Engine, EngineConfig, open_engine
 
-__all__ = ["NoRunsError", "Registry", "UnknownModel", "discover_runs", "is_ranker_run"]
+__all__ = ["NoRunsError", "Registry", "UnknownModel", "discover_runs", "engine_configs", "is_ranker_run"]
 
 
 class NoRunsError(FileNotFoundError):
@@ -70,6 +72,44 @@ def discover_runs(root: Path, max_depth: int = 3) -> dict[str, Path]:
   return dict(sorted(runs.items()))
 
 
+def _merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+  return out
+
+
+def engine_configs(names: list[str], base: EngineConfig, per_model: str | Path | None) -> dict[str, EngineConfig]:
+  """{model name: EngineConfig}: `base` for every model, overridden per model by the JSON file
+  `per_model` ({name: {EngineConfig fields, nested as in --engine.*}}), so each user model's
+  cache gets its own TTLs and capacities, e.g.
+
+      {"sum.ranker_sum.seed0": {"user_cache": {"direct_ttl_s": 30, "failover_capacity": 1048576}},
+       "demo": {"max_candidates": 512}}
+
+  Raises ValueError naming the file and the problem (not JSON, a model not served, a bad field)."""
+  out = {n: base for n in names}
+  if not per_model:
+    return out
+  path = Path(per_model)
+  try:
+    over = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"per-model engine config {path}: {e}") from None
+  if not isinstance(over, dict) or not all(isinstance(v, dict) for v in over.values()):
+    raise ValueError(f"per-model engine config {path}: expected {{model name: {{field: value}}}}")
+  unknown = sorted(set(over) - set(names))
+  if unknown:
+    raise ValueError(f"per-model engine config {path}: {unknown[0]!r} is not served (models: {names})")
+  base_d = config_to_dict(base)
+  for name, fields in over.items():
+    try:
+      out[name] = config_from_dict(EngineConfig, _merge(base_d, fields))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"per-model engine config {path}, model {name!r}: {e}") from None
+  return out
+
+
 class Registry:
   """Started engines by model name. `open` loads and starts them; `close` drains them."""
 
@@ -78,12 +118,13 @@ class Registry:
     self._reload_lock = threading.Lock()
 
   @classmethod
-  def open(cls, runs: dict[str, Path], cfg: EngineConfig) -> "Registry":
-    """Loads every run with `serve.engine.open_engine` and starts it (compiling its buckets)."""
+  def open(cls, runs: dict[str, Path], cfg: EngineConfig | dict[str, EngineConfig]) -> "Registry":
+    """Loads every run with `serve.engine.open_engine` and starts it (compiling its buckets); `cfg` is
+    one config for all, or one per model name (`engine_configs`)."""
     engines: dict[str, Engine] = {}
     try:
       for name, workdir in runs.items():
-        engines[name] = open_engine(workdir, cfg).start()
+        engines[name] = open_engine(workdir, cfg[name] if isinstance(cfg, dict) else cfg).start()
     except BaseException:
       for eng in engines.values():
         eng.close(drain=False)

@@ -1,0 +1,63 @@
+"""serve.registry: per-model engine configs, and Registry.open handing each model its own."""
+
+import json
+
+import pytest
+
+from serve import registry as registry_mod
+from serve.engine import EngineConfig
+from serve.registry import Registry, engine_configs
+
+
+def test_per_model_overrides_merge_over_the_base(tmp_path):
+  path = tmp_path / "per_model.json"
+  path.write_text(json.dumps({"a": {"user_cache": {"direct_ttl_s": 30}}, "b": {"max_candidates": 16}}))
+  base = EngineConfig(max_wait_ms=1.0)
+  cfgs = engine_configs(["a", "b", "c"], base, path)
+  assert cfgs["c"] == base
+  assert cfgs["a"].user_cache.direct_ttl_s == 30 and cfgs["a"].max_wait_ms == 1.0
+  assert cfgs["a"].user_cache.failover_ttl_s == base.user_cache.failover_ttl_s  # untouched nested fields kept
+  assert cfgs["b"].max_candidates == 16 and cfgs["b"].user_cache == base.user_cache
+  assert engine_configs(["a"], base, "") == {"a": base}
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "per-model engine config"),
+    ('{"zzz": {"max_wait_ms": 1}}', "'zzz' is not served"),
+    ('{"a": {"user_cache": {"direct_ttl": 3}}}', "unknown field user_cache.direct_ttl; did you mean user_cache.direct_ttl_s"),
+    ('{"a": {"max_candidates": 100000}}', "model 'a'"),
+    ('{"a": 3}', "expected"),
+])
+def test_bad_per_model_files_name_the_problem(tmp_path, content, match):
+  path = tmp_path / "per_model.json"
+  path.write_text(content)
+  with pytest.raises(ValueError, match=match):
+    engine_configs(["a"], EngineConfig(), path)
+
+
+def test_open_gives_each_model_its_config(monkeypatch, tmp_path):
+  seen = {}
+
+  class FakeEngine:
+    def __init__(self, workdir, cfg):
+      seen[workdir.name] = cfg
+
+    def start(self):
+      return self
+
+  monkeypatch.setattr(registry_mod, "open_engine", FakeEngine)
+  cfgs = {"a": EngineConfig(max_wait_ms=1.0), "b": EngineConfig(max_wait_ms=3.0)}
+  reg = Registry.open({"a": tmp_path / "a", "b": tmp_path / "b"}, cfgs)
+  assert reg.names == ["a", "b"] and seen == {"a": cfgs["a"], "b": cfgs["b"]}
+
+
+def test_cli_refuses_a_bad_per_model_file(tmp_path, capsys):
+  from serve.__main__ import main
+  run = tmp_path / "demo"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  for name in ("config.json", "schema.json"):
+    (run / name).write_text("{}")
+  (tmp_path / "pm.json").write_text('{"other": {}}')
+  assert main(["--workdir", str(run), "--engine_per_model", str(tmp_path / "pm.json")]) == 2
+  err = capsys.readouterr().err
+  assert "'other' is not served (models: ['demo'])" in err and "Traceback" not in err
