@@ -228,7 +228,10 @@ class Engine:
       raise ValueError("this ranker reads a user model's embeddings (user_emb_* features): open it with "
                        "open_engine(workdir), which loads the user model and its cache")
     self.users = users
-    """the user model, its cache and refresh worker; None for a ranker that consumes none"""
+    """the user model, its cache and refresh worker (shared with other engines of its user model);
+    None for a ranker that consumes none"""
+    self._server_filled = frozenset() if users is None else users.server_filled(ranker.schema)
+    self._holds_users = False  # between start and close: this engine is one of the user model's holders
     self._active = self._prepare(ranker, compile_steps=False)
     self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=cfg.max_queue)
     self._lock = threading.Lock()
@@ -273,6 +276,7 @@ class Engine:
     user model's refresh worker)."""
     if self.users is not None:
       self.users.start()
+      self._holds_users = True
     self._active = self._prepare(self._active.ranker)
     self._worker = threading.Thread(target=self._loop, name="jaxrec-serve-batcher", daemon=True)
     self._worker.start()
@@ -287,7 +291,9 @@ class Engine:
     self._stop.set()
     if self._worker is not None:
       self._worker.join(timeout)
-    if self.users is not None:
+    with self._lock:
+      release, self._holds_users = self._holds_users, False
+    if release:  # once per start, however often close is called: the user model may be shared
       self.users.close(drain=drain, timeout=timeout)
 
   def __enter__(self) -> "Engine":
@@ -360,7 +366,7 @@ class Engine:
     features}, "candidates": [{ad features}, ...]} (plus "user_id" when a user model is consumed)."""
     rng = np.random.default_rng(0)
     s = self.schema
-    filled = frozenset() if self.users is None else self.users.server_filled
+    filled = self._server_filled
     sparse = {f.name: f for f in s.sparse}
     dense = set(s.dense)
     if self.users is not None:
@@ -410,7 +416,7 @@ class Engine:
       item = _Pending(rows, concurrent.futures.Future(), req.user_id)
     else:
       rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates, require_user_id=True,
-                            server_filled=u.server_filled, user_features=u.features)
+                            server_filled=self._server_filled, user_features=u.features)
       item = _Pending(rows, concurrent.futures.Future(), int(req.user_id), u.encode(req))
     with self._lock:
       if self._closed or self._worker is None:
@@ -525,13 +531,16 @@ def _monotonic_s() -> int:
   return int(time.monotonic())
 
 
-def open_engine(workdir: Path, cfg: EngineConfig = EngineConfig(), *, clock: Callable[[], int] = _monotonic_s) -> Engine:
+def open_engine(workdir: Path, cfg: EngineConfig = EngineConfig(), *, clock: Callable[[], int] = _monotonic_s,
+                shared_users: dict | None = None) -> Engine:
   """An Engine (not started) over the newest checkpoint of the ranker trained in `workdir`, and,
   when its config names a user model (data.user_model), that user model's newest checkpoint and its
-  cache (`cfg.user_cache`). `clock() -> int` seconds, monotone, times the cache (tests fake it)."""
+  cache (`cfg.user_cache`). `clock() -> int` seconds, monotone, times the cache (tests fake it).
+  `shared_users`: a dict kept across the engines of one server, so that rankers consuming the same
+  user model share its cache and refresh worker (see serve.user_embedding.load_user_embeddings)."""
   ranker = load_ranker(workdir)
   users = None
   if ranker.config is not None and ranker.config.data.user_model:
     users = load_user_embeddings(Path(workdir), ranker.config.data.user_model, cfg.user_cache, ranker.schema,
-                                 jax.local_devices()[0], clock, cfg.buckets)
+                                 jax.local_devices()[0], clock, cfg.buckets, shared_users)
   return Engine(ranker, cfg, users=users)

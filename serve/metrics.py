@@ -193,6 +193,10 @@ def write_engine_stats(out: Exposition, model: str, stats: Mapping) -> None:
   user tower (stats["cache"], ERCache's COUNTERS) become jaxrec_cache_{hits,misses,evictions}_total
   by tier, next to served sources and SOAP refresh counters; any other numeric key is exported as
   the gauge jaxrec_engine_<key>.
+
+  Rankers that consume the same user model share its cache and refresh worker, so their
+  jaxrec_cache_* and served-source families repeat the same counts under each model label: sum
+  them over one model per user model, not over all.
   """
   m = (("model", model),)
   for key, value in stats.items():

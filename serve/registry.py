@@ -122,9 +122,11 @@ class Registry:
     """Loads every run with `serve.engine.open_engine` and starts it (compiling its buckets); `cfg` is
     one config for all, or one per model name (`engine_configs`)."""
     engines: dict[str, Engine] = {}
+    shared_users: dict = {}  # rankers of one user model share its cache and refresh worker
     try:
       for name, workdir in runs.items():
-        engines[name] = open_engine(workdir, cfg[name] if isinstance(cfg, dict) else cfg).start()
+        engines[name] = open_engine(workdir, cfg[name] if isinstance(cfg, dict) else cfg,
+                                    shared_users=shared_users).start()
     except BaseException:
       for eng in engines.values():
         eng.close(drain=False)

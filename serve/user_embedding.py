@@ -241,16 +241,18 @@ def _keys(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class UserEmbeddings:
-  """One ranker's user model on the request path: tower, cache, refresh worker (module docstring)."""
+  """One user model on the request path: tower, cache, refresh worker (module docstring).
+
+  Shared by every ranker served that consumes this user model (SUM: a few user models, many
+  downstream rankers): one cache and one refresh per user, whichever ranker's request triggered it.
+  Each engine holding it calls `check_ranker` once, `start` when it starts and `close` when it
+  closes; the worker starts with the first holder and stops with the last.
+  """
 
   def __init__(self, tower: FrozenUserTower, cfg: UserCacheConfig, ranker_schema: Schema, device: jax.Device,
                clock: Callable[[], int], buckets: tuple[int, ...] = ()):
     self.cfg, self.device, self.clock = cfg, device, clock
-    self.emb_cols = embedding_columns(ranker_schema)
-    if self.emb_cols.size != tower.out_features:
-      raise ValueError(f"the ranker reads {self.emb_cols.size} user_emb_* features, the user model "
-                       f"{str(tower.workdir)!r} makes {tower.out_features}")
-    self.server_filled = frozenset(ranker_schema.dense[i] for i in self.emb_cols)
+    self.check_ranker(ranker_schema, tower)
     self._soap_cfg = cfg.soap()
     self._sizes = sorted({bucket(n, self._soap_cfg.min_bucket) for n in range(1, cfg.refresh_batch + 1)})
     # sync mode runs the tower over a whole bucket's requests (`buckets`: the engine's)
@@ -268,6 +270,28 @@ class UserEmbeddings:
     self._sources = dict.fromkeys(("direct", "fresh", "failover", "fallback"), 0)
     self._sources_lock = threading.Lock()
 
+    self._holders = 0
+    self._holders_lock = threading.Lock()
+
+  @staticmethod
+  def check_ranker(ranker_schema: Schema, tower: FrozenUserTower) -> None:
+    """ValueError unless the ranker reads exactly the tower's embedding width as user_emb_* features."""
+    n = embedding_columns(ranker_schema).size
+    if n != tower.out_features:
+      raise ValueError(f"the ranker reads {n} user_emb_* features, the user model "
+                       f"{str(tower.workdir)!r} makes {tower.out_features}")
+
+  @staticmethod
+  def server_filled(ranker_schema: Schema) -> frozenset[str]:
+    """The ranker's dense features this service fills (user_emb_*): a client must not send them."""
+    return frozenset(ranker_schema.dense[i] for i in embedding_columns(ranker_schema))
+
+  @property
+  def holders(self) -> int:
+    """Engines that started and have not closed it."""
+    with self._holders_lock:
+      return self._holders
+
   @property
   def features(self) -> frozenset[str]:
     """The tower's features a request carries in `features`."""
@@ -278,7 +302,15 @@ class UserEmbeddings:
     return self.embedder.version
 
   def start(self) -> None:
-    """Compiles the cache's paths (the tower was compiled on construction) and starts the worker."""
+    """The first holder's call compiles the cache's paths (the tower was compiled on construction)
+    and starts the worker; later holders' calls only count them."""
+    with self._holders_lock:
+      self._holders += 1
+      if self._holders > 1:
+        return
+      self._start()
+
+  def _start(self) -> None:
     self.soap.start(warmup=True)
     for size in self._sizes:  # the worker's calls with its argument types, so nothing compiles under load
       keys, off = split_keys(np.zeros(size, np.int64)), jnp.asarray(np.zeros(size, bool))  # as the worker's
@@ -288,7 +320,11 @@ class UserEmbeddings:
     self.soap.counters()  # compiles the counters' copy
 
   def close(self, drain: bool = True, timeout: float | None = None) -> None:
-    """Stops the refresh worker (drain: after the queued refreshes)."""
+    """The last holder's call stops the refresh worker (drain: after the queued refreshes)."""
+    with self._holders_lock:
+      self._holders -= 1
+      if self._holders > 0:
+        return
     self.soap.close(drain=drain, timeout=timeout)
     self._pool.shutdown(wait=False)
 
@@ -323,8 +359,8 @@ class UserEmbeddings:
             sds((b, schema.num_sparse, schema.max_len), jnp.int32), sds((b, schema.num_sparse, schema.max_len), jnp.bool_))
     cache = self.soap.transact(lambda st: (st, jax.tree.map(lambda x: sds(x.shape, x.dtype), st)))
     if self.cfg.mode == "soap":
-      return make_sum_step(graphdef, schema, self.emb_cols).lower(cache, state, *keys, *rows).compile()
-    lookup, resolve = make_sync_steps(graphdef, schema, self.emb_cols)
+      return make_sum_step(graphdef, schema, embedding_columns(schema)).lower(cache, state, *keys, *rows).compile()
+    lookup, resolve = make_sync_steps(graphdef, schema, embedding_columns(schema))
     looked_up = jax.eval_shape(lookup, cache, *keys)[1]
     lookup = lookup.lower(cache, *keys).compile()
     dim = self.embedder.dim
@@ -429,15 +465,31 @@ class UserEmbeddings:
   def describe(self) -> dict:
     """{"workdir", "version", "embedding_dim", "features": [the tower's request features], "cache": {config}}."""
     return {"workdir": str(self.embedder.tower.workdir), "version": self.version, "embedding_dim": self.embedder.dim,
-            "features": sorted(self.features), "cache": dataclasses.asdict(self.cfg)}
+            "features": sorted(self.features), "cache": dataclasses.asdict(self.cfg), "rankers": self.holders}
 
 
 def load_user_embeddings(ranker_workdir: Path, configured: str, cfg: UserCacheConfig, ranker_schema: Schema,
-                         device: jax.Device, clock: Callable[[], int], buckets: tuple[int, ...]) -> UserEmbeddings:
+                         device: jax.Device, clock: Callable[[], int], buckets: tuple[int, ...],
+                         shared: dict | None = None) -> UserEmbeddings:
   """The user model a ranker's config names (data.user_model = `configured`), loaded and compiled
-  (for the engine's row `buckets` too in sync mode)."""
-  return UserEmbeddings(load_user_model(user_model_dir(ranker_workdir, configured)), cfg, ranker_schema, device,
-                        clock, buckets)
+  (for the engine's row `buckets` too in sync mode). With `shared` (a dict the caller keeps across
+  rankers, e.g. serve.registry's), rankers naming the same user model directory get one
+  UserEmbeddings: one cache and one refresh per user. They must then configure its cache alike
+  (ValueError otherwise)."""
+  path = user_model_dir(ranker_workdir, configured)
+  key = str(path.resolve())
+  if shared is not None and key in shared:
+    users, first_cfg, first_buckets, first_ranker = shared[key]
+    if (first_cfg, first_buckets if cfg.mode == "sync" else ()) != (cfg, buckets if cfg.mode == "sync" else ()):
+      raise ValueError(f"rankers {str(first_ranker)!r} and {str(ranker_workdir)!r} share user model {str(path)!r} "
+                       "(one cache per user model) but configure its cache (or, in sync mode, the engine "
+                       "buckets) differently; give both the same user_cache settings")
+    users.check_ranker(ranker_schema, users.embedder.tower)
+    return users
+  users = UserEmbeddings(load_user_model(path), cfg, ranker_schema, device, clock, buckets)
+  if shared is not None:
+    shared[key] = (users, cfg, buckets, ranker_workdir)
+  return users
 
 
 __all__ = ["SOURCE_NAMES", "SyncStep", "TowerEmbedder", "UserCacheConfig", "UserEmbeddings", "embedding_columns",

@@ -158,6 +158,40 @@ def test_fallback_then_direct_with_the_fresh_embedding(engine, reference, clock)
     assert_scores(first, expected)
 
 
+def test_rankers_of_one_user_model_share_its_cache(dirs, reference):
+  """Two engines over rankers of the same user model (as serve.registry opens them): one cache and
+  one refresh per user, whichever engine's request triggered it; the worker outlives the first close."""
+  clock, shared = FakeClock(), {}
+  a = open_engine(dirs[1], SMALL, clock=clock, shared_users=shared).start()
+  b = open_engine(dirs[1], SMALL, clock=clock, shared_users=shared).start()
+  try:
+    assert a.users is b.users and a.users.holders == 2 and len(shared) == 1
+    rng = np.random.default_rng(7)
+    req = sum_request(a, 21, 3, rng)
+    assert a.rank(req, timeout=30).user_embedding.source == "fallback"
+    assert a.users.soap.wait_idle(30)
+    clock.t += 1
+    resp = b.rank(req, timeout=30)
+    assert resp.user_embedding.source == "direct"  # refreshed by a's request: no second inference
+    assert_scores(resp, reference(req)[0])
+    assert b.stats()["user_embedding"]["cache"]["refresh_written"] == 1
+    a.close()
+    assert b.users.holders == 1
+    other = sum_request(b, 22, 2, rng)
+    assert b.rank(other, timeout=30).user_embedding.source == "fallback"
+    assert b.users.soap.wait_idle(30)  # the worker still runs for b
+    assert b.rank(other, timeout=30).user_embedding.source == "direct"
+    other_cache = dataclasses.replace(SMALL, user_cache=dataclasses.replace(CACHE, direct_ttl_s=5))
+    with pytest.raises(ValueError, match="share user model .* configure its cache"):
+      open_engine(dirs[1], other_cache, clock=clock, shared_users=shared)
+    a.close()  # a second close releases nothing
+    assert b.users.holders == 1
+  finally:
+    a.close()
+    b.close()
+  assert b.users.holders == 0
+
+
 def test_direct_ttl_expiry_serves_failover_then_refreshes(engine, reference, clock):
   rng = np.random.default_rng(1)
   req = sum_request(engine, 12, 3, rng)

@@ -36,11 +36,12 @@ def test_bad_per_model_files_name_the_problem(tmp_path, content, match):
 
 
 def test_open_gives_each_model_its_config(monkeypatch, tmp_path):
-  seen = {}
+  seen, shared_dicts = {}, []
 
   class FakeEngine:
-    def __init__(self, workdir, cfg):
+    def __init__(self, workdir, cfg, shared_users):
       seen[workdir.name] = cfg
+      shared_dicts.append(shared_users)
 
     def start(self):
       return self
@@ -49,6 +50,7 @@ def test_open_gives_each_model_its_config(monkeypatch, tmp_path):
   cfgs = {"a": EngineConfig(max_wait_ms=1.0), "b": EngineConfig(max_wait_ms=3.0)}
   reg = Registry.open({"a": tmp_path / "a", "b": tmp_path / "b"}, cfgs)
   assert reg.names == ["a", "b"] and seen == {"a": cfgs["a"], "b": cfgs["b"]}
+  assert shared_dicts[0] is shared_dicts[1]  # one user-model table for the whole server
 
 
 def test_cli_refuses_a_bad_per_model_file(tmp_path, capsys):
