@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -139,16 +139,9 @@ def _encode_fast(cands: list, shared: dict, rows: Rows, schema: Schema, dense_id
     else:
       rows.sparse[:, sparse_idx[name], :len(value)] = value
       rows.sparse_mask[:, sparse_idx[name], :len(value)] = True
-  cols: dict[str, tuple[list[int], list]] = {}
-  for r, cand in enumerate(cands):
-    if type(cand) is not dict:
-      return False
-    for name, v in cand.items():
-      col = cols.get(name)
-      if col is None:
-        cols[name] = col = ([], [])
-      col[0].append(r)
-      col[1].append(v)
+  cols = _columns(cands)
+  if cols is None:
+    return False
   for name, (idx, vals) in cols.items():
     if name in server_filled:
       return False
@@ -178,6 +171,28 @@ def _encode_fast(cands: list, shared: dict, rows: Rows, schema: Schema, dense_id
     except OverflowError:  # an int beyond int64 / float64
       return False
   return True
+
+
+def _columns(cands: list) -> dict[str, tuple[slice | list[int], Sequence]] | None:
+  """{feature name: (rows, values)} of the candidates' feature dicts; None if one is not a dict.
+  When every candidate names the same features in the same order (the usual case) the columns are
+  cut with zip, in C."""
+  first = cands[0]
+  if type(first) is dict:
+    names = tuple(first)
+    if all(type(c) is dict and tuple(c) == names for c in cands):
+      return {name: (slice(None), vals) for name, vals in zip(names, zip(*(c.values() for c in cands)))}
+  cols: dict[str, tuple[list[int], list]] = {}
+  for r, cand in enumerate(cands):
+    if type(cand) is not dict:
+      return None
+    for name, v in cand.items():
+      col = cols.get(name)
+      if col is None:
+        cols[name] = col = ([], [])
+      col[0].append(r)
+      col[1].append(v)
+  return cols
 
 
 def check_user_id(user_id, *, required: bool) -> None:

@@ -81,3 +81,20 @@ def test_values_the_fast_path_refuses_get_the_per_candidate_error(bad, match):
 def test_numpy_scalars_are_accepted_as_before():
   rows = encode_request(RankRequest({}, [{"price": np.float64(0.5), "ad": np.int64(3)}]), SCHEMA, max_candidates=4)
   assert rows.dense[0, 0] == 0.5 and rows.sparse[0, 0, 0] == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(shared=feature_dicts(True), n=st.integers(1, 10), seed=st.integers(0, 2**16), reorder=st.booleans())
+def test_candidates_with_the_same_features_match_reference(shared, n, seed, reorder):
+  """The zip path (every candidate names the same features in the same order), and the general
+  path when one candidate lists them in another order."""
+  rng = np.random.default_rng(seed)
+  cands = [{"ad": int(rng.integers(50)), "price": float(rng.normal()), "tags": int(rng.integers(20))} for _ in range(n)]
+  if reorder:
+    cands[-1] = dict(reversed(list(cands[-1].items())))
+  req = RankRequest(shared, cands)
+  rows = encode_request(req, SCHEMA, max_candidates=16)
+  dense, sparse, mask = reference(req)
+  np.testing.assert_array_equal(rows.dense, dense)
+  np.testing.assert_array_equal(rows.sparse, sparse)
+  np.testing.assert_array_equal(rows.sparse_mask, mask)
