@@ -192,6 +192,33 @@ def test_rankers_of_one_user_model_share_its_cache(dirs, reference):
   assert b.users.holders == 0
 
 
+def test_engine_serves_the_sources_the_replay_predicts(dirs):
+  """serve.replay's SOAP mode is the engine's behaviour: a request stream through the engine (fake
+  clock, each refresh written before the next request) gets, request by request, the sources that
+  jaxrec.cache.replay computes for the same stream and cache settings."""
+  from jaxrec.cache.ercache import Source
+  from jaxrec.cache.replay import AccessStream, ReplayPolicy, replay
+  rng = np.random.default_rng(3)
+  n = 60
+  users = rng.integers(100, 108, n)
+  times = 5000 + np.cumsum(rng.choice([0, 5, 30, 70, 400, 4000], n))
+  clock = FakeClock(int(times[0]))
+  eng = open_engine(dirs[1], SMALL, clock=clock).start()
+  try:
+    got = []
+    for u, t in zip(users.tolist(), times.tolist()):
+      clock.t = t
+      got.append(eng.rank(sum_request(eng, u, 2, rng), timeout=30).user_embedding.source)
+      assert eng.users.soap.wait_idle(30)
+  finally:
+    eng.close()
+  trace = replay(AccessStream(users.astype(np.int64), times.astype(np.int64)), np.zeros((n, 1), np.float32),
+                 ReplayPolicy(direct_ttl_s=CACHE.direct_ttl_s, failover_ttl_s=CACHE.failover_ttl_s, soap=True))
+  want = [Source(s).name.lower() for s in trace.source]
+  assert got == want
+  assert {"direct", "failover", "fallback"} <= set(got)  # the stream exercises every SOAP source
+
+
 def test_direct_ttl_expiry_serves_failover_then_refreshes(engine, reference, clock):
   rng = np.random.default_rng(1)
   req = sum_request(engine, 12, 3, rng)
