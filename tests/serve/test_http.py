@@ -118,7 +118,7 @@ def _cand(**features):
     ({"candidates": [_cand()]}, 422, "model", "required"),
     ({"model": "tiny", "candidates": [_cand()], "extra": 1}, 422, "extra", "not permitted"),
     ({"model": 7, "candidates": [_cand()]}, 422, "model", "string"),
-    ([1, 2], 422, None, "dictionary"),
+    ([1, 2], 422, None, "object"),
     ({"model": "nope", "candidates": [_cand()]}, 404, "model", "unknown model 'nope'"),
 ])
 def test_validation_errors_name_the_field(client, body, status, field, match):
