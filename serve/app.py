@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hmac
 import re
 import time
@@ -372,9 +373,12 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
     if model is not None:
       engine_for(request, model)
     try:
-      return {"reloaded": await asyncio.to_thread(registry.reload, model)}
+      out = {"reloaded": await asyncio.to_thread(registry.reload, model)}
     except SwapError as e:
       raise ApiError(409, "swap_failed", f"kept the served checkpoint: {e}") from None
+    if gc.get_freeze_count():  # python -m serve froze its heap: collect the replaced model's cycles once
+      await asyncio.to_thread(_refreeze)
+    return out
 
   def openapi() -> dict:
     if app.openapi_schema is None:
@@ -388,6 +392,14 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
 
   app.openapi = openapi
   return app
+
+
+def _refreeze() -> None:
+  """Unfreezes the heap, collects it (a replaced model held in reference cycles would otherwise stay
+  frozen, with its device buffers, forever) and freezes what is left: one full pause per reload."""
+  gc.unfreeze()
+  gc.collect()
+  gc.freeze()
 
 
 def _is_json(content_type: str) -> bool:

@@ -194,6 +194,29 @@ def test_admin_reload_needs_the_token(client, registry):
     assert r.status_code == 403 and "admin disabled" in r.json()["error"]["message"]
 
 
+def test_reload_collects_a_frozen_heap_and_freezes_it_again(client):
+  """python -m serve freezes its heap after start-up; a reload lets the collector see the replaced
+  model's reference cycles once (else they stay frozen for good), then freezes again."""
+  import gc
+  import weakref
+
+  class Node:
+    pass
+
+  cycle = Node()
+  cycle.self = cycle
+  gone = weakref.ref(cycle)
+  gc.freeze()
+  try:
+    del cycle
+    assert gone() is not None  # frozen cyclic garbage: no collection reaches it
+    r = client.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    assert gone() is None and gc.get_freeze_count() > 0
+  finally:
+    gc.unfreeze()
+
+
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\["\\n])*",?)*\})? '
                     r'(-?[0-9.]+(e[+-]?[0-9]+)?|NaN|[+-]Inf)$')
 COMMENT = re.compile(r"^# (HELP [a-zA-Z_:][a-zA-Z0-9_:]* .*|TYPE [a-zA-Z_:][a-zA-Z0-9_:]* "
