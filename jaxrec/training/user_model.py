@@ -8,7 +8,8 @@ checkpoint in `workdir`. It writes there:
     checkpoints/<step>/   orbax checkpoints of the TrainState
     user_model.json       the full UserModelConfig (what marks a user-model workdir)
     schema.json           the feature schema the tower was built for (ads world + history)
-    embedding_stats.json  per-dimension mean and std of the embeddings over training-stream rows
+    embedding_stats.json  per-dimension mean and std of the embeddings over training-stream rows,
+                          for the final checkpoint of every run that finished in the workdir
     metrics.jsonl         training loss and eval metrics (overall and per domain "d<k>/...")
     summary.json          final eval NE / AUC per objective, overall and per domain, examples/s
 
@@ -167,8 +168,7 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   rows = [train_src.train_batch(int(i), bs) for i in np.linspace(0, max(final_step - 1, 0), STATS_BATCHES)]
   emb = np.concatenate([np.asarray(_embed(graphdef, state.params, state.table, b.sparse, b.sparse_mask, b.dense))
                         for b in rows])
-  (workdir / STATS_FILE).write_text(json.dumps({"mean": emb.mean(0).tolist(), "std": emb.std(0).tolist(),
-                                                "rows": int(emb.shape[0])}) + "\n")
+  _save_stats(workdir / STATS_FILE, final_step, emb)
   append_jsonl(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in flatten(res).items()}})
   ckpt.close()
   tasks = schema.labels
@@ -263,6 +263,33 @@ def _embed(graphdef: nnx.GraphDef, params: dict, table: jax.Array, sparse, spars
                                     weights=None, domain=None, timestamp=None))
 
 
+def _save_stats(path: Path, step: int, emb: np.ndarray) -> None:
+  """Writes the embedding statistics of checkpoint `step` to `path`, keeping earlier steps' under
+  "by_step" (a run resumed in the same workdir must not standardise an older checkpoint with a
+  newer one's statistics); the top level holds the newest step's."""
+  old = json.loads(path.read_text()) if path.exists() else {}
+  by_step = dict(old.get("by_step", {}))
+  if "by_step" not in old and "mean" in old and "step" in old:
+    by_step[str(old["step"])] = {k: old[k] for k in ("mean", "std", "rows")}
+  entry = {"mean": emb.mean(0).tolist(), "std": emb.std(0).tolist(), "rows": int(emb.shape[0])}
+  by_step[str(step)] = entry
+  path.write_text(json.dumps({"step": step, **entry, "by_step": by_step}) + "\n")
+
+
+def _stats_for(stats: dict, step: int, workdir, hint: str) -> dict:
+  """The statistics of checkpoint `step` (a file written before steps were recorded holds one set,
+  used for any step, as it always was)."""
+  entry = stats.get("by_step", {}).get(str(step))
+  if entry is None and stats.get("step", step) == step:
+    entry = stats
+  if entry is None:
+    known = sorted(int(k) for k in stats.get("by_step", {}))
+    raise UserModelError(f"user model {str(workdir)!r}: no embedding statistics for checkpoint {step} (they are "
+                         f"computed when a training run finishes; known for steps {known}); load one of those "
+                         f"steps or let the training finish; {hint}")
+  return entry
+
+
 def load_user_model(workdir: str | Path, step: int | None = None) -> FrozenUserTower:
   """Restores a `train_user_model` workdir's newest checkpoint (or `step`) for inference.
 
@@ -298,6 +325,7 @@ def load_user_model(workdir: str | Path, step: int | None = None) -> FrozenUserT
     ckpt.close()
   if stats is None:
     raise UserModelError(f"user model {str(workdir)!r} has no {STATS_FILE}: its training did not finish; {hint}")
+  stats = _stats_for(stats, int(state.step), workdir, hint)
   std = np.maximum(np.asarray(stats["std"], np.float32), 1e-6)
   return FrozenUserTower(workdir=wd, config=cfg, schema=schema, step=int(state.step), graphdef=graphdef,
                          params=state.params, table=state.table, mean=np.asarray(stats["mean"], np.float32), std=std)
