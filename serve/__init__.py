@@ -16,6 +16,7 @@
   request within a deadline instead (fresh), failing over to the failover tier, else the fallback.
 - `serve.app`, `serve.registry`, `serve.metrics`, `serve.loadgen`, `python -m serve`: the HTTP
   front end over the engine (see `serve.app`).
+- `serve.bench_engine` (`python -m serve.bench_engine`): the engine's throughput without HTTP.
 - `serve.replay` (`python -m serve.replay`): request streams (ads world with a SUM ranker, Taobao and
   MovieLens access logs) replayed through ERCache's device tiers: inferences saved, downstream NE
   and staleness vs TTL, SOAP, fallbacks with and without the failover tier (jaxrec.cache.replay_study).
