@@ -10,7 +10,7 @@ against the direct TTL, and fallbacks with and without the failover tier under i
 rates, for the ads world (with a SUM ranker) and the access patterns of Taobao UserBehavior and
 MovieLens (../shared/data; skipped with a note when absent). Writes WORKDIR/replay.json,
 replay.md, replay_ttl.png, replay_staleness.png and replay_failover.png. See
-jaxrec.cache.replay_study. The defaults took about 3 minutes on the 2-core CPU (2026-11-23).
+jaxrec.cache.replay_study. The defaults took about 4 minutes on the 2-core CPU (2026-11-23).
 """
 
 from __future__ import annotations
