@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import queue
 import threading
 import time
@@ -45,14 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxrec.config import config_from_dict
 from jaxrec.data.batch import Batch, Schema
-from jaxrec.models import build_model
 from jaxrec.training import sharding
-from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.loop import RankerConfig
-from jaxrec.training.state import merge_model, plan_train_state
-from jaxrec.training.step import dense_optimizer
+from jaxrec.training.restore import read_run, restore_ranker
+from jaxrec.training.state import merge_model
 from jaxrec.training.user_model import load_user_model
 from serve.request import RankRequest, RequestError, Rows, concat_rows, encode_request
 from serve.user_embedding import UserCacheConfig, UserEmbeddings, embedding_columns, load_user_embeddings
@@ -155,21 +151,10 @@ def load_ranker(workdir: Path, step: int | None = None) -> LoadedRanker:
   (default the latest) onto one device, the way train.probe.load_run does.
   """
   workdir = Path(workdir)
-  for name in ("config.json", "schema.json"):
-    if not (workdir / name).exists():
-      raise FileNotFoundError(f"{workdir} has no {name}: not a training run's workdir")
-  cfg = config_from_dict(RankerConfig, json.loads((workdir / "config.json").read_text()))
-  schema = Schema.from_json(json.loads((workdir / "schema.json").read_text()))
+  cfg, schema = read_run(workdir)
   # the table's rows were padded to a multiple of the training devices
-  row_multiple = cfg.train.num_devices or jax.local_device_count()
-  graphdef, _, abstract, state_sh = plan_train_state(
-      lambda: build_model(schema, cfg.model, row_multiple=row_multiple), dense_optimizer(cfg.optim),
-      sharding.make_mesh(1))
-  ckpt = Checkpointer(workdir)
-  try:
-    state = ckpt.restore(abstract, state_sh, step)
-  finally:
-    ckpt.close()
+  graphdef, state, _ = restore_ranker(cfg, schema, workdir, sharding.make_mesh(1),
+                                      row_multiple=cfg.train.num_devices or jax.local_device_count(), step=step)
   return LoadedRanker(schema=schema, graphdef=graphdef, state=ServingState(params=state.params, table=state.table),
                       version=int(state.step), workdir=workdir, config=cfg)
 

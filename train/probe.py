@@ -22,23 +22,22 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxrec.config import config_from_dict, config_to_dict, parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig, open_train_eval
 from jaxrec.layers.dense import capture_gemm_inputs, dense_modules, gemm_sites
-from jaxrec.models import DCNv2Config, ModelConfig, build_model
+from jaxrec.models import DCNv2Config, ModelConfig
 from jaxrec.precision import dispatch
 from jaxrec.precision.error_model import Gaussian, MatrixNormal, mere_for_site, mere_on_operands
 from jaxrec.precision.probe import ProbeConfig, ProbeState
 from jaxrec.precision.report import SETTINGS, plot_mere_heatmap, write_report
 from jaxrec.progress import progress
 from jaxrec.training import sharding
-from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
-from jaxrec.training.state import merge_model, plan_train_state
-from jaxrec.training.step import OptimConfig, dense_optimizer
+from jaxrec.training.restore import restore_ranker
+from jaxrec.training.state import merge_model
+from jaxrec.training.step import OptimConfig
 
 MODS = DCNv2Config(use_bias=False, norm="block", activation="hard_swish", top_mlp=(256, 256))
 
@@ -85,12 +84,7 @@ def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:
     raise FileNotFoundError(f"{run_dir} has no config.json: not a training run's workdir")
   cfg = config_from_dict(RankerConfig, json.loads(cfg_path.read_text()))
   _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
-  mesh = sharding.make_mesh(1)
-  graphdef, _, abstract, state_sh = plan_train_state(
-      lambda: build_model(eval_src.schema, cfg.model), dense_optimizer(cfg.optim), mesh)
-  ckpt = Checkpointer(run_dir)
-  state = ckpt.restore(abstract, state_sh)
-  ckpt.close()
+  graphdef, state, _ = restore_ranker(cfg, eval_src.schema, run_dir, sharding.make_mesh(1), row_multiple=1)
   return cfg, merge_model(graphdef, state.params, state.table), eval_src
 
 

@@ -34,20 +34,17 @@ import numpy as np
 
 from jaxrec.cache.ercache import Source
 from jaxrec.cache.replay import AccessStream, ReplayPolicy, Trace, replay, summarize
-from jaxrec.config import config_from_dict, config_to_dict
+from jaxrec.config import config_to_dict
 from jaxrec.data.adsworld import AdsWorld
-from jaxrec.data.batch import Batch, Schema
+from jaxrec.data.batch import Batch
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.paths import require_data
 from jaxrec.data.pipeline import pad_batch
 from jaxrec.metrics import MetricAccumulator
-from jaxrec.models import build_model
 from jaxrec.progress import progress
 from jaxrec.training import sharding
-from jaxrec.training.checkpoint import Checkpointer
-from jaxrec.training.loop import RankerConfig
-from jaxrec.training.state import plan_train_state
-from jaxrec.training.step import batch_shardings, dense_optimizer, make_eval_step
+from jaxrec.training.restore import read_run, restore_ranker
+from jaxrec.training.step import batch_shardings, make_eval_step
 from jaxrec.training.user_model import load_user_model
 
 SOURCES = ("adsworld", "taobao", "movielens")
@@ -122,8 +119,8 @@ def taobao_stream() -> AccessStream:
 
 def movielens_stream() -> AccessStream:
   """One request per MovieLens-100k rating (u.data), in time order."""
-  from jaxrec.data.readers.movielens import _read_ratings
-  r = _read_ratings(require_data("ml-100k/u.data"))
+  from jaxrec.data.readers.movielens import read_ratings
+  r = read_ratings(require_data("ml-100k/u.data"))
   order = np.argsort(r[:, 3], kind="stable")
   return AccessStream(r[order, 0].astype(np.int64), r[order, 3].astype(np.int64), "movielens")
 
@@ -135,26 +132,20 @@ class SumRanker:
   """A SUM downstream ranker restored from its workdir, and the user tower its config names."""
 
   def __init__(self, workdir: str | Path):
-    wd = Path(workdir)
     hint = "train one with: python -m train.sum_study --workdir runs/sum_study"
-    if not (wd / "config.json").exists() or not (wd / "schema.json").exists():
-      raise DataSpecError(f"ranker {str(workdir)!r}: not a training run's workdir (no config.json/schema.json); {hint}")
-    self.cfg = config_from_dict(RankerConfig, json.loads((wd / "config.json").read_text()))
+    try:
+      self.cfg, self.schema = read_run(workdir)
+    except FileNotFoundError:
+      raise DataSpecError(f"ranker {str(workdir)!r}: not a training run's workdir (no config.json/schema.json); "
+                          f"{hint}") from None
     if not self.cfg.data.user_model:
       raise DataSpecError(f"ranker {str(workdir)!r} was trained without --data.user_model: it reads no user "
                           f"embedding, so there is nothing to cache; {hint}")
     self.tower = load_user_model(self.cfg.data.user_model)
-    self.schema = Schema.from_json(json.loads((wd / "schema.json").read_text()))
     self.world = AdsWorld(self.tower.world_config)
     mesh = sharding.make_mesh(self.cfg.train.num_devices)
-    graphdef, _, abstract, state_sh = plan_train_state(
-        lambda: build_model(self.schema, self.cfg.model, row_multiple=mesh.devices.size),
-        dense_optimizer(self.cfg.optim), mesh)
-    ckpt = Checkpointer(wd)
-    try:
-      self.state = ckpt.restore(abstract, state_sh)
-    finally:
-      ckpt.close()
+    graphdef, self.state, state_sh = restore_ranker(self.cfg, self.schema, workdir, mesh,
+                                                    row_multiple=mesh.devices.size)
     self._bsh = batch_shardings(mesh, True)
     self._step = make_eval_step(graphdef, state_sh, self._bsh)
     self.devices = mesh.devices.size

@@ -42,9 +42,9 @@ from jaxrec.metrics import MetricAccumulator
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
 from jaxrec.progress import progress
 from jaxrec.training import sharding
-from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import DomainMetrics
 from jaxrec.training.loop import LoopConfig, RankerConfig, train_and_evaluate
+from jaxrec.training.restore import restore_ranker
 from jaxrec.training.state import plan_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 from jaxrec.training.user_model import FrozenUserTower, UserDataConfig, UserModelConfig, load_user_model, \
@@ -122,13 +122,7 @@ def eval_sets(cfg: SumStudyConfig, tower: FrozenUserTower) -> dict[str, EvalSet]
 def evaluate_ranker_by_domain(cfg: RankerConfig, workdir: Path, evals: EvalSet) -> dict:
   """Restores a train_and_evaluate workdir's final checkpoint and evaluates it per domain."""
   mesh = sharding.make_mesh(cfg.train.num_devices)
-  graphdef, _, abstract, state_sh = plan_train_state(
-      lambda: build_model(evals.schema, cfg.model, row_multiple=mesh.devices.size), dense_optimizer(cfg.optim), mesh)
-  ckpt = Checkpointer(workdir)
-  try:
-    state = ckpt.restore(abstract, state_sh)
-  finally:
-    ckpt.close()
+  graphdef, state, state_sh = restore_ranker(cfg, evals.schema, workdir, mesh, row_multiple=mesh.devices.size)
   bsh = batch_shardings(mesh, True)
   eval_step = make_eval_step(graphdef, state_sh, bsh)
   acc = DomainMetrics(evals.schema.labels, evals.schema.num_domains)

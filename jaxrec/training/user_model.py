@@ -268,9 +268,7 @@ def _save_stats(path: Path, step: int, emb: np.ndarray) -> None:
   "by_step" (a run resumed in the same workdir must not standardise an older checkpoint with a
   newer one's statistics); the top level holds the newest step's."""
   old = json.loads(path.read_text()) if path.exists() else {}
-  by_step = dict(old.get("by_step", {}))
-  if "by_step" not in old and "mean" in old and "step" in old:
-    by_step[str(old["step"])] = {k: old[k] for k in ("mean", "std", "rows")}
+  by_step = dict(old.get("by_step", {}))  # a file from before steps were recorded has none to keep
   entry = {"mean": emb.mean(0).tolist(), "std": emb.std(0).tolist(), "rows": int(emb.shape[0])}
   by_step[str(step)] = entry
   path.write_text(json.dumps({"step": step, **entry, "by_step": by_step}) + "\n")

@@ -15,13 +15,11 @@ from jaxrec.training.user_model import load_user_model, train_user_model
 from serve.engine import Engine, EngineConfig, load_ranker, open_engine
 from serve.request import RankRequest, RequestError, concat_rows
 from serve.user_embedding import UserCacheConfig
+from tests.serve.test_engine import SMOKE as RANKER_SMOKE
 from train import ranker
 from train import user_model as train_user
 from train.probe import load_run
 
-RANKER_SMOKE = ["--data.batch_size", "64", "--data.eval_batch_size", "64", "--data.eval_examples", "128",
-                "--model.dcnv2.embed_dim", "8", "--model.dcnv2.top_mlp", "32,16", "--no-train.progress",
-                "--train.num_devices", "1", "--train.steps", "4", "--train.checkpoint_every", "4"]
 CACHE = UserCacheConfig(direct_ttl_s=60, failover_ttl_s=3600, direct_capacity=64, failover_capacity=128,
                         refresh_batch=16, refresh_wait_ms=1.0)
 SMALL = EngineConfig(buckets=(8, 32), max_rows=32, max_wait_ms=1.0, max_candidates=16, user_cache=CACHE)

@@ -19,12 +19,9 @@ from serve.app import HttpConfig, create_app
 from serve.engine import EngineConfig
 from serve.registry import NoRunsError, Registry, discover_runs
 from serve.request import RankRequest
+from tests.serve.test_engine import SMALL, SMOKE
 from train import ranker
 
-SMOKE = ["--data.batch_size", "64", "--data.eval_batch_size", "64", "--data.eval_examples", "128",
-         "--model.dcnv2.embed_dim", "8", "--model.dcnv2.top_mlp", "32,16", "--no-train.progress",
-         "--train.num_devices", "1", "--train.steps", "4", "--train.checkpoint_every", "4"]
-SMALL = EngineConfig(buckets=(8, 32, 64), max_rows=64, max_wait_ms=1.0, max_candidates=48)
 TOKEN = "s3cret"
 
 

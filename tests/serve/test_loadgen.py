@@ -13,11 +13,9 @@ import urllib.request
 import pytest
 
 from serve import loadgen
+from tests.serve.test_engine import SMOKE
 from train import ranker
 
-SMOKE = ["--data.batch_size", "64", "--data.eval_batch_size", "64", "--data.eval_examples", "128",
-         "--model.dcnv2.embed_dim", "8", "--model.dcnv2.top_mlp", "32,16", "--no-train.progress",
-         "--train.num_devices", "1", "--train.steps", "4", "--train.checkpoint_every", "4"]
 
 
 def free_port() -> int:

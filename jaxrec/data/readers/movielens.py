@@ -128,7 +128,7 @@ def _read_items(path: Path) -> dict[str, np.ndarray]:
   return {"known": known, "year": year, "has_year": has_year, "genres": genres, "genre_mask": genre_mask}
 
 
-def _read_ratings(path: Path) -> np.ndarray:
+def read_ratings(path: Path) -> np.ndarray:
   """u.data as int64 [N, 4]: user, item, rating, timestamp."""
   lines = read_lines(path)
   out = np.empty((len(lines), 4), np.int64)
@@ -156,7 +156,7 @@ def read_movielens(dir_path: str | Path) -> Examples:
     raise DataFormatError(str(d), None, None, "no such directory (expected the ml-100k folder)")
   users = _read_users(d / "u.user")
   items = _read_items(d / "u.item")
-  ratings = _read_ratings(d / "u.data")
+  ratings = read_ratings(d / "u.data")
   u, m = ratings[:, 0], ratings[:, 1]
   for col, ids, table, name in ((0, u, users, "user_id"), (1, m, items, "item_id")):
     bad = ids >= table["known"].shape[0]

@@ -1,0 +1,51 @@
+"""Restoring a ranker run (what `train_and_evaluate` leaves in a workdir) for evaluation or serving.
+
+    cfg, schema = read_run(workdir)
+    graphdef, state, state_sh = restore_ranker(cfg, schema, workdir, sharding.make_mesh(1),
+                                               row_multiple=cfg.train.num_devices or jax.local_device_count())
+    model = merge_model(graphdef, state.params, state.table)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxrec.config import config_from_dict
+from jaxrec.data.batch import Schema
+from jaxrec.models import build_model
+from jaxrec.training.checkpoint import Checkpointer
+from jaxrec.training.loop import RankerConfig
+from jaxrec.training.state import TrainState, plan_train_state
+from jaxrec.training.step import dense_optimizer
+
+
+def read_run(workdir: str | Path) -> tuple[RankerConfig, Schema]:
+  """The run's config.json and schema.json; FileNotFoundError naming the one that is missing."""
+  wd = Path(workdir)
+  for name in ("config.json", "schema.json"):
+    if not (wd / name).exists():
+      raise FileNotFoundError(f"{wd} has no {name}: not a training run's workdir")
+  return (config_from_dict(RankerConfig, json.loads((wd / "config.json").read_text())),
+          Schema.from_json(json.loads((wd / "schema.json").read_text())))
+
+
+def restore_ranker(cfg: RankerConfig, schema: Schema, workdir: str | Path, mesh: Mesh, *, row_multiple: int,
+                   step: int | None = None) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, state, state shardings) of the checkpoint at `step` (default the newest), restored
+  onto `mesh`. `row_multiple` must be what the run padded its embedding table's rows to (its
+  training devices)."""
+  graphdef, _, abstract, state_sh = plan_train_state(
+      lambda: build_model(schema, cfg.model, row_multiple=row_multiple), dense_optimizer(cfg.optim), mesh)
+  ckpt = Checkpointer(workdir)
+  try:
+    state = ckpt.restore(abstract, state_sh, step)
+  finally:
+    ckpt.close()
+  return graphdef, state, state_sh
+
+
+__all__ = ["read_run", "restore_ranker"]
