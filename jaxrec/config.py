@@ -239,10 +239,11 @@ def _fail(prog: str, message: str) -> typing.NoReturn:
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str, description: str,
-                 base: T | None = None) -> T:
+                 base: T | None = None, aliases: dict[str, str] | None = None) -> T:
   """Builds a `cls` from its defaults (or from `base`, e.g. a smoke config) and `--a.b VALUE` overrides.
 
   argv: the arguments without the program name; None reads sys.argv[1:].
+  aliases: short spellings of fields, e.g. {"steps": "train.steps"} makes `--steps N` set train.steps.
   `--help` prints every field and exits 0; a bad argument prints one line to stderr and exits 2.
   """
   if not _is_config(cls):
@@ -253,8 +254,14 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str, desc
   groups = {leaf.name.rsplit(".", 1)[0] for leaf in leaves if "." in leaf.name}
   groups |= {g.rsplit(".", i)[0] for g in groups for i in range(g.count(".") + 1)}
   values = {leaf.name: leaf.default for leaf in leaves}
+  aliases = dict(aliases or {})
+  for short, full in aliases.items():
+    if full not in by_name or short in by_name:
+      raise TypeError(f"parse_config: alias --{short} -> --{full} does not name a field or shadows one")
   if "-h" in argv or "--help" in argv:
     print(_help(leaves, prog, description), end="")
+    if aliases:
+      print("aliases: " + ", ".join(f"--{a} = --{f}" for a, f in aliases.items()))
     sys.exit(0)
   i = 0
   while i < len(argv):
@@ -264,6 +271,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str, desc
       _fail(prog, f"unexpected argument {arg!r}; overrides look like --FIELD VALUE or --FIELD=VALUE")
     raw, has_value, text = arg[2:].partition("=")
     name = raw.replace("-", "_")
+    name = aliases.get(name, name)
     negated = name not in by_name and name.startswith("no_") and name[3:] in by_name
     negated = negated and by_name[name[3:]].tp is bool
     if negated:

@@ -218,3 +218,20 @@ def test_unsupported_field_type_is_a_type_error():
 
   with pytest.raises(TypeError, match="config field sizes: unsupported type"):
     parse_config(Bad, [], prog="p", description="")
+
+
+def test_aliases_set_their_field_and_show_in_help(capsys):
+  aliases = {"bs": "data.batch_size"}
+  assert _parse("--bs", "64", aliases=aliases).data.batch_size == 64
+  assert _parse("--bs=32", "--data.batch_size", "16", aliases=aliases).data.batch_size == 16  # later wins
+  with pytest.raises(SystemExit):
+    _parse("--help", aliases=aliases)
+  assert "aliases: --bs = --data.batch_size" in capsys.readouterr().out
+  with pytest.raises(TypeError, match="does not name a field"):
+    _parse(aliases={"x": "data.nope"})
+
+
+def test_ranker_accepts_the_issue_short_steps_flag():
+  from train.ranker import ALIASES, Args
+  args = parse_config(Args, ["--steps", "7"], prog="p", description="", aliases=ALIASES)
+  assert args.train.steps == 7

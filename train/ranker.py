@@ -42,6 +42,10 @@ class Args:
                         fresh=self.fresh)
 
 
+ALIASES = {"steps": "train.steps"}
+"""Short spellings: `--steps N` is `--train.steps N`."""
+
+
 def demo_config() -> RankerConfig:
   """What `make demo` runs: the defaults, i.e. the DCNv2 ranker on the ads world, about 25M
   examples (12000 steps of 2048), a few minutes on a 2-core CPU."""
@@ -57,7 +61,8 @@ def smoke() -> RankerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = parse_config(Args, argv, prog="python -m train.ranker", description=__doc__.split("\n\n")[0])
+  args = parse_config(Args, argv, prog="python -m train.ranker", description=__doc__.split("\n\n")[0],
+                      aliases=ALIASES)
   try:
     summary = train_and_evaluate(args.ranker_config(), args.workdir)
   except (DataFormatError, DataSpecError, WorkdirConflictError) as e:

@@ -32,7 +32,9 @@ class OptimConfig:
   dense_lr: float = 2e-3
   """Adam learning rate of the dense parameters"""
   embedding_lr: float = 0.3
-  """row-wise Adagrad learning rate of the embedding table"""
+  """row-wise Adagrad learning rate of the embedding table; 0 freezes the table at its init (the
+  step then takes no gradient for it). Frappe with counting features trains best frozen: learned id
+  embeddings there only memorise training pairs (docs/BENCHMARKS.md)"""
   embedding_l2: float = 0.0
   """L2 penalty on looked-up embedding rows: adds embedding_l2 * row to each lookup's gradient
   (the batch-level embedding regularizer of FuxiCTR/BARS; rows seen more often are pulled harder)"""
@@ -46,9 +48,9 @@ class OptimConfig:
   """epsilon of the row-wise Adagrad denominator"""
 
   def __post_init__(self):
-    if self.dense_lr <= 0 or self.embedding_lr <= 0:
-      raise ValueError(f"optim learning rates must be > 0, got dense_lr={self.dense_lr}, "
-                       f"embedding_lr={self.embedding_lr}")
+    if self.dense_lr <= 0 or self.embedding_lr < 0:
+      raise ValueError(f"optim.dense_lr must be > 0 and optim.embedding_lr >= 0 (0 freezes the embedding "
+                       f"table), got dense_lr={self.dense_lr}, embedding_lr={self.embedding_lr}")
     if self.embedding_l2 < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
       raise ValueError("optim.embedding_l2, weight_decay and warmup_steps must be >= 0")
 
@@ -80,14 +82,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
       logits = m.from_pooled(batch.dense, pool(rows, batch.sparse_mask, combiner))
       return weighted_bce(logits, batch.labels, batch.weights)
 
-    loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, rows)
+    if cfg.embedding_lr == 0:  # frozen table: no embedding gradient at all
+      loss, g_params = jax.value_and_grad(loss_fn)(state.params, rows)
+    else:
+      loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, rows)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    live = batch.sparse_mask & (batch.weights > 0)[:, None, None]
-    if cfg.embedding_l2 > 0:
-      g_rows = g_rows + cfg.embedding_l2 * rows * live[..., None]
-    table, acc = sparse_rowwise_adagrad(state.table, state.table_acc, row_ids, g_rows, live,
-                                        lr=cfg.embedding_lr, eps=cfg.adagrad_eps)
+    if cfg.embedding_lr == 0:
+      table, acc = state.table, state.table_acc
+    else:
+      live = batch.sparse_mask & (batch.weights > 0)[:, None, None]
+      if cfg.embedding_l2 > 0:
+        g_rows = g_rows + cfg.embedding_l2 * rows * live[..., None]
+      table, acc = sparse_rowwise_adagrad(state.table, state.table_acc, row_ids, g_rows, live,
+                                          lr=cfg.embedding_lr, eps=cfg.adagrad_eps)
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, table=table, table_acc=acc)
     return new, {"loss": loss}
 

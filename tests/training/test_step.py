@@ -33,10 +33,10 @@ def make_batch(seed: int, b: int = 64):
                           weights=np.ones(b), domain=np.zeros(b), timestamp=np.zeros(b), true_prob=None)
 
 
-def run(num_devices: int, steps: int = 6, kind: str = "dcnv2"):
+def run(num_devices: int, steps: int = 6, kind: str = "dcnv2", embedding_lr: float = 0.1):
   mesh = sharding.make_mesh(num_devices)
   cfg = ModelConfig(kind=kind, dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4))
-  optim = OptimConfig(dense_lr=3e-3, embedding_lr=0.1)
+  optim = OptimConfig(dense_lr=3e-3, embedding_lr=embedding_lr)
   tx = dense_optimizer(optim)
   graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=num_devices), tx, mesh)
   bsh = batch_shardings(mesh, with_truth=False)
@@ -66,6 +66,24 @@ def test_loss_goes_down_and_eval_gives_probs():
   assert losses[-3:].mean() < 0.8 * losses[:3].mean()
   probs = np.asarray(make_eval_step(graphdef, sh, bsh)(state, jax.device_put(make_batch(7), bsh)))
   assert probs.shape == (64, 2) and np.all((probs > 0) & (probs < 1))
+
+
+def test_embedding_lr_zero_freezes_the_table_and_trains_the_rest():
+  _, frozen, *_ = run(1, steps=3, embedding_lr=0.0)
+  _, learned, *_ = run(1, steps=3)
+  mesh = sharding.make_mesh(1)
+  cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4))
+  tx = dense_optimizer(OptimConfig())
+  _, init, _ = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=1), tx, mesh)
+  np.testing.assert_array_equal(np.asarray(frozen.table), np.asarray(init.table))
+  assert not np.array_equal(np.asarray(learned.table), np.asarray(init.table))  # the control moves it
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), frozen.params, init.params)
+  assert any(jax.tree.leaves(moved))  # the dense layers still train
+
+
+def test_negative_embedding_lr_is_refused():
+  with pytest.raises(ValueError, match="embedding_lr >= 0"):
+    OptimConfig(embedding_lr=-0.1)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
