@@ -101,20 +101,21 @@ def real_operands(model, eval_src, rows: int, samples: int) -> tuple[dict[str, j
           {s: m.kernel[...].astype(jnp.float32) for s, m in dense_modules(model)})
 
 
-def measure(args: Args, sites, stats: ProbeState, model, eval_src) -> dict:
-  """{site: {setting: {candidate: {gemm: MereEstimate}}}} for the three operand settings."""
+def measure(args: Args, sites, stats: ProbeState, model, eval_src, metric: str = "mere") -> dict:
+  """{site: {setting: {candidate: {gemm: MereEstimate}}}} for the three operand settings (scored by
+  `metric`, one of error_model.METRICS; the plan uses "mere")."""
   xs, ws = real_operands(model, eval_src, args.rows, args.samples)
   key = jax.random.key(args.seed)
   out = {}
   with progress(len(sites), "error model") as bar:
     for i, (s, k, n) in enumerate(sites):
       kl, ks, kr = jax.random.split(jax.random.fold_in(key, i), 3)
-      common = dict(candidates=args.candidates, num_samples=args.samples, batch=args.rows)
+      common = dict(candidates=args.candidates, num_samples=args.samples, batch=args.rows, metric=metric)
       out[s] = {
           "learned": mere_for_site(kl, Gaussian.from_welford(stats.acts[s]), MatrixNormal.from_ema(stats.weights[s]),
                                    **common),
           "standard": mere_for_site(ks, Gaussian.standard(k), MatrixNormal.standard(k, n), **common),
-          "real": mere_on_operands(xs[s], ws[s], candidates=args.candidates, key=kr),
+          "real": mere_on_operands(xs[s], ws[s], candidates=args.candidates, key=kr, metric=metric),
       }
       bar.update(1)
   return out

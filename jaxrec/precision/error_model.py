@@ -94,6 +94,30 @@ def mere(y: jax.Array, ref: jax.Array) -> jax.Array:
   return jnp.sum(jnp.abs(y - ref)) / (jnp.sum(jnp.abs(ref)) + _TINY)
 
 
+def elementwise_mean_error(y: jax.Array, ref: jax.Array) -> jax.Array:
+  """LoKA's per-element form, mean_ij |y_ij - ref_ij| / |ref_ij| (no finite expectation for outputs
+  with density at 0, see above; for comparison with the paper only, never for the plan)."""
+  y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
+  return jnp.mean(jnp.abs(y - ref) / (jnp.abs(ref) + _TINY))
+
+
+def elementwise_median_error(y: jax.Array, ref: jax.Array) -> jax.Array:
+  """median_ij |y_ij - ref_ij| / |ref_ij|: the per-element form made robust to outputs near 0."""
+  y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
+  return jnp.median(jnp.abs(y - ref) / (jnp.abs(ref) + _TINY))
+
+
+METRICS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "mere": mere, "elementwise_mean": elementwise_mean_error, "elementwise_median": elementwise_median_error}
+"""Error metrics the error model can score with; "mere" (the default) is the one plans use."""
+
+
+def _metric(name: str):
+  if name not in METRICS:
+    raise ValueError(f"unknown error metric {name!r}; choose one of {', '.join(METRICS)}")
+  return METRICS[name]
+
+
 def reference_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   """a [M, C] @ b [C, N] in f32 at precision="highest" (the reference of every candidate)."""
   return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision="highest",
@@ -272,15 +296,16 @@ def _gemm_operands(x, w, dy) -> dict[str, tuple[jax.Array, jax.Array]]:
   return {"fwd": (x, w), "dgrad": (dy, w.T), "wgrad": (x.T, dy)}
 
 
-def _site_meres(x, w, dy, candidates: tuple[Candidate, ...]) -> jax.Array:
-  """[C, 3] MERE of each candidate's fwd, dgrad, wgrad on one (x [B, K], w [K, N], dy [B, N])."""
+def _site_meres(x, w, dy, candidates: tuple[Candidate, ...], metric: str = "mere") -> jax.Array:
+  """[C, 3] MERE (or `metric`) of each candidate's fwd, dgrad, wgrad on one (x [B, K], w [K, N], dy [B, N])."""
+  score = _metric(metric)
   operands = _gemm_operands(x, w, dy)
   refs = {g: reference_matmul(*operands[g]) for g in GEMMS}
-  return jnp.stack([jnp.stack([mere(c.gemm(g)(*operands[g]), refs[g]) for g in GEMMS]) for c in candidates])
+  return jnp.stack([jnp.stack([score(c.gemm(g)(*operands[g]), refs[g]) for g in GEMMS]) for c in candidates])
 
 
-@functools.partial(jax.jit, static_argnames=("candidates", "batch"), compiler_options=COMPILER_OPTIONS)
-def _sampled_meres(keys, fac: _Factors, *, candidates, batch):
+@functools.partial(jax.jit, static_argnames=("candidates", "batch", "metric"), compiler_options=COMPILER_OPTIONS)
+def _sampled_meres(keys, fac: _Factors, *, candidates, batch, metric="mere"):
   def one(key):
     kx, kw, kd = jax.random.split(key, 3)
     x = _gaussian_rows(kx, fac.x_mean, fac.x_chol, batch)
@@ -290,7 +315,7 @@ def _sampled_meres(keys, fac: _Factors, *, candidates, batch):
       dy = jax.random.normal(kd, (batch, n), jnp.float32)
     else:
       dy = _gaussian_rows(kd, fac.dy_mean, fac.dy_chol, batch)
-    return _site_meres(x, w, dy, candidates)
+    return _site_meres(x, w, dy, candidates, metric)
   return jax.lax.map(one, keys)  # [S, C, 3]
 
 
@@ -301,34 +326,37 @@ def _estimates(meres: np.ndarray, candidates, confidence) -> SiteMere:
 
 def mere_for_site(key: jax.Array, x: Gaussian, w: MatrixNormal, dy: Gaussian | None = None, *,
                   candidates: Sequence[str | Candidate], num_samples: int = 64, batch: int = 256,
-                  confidence: float = 0.95, jitter: float = 1e-6) -> SiteMere:
+                  confidence: float = 0.95, jitter: float = 1e-6, metric: str = "mere") -> SiteMere:
   """MERE of each candidate's three GEMMs on `num_samples` synthetic (x [batch, K], w [K, N], dy [batch, N]).
 
   x rows ~ N(x.mean, x.cov), w ~ MN(w.mean, w.u, w.v), dy rows ~ N(dy.mean, dy.cov) or N(0, 1) when
   dy is None. Each sample draws all three afresh. Returns {candidate: {gemm: MereEstimate}}.
-  For the N(0, 1) baseline pass Gaussian.standard(K), MatrixNormal.standard(K, N).
+  For the N(0, 1) baseline pass Gaussian.standard(K), MatrixNormal.standard(K, N). `metric` names
+  another score from METRICS (comparisons only; plans use "mere").
   """
+  _metric(metric)
   if num_samples < 1 or batch < 1:
     raise ValueError(f"num_samples and batch must be positive, got {num_samples}, {batch}")
   cands = get_candidates(candidates)
   fac = _factor(x, w, dy, jitter)
   keys = jax.random.split(key, num_samples)
-  meres = np.asarray(_sampled_meres(keys, fac, candidates=cands, batch=batch), np.float64)
+  meres = np.asarray(_sampled_meres(keys, fac, candidates=cands, batch=batch, metric=metric), np.float64)
   return _estimates(meres, cands, confidence)
 
 
-@functools.partial(jax.jit, static_argnames=("candidates",), compiler_options=COMPILER_OPTIONS)
-def _operand_meres(xs, w, dys, *, candidates):
+@functools.partial(jax.jit, static_argnames=("candidates", "metric"), compiler_options=COMPILER_OPTIONS)
+def _operand_meres(xs, w, dys, *, candidates, metric="mere"):
   if w.ndim == 2:
-    return jax.lax.map(lambda t: _site_meres(t[0], w, t[1], candidates), (xs, dys))
-  return jax.lax.map(lambda t: _site_meres(*t, candidates), (xs, w, dys))
+    return jax.lax.map(lambda t: _site_meres(t[0], w, t[1], candidates, metric), (xs, dys))
+  return jax.lax.map(lambda t: _site_meres(*t, candidates, metric), (xs, w, dys))
 
 
 def mere_on_operands(xs: jax.Array, w: jax.Array, dys: jax.Array | None = None, *,
                      candidates: Sequence[str | Candidate], key: jax.Array | None = None,
-                     confidence: float = 0.95) -> SiteMere:
+                     confidence: float = 0.95, metric: str = "mere") -> SiteMere:
   """MERE on real operands: xs [S, B, K] activation batches, w [K, N] (shared) or [S, K, N], dys
   [S, B, N] output gradients (None: N(0, 1) drawn with `key`). The interval is over the S samples."""
+  _metric(metric)
   xs = jnp.asarray(xs, jnp.float32)
   w = jnp.asarray(w, jnp.float32)
   if (xs.ndim != 3 or w.ndim not in (2, 3) or xs.shape[2] != w.shape[-2]
@@ -344,7 +372,7 @@ def mere_on_operands(xs: jax.Array, w: jax.Array, dys: jax.Array | None = None, 
   if dys.shape != (s, b, n):
     raise ValueError(f"dys must be [S, B, N] = {(s, b, n)}, got {dys.shape}")
   cands = get_candidates(candidates)
-  meres = np.asarray(_operand_meres(xs, w, dys, candidates=cands), np.float64)
+  meres = np.asarray(_operand_meres(xs, w, dys, candidates=cands, metric=metric), np.float64)
   return _estimates(meres, cands, confidence)
 
 

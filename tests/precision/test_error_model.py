@@ -211,3 +211,20 @@ def test_negative_controls(baseline):
   assert res["fp8_static"]["fwd"].low > 0.5 > 10 * res["fp8_tensor"]["fwd"].high
   with pytest.raises(ValueError, match="unknown candidate"):
     mere_for_site(jax.random.key(0), *std, candidates=["fp8_nope"], num_samples=2, batch=8)
+
+
+def test_elementwise_metrics_known_values_and_unknown_metric():
+  ref = jnp.array([[1.0, -4.0], [2.0, 3.0]])
+  y = jnp.array([[1.5, -4.0], [2.5, 2.0]])  # relative errors 0.5, 0, 0.25, 1/3
+  assert float(error_model.elementwise_mean_error(y, ref)) == pytest.approx((0.5 + 0.25 + 1 / 3) / 4, rel=1e-6)
+  assert float(error_model.elementwise_median_error(y, ref)) == pytest.approx((0.25 + 1 / 3) / 2, rel=1e-6)
+  assert set(error_model.METRICS) == {"mere", "elementwise_mean", "elementwise_median"}
+  std = (Gaussian.standard(64), MatrixNormal.standard(64, 32))
+  kw = dict(candidates=["fp8_tensor"], num_samples=2, batch=32)
+  med = mere_for_site(jax.random.key(0), *std, metric="elementwise_median", **kw)["fp8_tensor"]["fwd"].mean
+  mean = mere_for_site(jax.random.key(0), *std, metric="elementwise_mean", **kw)["fp8_tensor"]["fwd"].mean
+  assert 0.01 < med < mean  # near zero outputs pull the mean far above the median
+  with pytest.raises(ValueError, match="unknown error metric"):
+    mere_for_site(jax.random.key(0), *std, metric="nope", **kw)
+  with pytest.raises(ValueError, match="unknown error metric"):
+    mere_on_operands(jnp.ones((1, 4, 64)), jnp.ones((64, 32)), jnp.ones((1, 4, 32)), candidates=["bf16"], metric="x")

@@ -91,3 +91,34 @@ def test_fp8_study_bad_numerics(tmp_path, capsys):
   from train import fp8_study
   with pytest.raises(SystemExit):
     fp8_study.main(["--workdir", str(tmp_path), "--fp8", "bf16"])
+
+
+def test_mere_study_scores_claim_one_under_every_metric(probed, tmp_path):
+  from train import mere_study
+  out = tmp_path / "ms"
+  assert mere_study.main(["--runs", str(probed), "--out", str(out), "--samples", "2", "--rows", "64",
+                          "--candidates", "bf16,fp8_tensor"]) == 0
+  res = json.loads((out / "mere_study.json").read_text())["runs"][str(probed)]
+  assert set(res) == {"mere", "elementwise_mean", "elementwise_median"}
+  _, model, _ = probe.load_run(probed)
+  n_sites = len(gemm_sites(model))
+  for metric, v in res.items():
+    assert len(v["table"]) == 2 * n_sites and v["summary"]["pairs"] == 2 * n_sites
+    for row in v["table"]:
+      assert all(row[k] > 0 for k in ("learned", "standard", "real")), (metric, row)
+  # the median form is never above the mean form on the same operands
+  for a, b in zip(res["elementwise_median"]["table"], res["elementwise_mean"]["table"]):
+    assert a["standard"] <= b["standard"] + 1e-6
+  assert f"| {probed} | mere |" in (out / "mere_study.md").read_text()
+
+
+def test_mere_study_needs_runs_and_known_metrics(tmp_path, capsys):
+  from train import mere_study
+  with pytest.raises(SystemExit):
+    mere_study.main([])
+  assert "--runs" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    mere_study.main(["--runs", str(tmp_path), "--metrics", "nope"])
+  assert "unknown metric" in capsys.readouterr().err
+  assert mere_study.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+  assert "probe_stats.npz" in capsys.readouterr().err

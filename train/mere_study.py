@@ -1,0 +1,113 @@
+"""python -m train.mere_study: LoKA claim 1 under several error metrics, on one or more probed runs.
+
+For every GEMM site of each run (a workdir that `python -m train.probe` or `train.ranker
+--probe.every N` left, with probe_stats.npz), scores each candidate's forward GEMM on three kinds
+of operands, as `train.probe` does: sampled from the Probe-learned statistics, N(0, 1) of the same
+shapes, and the trained model's real eval activations and weights. Does it under each metric of
+`jaxrec.precision.error_model.METRICS` (the plan's MERE, LoKA's per-element mean, and its median),
+because LoKA's claim ("learned > N(0, 1), and closer to real") should not hinge on the normalisation.
+
+    python -m train.mere_study --runs /tmp/probe_mods,/tmp/probe_base --out runs/mere_study
+
+Writes mere_study.json (every estimate) and mere_study.md (one summary row per run and metric:
+geometric mean of learned / N(0, 1) and real / N(0, 1), how many (site, candidate) pairs have
+learned > N(0, 1), and how many have learned closer to real than N(0, 1) is) to --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxrec.config import parse_config
+from jaxrec.layers.dense import gemm_sites
+from jaxrec.precision.error_model import METRICS
+from jaxrec.precision.probe import ProbeState
+from train import probe as probe_entry
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  runs: tuple[str, ...] = ()
+  """probed run workdirs (each with config.json, a checkpoint and probe_stats.npz), comma-separated"""
+  out: str = "runs/mere_study"
+  """where mere_study.json and mere_study.md go"""
+  metrics: tuple[str, ...] = tuple(METRICS)
+  """error metrics to score with (jaxrec.precision.error_model.METRICS)"""
+  candidates: tuple[str, ...] = ("bf16", "fp8_tensor", "fp8_row", "fp8_block")
+  samples: int = 16
+  """operand samples per site and setting"""
+  rows: int = 256
+  """rows per sampled activation batch"""
+  seed: int = 0
+
+  def __post_init__(self):
+    if not self.runs:
+      raise ValueError("pass --runs DIR[,DIR...]: workdirs of probed runs (python -m train.probe leaves one)")
+    bad = [m for m in self.metrics if m not in METRICS]
+    if bad:
+      raise ValueError(f"unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
+
+
+def summarise(table: list[dict]) -> dict:
+  """Claim-1 summary of rows {learned, standard, real} (forward GEMM means)."""
+  lr = np.array([r["learned"] / r["standard"] for r in table])
+  rr = np.array([r["real"] / r["standard"] for r in table])
+  closer = sum(abs(r["learned"] - r["real"]) < abs(r["standard"] - r["real"]) for r in table)
+  return {"pairs": len(table), "geo_learned_over_standard": float(np.exp(np.log(lr).mean())),
+          "geo_real_over_standard": float(np.exp(np.log(rr).mean())),
+          "learned_above_standard": int((lr > 1).sum()), "learned_closer_to_real": int(closer)}
+
+
+def study_run(args: Args, run_dir: Path) -> dict:
+  stats_path = run_dir / "probe_stats.npz"
+  if not stats_path.exists():
+    raise FileNotFoundError(f"{run_dir} has no probe_stats.npz: probe it first (python -m train.probe)")
+  stats = ProbeState.load(stats_path)
+  _, model, eval_src = probe_entry.load_run(run_dir)
+  sites = gemm_sites(model)
+  pargs = probe_entry.Args(from_run=str(run_dir), candidates=args.candidates, samples=args.samples, rows=args.rows,
+                           seed=args.seed)
+  out = {}
+  for metric in args.metrics:
+    m = probe_entry.measure(pargs, sites, stats, model, eval_src, metric=metric)
+    table = [{"site": s, "candidate": c, **{st: m[s][st][c]["fwd"].mean for st in ("learned", "standard", "real")}}
+             for s, _, _ in sites for c in args.candidates]
+    out[metric] = {"table": table, "summary": summarise(table)}
+  return out
+
+
+def run(args: Args) -> dict:
+  results = {r: study_run(args, Path(r)) for r in args.runs}
+  outdir = Path(args.out)
+  outdir.mkdir(parents=True, exist_ok=True)
+  (outdir / "mere_study.json").write_text(json.dumps({"config": dataclasses.asdict(args), "runs": results},
+                                                     indent=2) + "\n")
+  lines = ["| run | metric | learned / N(0,1) (geo-mean) | real / N(0,1) (geo-mean) | learned > N(0,1) | "
+           "learned closer to real |", "|---|---|---|---|---|---|"]
+  for r, by_metric in results.items():
+    for metric, v in by_metric.items():
+      s = v["summary"]
+      lines.append(f"| {r} | {metric} | {s['geo_learned_over_standard']:.3f} | {s['geo_real_over_standard']:.3f} | "
+                   f"{s['learned_above_standard']} of {s['pairs']} | {s['learned_closer_to_real']} of {s['pairs']} |")
+  (outdir / "mere_study.md").write_text("\n".join(lines) + "\n")
+  return results
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_config(Args, argv, prog="python -m train.mere_study", description=__doc__.split("\n\n")[0])
+  try:
+    run(args)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print((Path(args.out) / "mere_study.md").read_text())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
