@@ -36,6 +36,7 @@ import gc
 import hmac
 import re
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -283,10 +284,16 @@ def _reply(name: str, resp: RankResponse, item_ids: list[int]) -> bytes:
 
 
 def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_token: str | None = None,
-               metrics: HttpMetrics | None = None) -> FastAPI:
+               metrics: HttpMetrics | None = None,
+               metrics_source: Callable[[], tuple[HttpMetrics, dict]] | None = None) -> FastAPI:
   """The FastAPI app over `registry`'s started engines. The caller owns their lifecycle (start before,
-  `registry.close(drain=True)` after the server stops). `admin_token` None disables /admin."""
+  `registry.close(drain=True)` after the server stops). `admin_token` None disables /admin.
+  `metrics_source` gives /metrics its (HTTP metrics, {model: engine stats}); by default this app's
+  `metrics` and the registry's engines (serve.workers passes the sum over its worker processes)."""
   metrics = metrics or HttpMetrics()
+  if metrics_source is None:
+    def metrics_source():
+      return metrics, {n: registry.engines[n].stats() for n in registry.names}
   app = FastAPI(title="jaxrec serving", version="1", description=__doc__.split("\n\n")[0],
                 strict_content_type=False)
   app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -332,7 +339,7 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
       resp = await asyncio.wait_for(asyncio.wrap_future(future), cfg.request_timeout_s)
     except TimeoutError:
       return _error(503, "overloaded", f"no answer within {cfg.request_timeout_s} s", headers=retry)
-    except EngineClosed as e:
+    except (Overloaded, EngineClosed) as e:  # raised through the future by a worker process's engine link
       return _error(503, "overloaded", str(e), headers=retry)
     except RequestError as e:
       return _engine_error(e)
@@ -358,8 +365,8 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
 
   @app.get("/metrics", summary="Prometheus text exposition", response_class=Response)
   async def metrics_page() -> Response:
-    stats = {n: registry.engines[n].stats() for n in registry.names}
-    return Response(render(metrics, stats), media_type=CONTENT_TYPE)
+    http, stats = await asyncio.to_thread(metrics_source)
+    return Response(render(http, stats), media_type=CONTENT_TYPE)
 
   @app.post("/admin/reload", responses={c: {"model": ErrorReply} for c in (401, 403, 404, 409)},
             summary="Hot-swap to the newest checkpoint (all models, or ?model=)")

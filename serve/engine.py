@@ -50,7 +50,7 @@ from jaxrec.training.loop import RankerConfig
 from jaxrec.training.restore import read_run, restore_ranker
 from jaxrec.training.state import merge_model
 from jaxrec.training.user_model import load_user_model
-from serve.request import RankRequest, RequestError, Rows, concat_rows, encode_request
+from serve.request import EncodedRequest, RankRequest, RequestEncoder, RequestError, Rows, concat_rows
 from serve.user_embedding import UserCacheConfig, UserEmbeddings, embedding_columns, load_user_embeddings
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "LoadedRanker", "Overloaded", "RankResponse",
@@ -216,6 +216,7 @@ class Engine:
     """the user model, its cache and refresh worker (shared with other engines of its user model);
     None for a ranker that consumes none"""
     self._server_filled = frozenset() if users is None else users.server_filled(ranker.schema)
+    self._encoder = self.encoder()
     self._holds_users = False  # between start and close: this engine is one of the user model's holders
     self._active = self._prepare(ranker, compile_steps=False)
     self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=cfg.max_queue)
@@ -392,17 +393,24 @@ class Engine:
 
   # ---- requests
 
+  def encoder(self) -> RequestEncoder:
+    """What validating and encoding a request needs, as plain data (schemas stay fixed across swaps:
+    `swap` refuses a ranker or user model with another schema)."""
+    u = self.users
+    if u is None:
+      return RequestEncoder(self.schema, self.cfg.max_candidates)
+    return RequestEncoder(self.schema, self.cfg.max_candidates, user_schema=u.embedder.schema,
+                          user_features=frozenset(u.features), server_filled=self._server_filled)
+
   def submit(self, req: RankRequest) -> concurrent.futures.Future:
     """Queues `req`; the future resolves to a RankResponse. Raises RequestError (invalid request),
     Overloaded (queue full) or EngineClosed, all on the caller's thread."""
-    u = self.users
-    if u is None:
-      rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates)
-      item = _Pending(rows, concurrent.futures.Future(), req.user_id)
-    else:
-      rows = encode_request(req, self.schema, max_candidates=self.cfg.max_candidates, require_user_id=True,
-                            server_filled=self._server_filled, user_features=u.features)
-      item = _Pending(rows, concurrent.futures.Future(), int(req.user_id), u.encode(req))
+    return self.submit_encoded(self._encoder.encode(req))
+
+  def submit_encoded(self, enc: EncodedRequest) -> concurrent.futures.Future:
+    """`submit` for a request already validated and encoded by this engine's `encoder()` (the HTTP
+    worker processes do that part); raises Overloaded or EngineClosed."""
+    item = _Pending(enc.rows, concurrent.futures.Future(), enc.user_id, enc.user_row)
     with self._lock:
       if self._closed or self._worker is None:
         raise EngineClosed("the engine is not running (start() it, or it was closed)")

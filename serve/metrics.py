@@ -138,6 +138,29 @@ class HttpMetrics:
         hist = self._age[model] = Histogram(AGE_BUCKETS_S)
       hist.observe(age_s)
 
+  def snapshot(self) -> dict:
+    """The counters and histograms as plain data (how an HTTP worker process reports them)."""
+    with self._lock:
+      return {"counts": dict(self._counts),
+              "latency": {k: (list(h.counts), h.total) for k, h in self._latency.items()},
+              "age": {k: (list(h.counts), h.total) for k, h in self._age.items()}}
+
+  @classmethod
+  def merged(cls, snapshots: Iterable[dict], latency_buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S) -> "HttpMetrics":
+    """One HttpMetrics summing `snapshot()`s of several (one per HTTP worker process)."""
+    out = cls(latency_buckets_s)
+    for snap in snapshots:
+      for key, n in snap["counts"].items():
+        out._counts[key] = out._counts.get(key, 0) + n
+      for src, dst, bounds in ((snap["latency"], out._latency, latency_buckets_s), (snap["age"], out._age, AGE_BUCKETS_S)):
+        for key, (counts, total) in src.items():
+          hist = dst.get(key)
+          if hist is None:
+            hist = dst[key] = Histogram(bounds)
+          hist.counts = [a + b for a, b in zip(hist.counts, counts)]
+          hist.total += total
+    return out
+
   def write(self, out: Exposition) -> None:
     with self._lock:
       counts = sorted(self._counts.items())

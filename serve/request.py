@@ -280,3 +280,38 @@ def _check_features(feats: dict, where: str, schema: Schema, dense_idx: dict[str
       raise RequestError(f"{field}: unknown feature (the model's features are "
                          f"{list(schema.dense) + list(sparse_idx)})")
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedRequest:
+  """A validated request in the model's layout, ready for `Engine.submit_encoded`: its candidate rows
+  and, for a ranker that consumes a user model, the user id (cache key) and the tower's row [1]."""
+
+  rows: Rows
+  user_id: int | None = None
+  user_row: Rows | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestEncoder:
+  """Everything validation and encoding need, apart from the engine (plain data, picklable: the
+  HTTP worker processes of `python -m serve --workers N` encode with it and send the rows over).
+
+  user_schema / user_features: the user tower's schema and the features it reads (None / empty for
+  a ranker without a user model); server_filled: dense features the server fills (user_emb_*).
+  """
+
+  schema: Schema
+  max_candidates: int
+  user_schema: Schema | None = None
+  user_features: frozenset[str] = frozenset()
+  server_filled: frozenset[str] = frozenset()
+
+  def encode(self, req: RankRequest) -> EncodedRequest:
+    """Validates and encodes `req`; raises RequestError naming the offending field."""
+    if self.user_schema is None:
+      return EncodedRequest(encode_request(req, self.schema, max_candidates=self.max_candidates), req.user_id)
+    rows = encode_request(req, self.schema, max_candidates=self.max_candidates, require_user_id=True,
+                          server_filled=self.server_filled, user_features=self.user_features)
+    return EncodedRequest(rows, int(req.user_id), encode_user_row(req.features, self.user_schema,
+                                                                   self.user_features))

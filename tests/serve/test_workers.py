@@ -1,0 +1,253 @@
+"""serve.workers: HTTP worker processes in front of one engine process.
+
+In-process: the Bridge and EngineLink over a real Unix socket (rank, errors through the future, a
+lost engine process); the encoder split and the metrics merge. End to end: `python -m serve
+--workers 2` as a subprocess (scores equal the engine's, errors, /metrics summed over the
+workers, admin reload, SIGTERM drain, and workers that stop when the engine process is killed).
+"""
+
+import concurrent.futures
+import json
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from serve.engine import EngineClosed, Overloaded
+from serve.metrics import HttpMetrics
+from serve.registry import Registry, UnknownModel
+from serve.request import RankRequest, RequestError
+from serve.workers import Bridge, EngineLink, RemoteRegistry
+from tests.serve.test_engine import SMALL, SMOKE
+from tests.serve.test_loadgen import free_port
+from train import ranker
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("workers") / "runs"
+  assert ranker.main(["--workdir", str(root / "tiny")] + SMOKE) == 0
+  return root
+
+
+@pytest.fixture(scope="module")
+def registry(run_root):
+  reg = Registry.open({"tiny": run_root / "tiny"}, SMALL)
+  yield reg
+  reg.close()
+
+
+def _request(registry, n: int = 5, seed: int = 0) -> RankRequest:
+  ex = registry.engines["tiny"].example_request()
+  cands = [ex["candidates"][i % len(ex["candidates"])] for i in range(n)]
+  return RankRequest(features=ex["features"], candidates=cands, user_id=seed)
+
+
+# ---- in-process
+
+
+def test_encoder_is_plain_data_and_matches_submit(registry):
+  eng = registry.engines["tiny"]
+  enc = pickle.loads(pickle.dumps(eng.encoder()))
+  req = _request(registry, 7)
+  a = eng.submit(req).result(30)
+  b = eng.submit_encoded(enc.encode(req)).result(30)
+  for t in a.scores:
+    np.testing.assert_array_equal(a.scores[t], b.scores[t])
+  with pytest.raises(RequestError, match="candidates"):
+    enc.encode(RankRequest(features={}, candidates=[{"nope": 1}]))
+
+
+def test_metrics_merge_sums_counts_and_histograms():
+  a, b = HttpMetrics(), HttpMetrics()
+  a.observe("/v1/rank", "m", 200, 0.004)
+  b.observe("/v1/rank", "m", 200, 0.2)
+  b.observe("/v1/rank", "m", 503, 0.001)
+  b.observe_user_embedding("m", 30.0)
+  merged = HttpMetrics.merged([a.snapshot(), b.snapshot()]).snapshot()
+  assert merged["counts"] == {("/v1/rank", "m", 200): 2, ("/v1/rank", "m", 503): 1}
+  counts, total = merged["latency"][("/v1/rank", "m")]
+  assert sum(counts) == 3 and total == pytest.approx(0.205)
+  assert sum(merged["age"]["m"][0]) == 1
+
+
+def test_bridge_and_link_rank_and_map_errors(registry):
+  bridge = Bridge(registry, num_workers=1)
+  try:
+    link = EngineLink(bridge.address, bridge.authkey)
+    remote = RemoteRegistry(link, link.call("hello"))
+    assert remote.names == ["tiny"] and bridge.wait_for_workers(5, alive=lambda: True)
+    req = _request(registry, 9)
+    got = remote.get("tiny").submit(req).result(30)
+    want = registry.engines["tiny"].rank(req, 30)
+    for t in want.scores:
+      np.testing.assert_array_equal(got.scores[t], want.scores[t])
+    assert got.model_version == want.model_version
+    futures = [remote.get("tiny").submit(_request(registry, 3, s)) for s in range(20)]  # concurrent
+    assert all(f.result(30).scores["click"].shape == (3,) for f in futures)
+    assert remote.get("tiny").describe() == registry.engines["tiny"].describe()
+    assert remote.get("tiny").example_request() == registry.engines["tiny"].example_request()
+    with pytest.raises(UnknownModel):
+      remote.get("nope")
+    with pytest.raises(RequestError):  # validated in the worker, never sent
+      remote.get("tiny").submit(RankRequest(features={"nope": 1.0}, candidates=[{}]))
+    with pytest.raises(ValueError, match="unknown engine call"):
+      link.call("close")
+    # an engine-side error comes back through the future
+    fut = link.request("rank", "nope", None)
+    with pytest.raises(UnknownModel):
+      fut.result(10)
+    # the engine process going away fails what is pending and what comes next
+    slow = threading.Event()
+    real = registry.engines["tiny"].submit_encoded
+
+    def hold(enc):  # a request the engine never answers
+      slow.set()
+      return concurrent.futures.Future()
+
+    registry.engines["tiny"].submit_encoded = hold
+    try:
+      pending = remote.get("tiny").submit(req)
+      assert slow.wait(10)
+    finally:
+      registry.engines["tiny"].submit_encoded = real
+    bridge.close()
+    with pytest.raises(EngineClosed, match="engine process is gone"):
+      pending.result(10)
+    with pytest.raises(EngineClosed):
+      remote.get("tiny").submit(req)
+  finally:
+    bridge.close()
+
+
+def test_engine_refusals_reach_the_worker_as_such(registry, monkeypatch):
+  bridge = Bridge(registry, num_workers=1)
+  try:
+    link = EngineLink(bridge.address, bridge.authkey)
+    remote = RemoteRegistry(link, link.call("hello"))
+    eng = registry.engines["tiny"]
+    for exc in (Overloaded("request queue full (8 waiting)"), EngineClosed("not running")):
+      def refuse(enc, exc=exc):
+        raise exc
+      monkeypatch.setattr(eng, "submit_encoded", refuse)
+      with pytest.raises(type(exc), match=str(exc)[:10]):
+        remote.get("tiny").submit(_request(registry)).result(10)
+  finally:
+    bridge.close()
+
+
+# ---- end to end
+
+
+def _start(run_root, *extra):
+  port = free_port()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "serve", "--workdir", str(run_root), "--port", str(port), "--workers", "2",
+       "--engine.buckets", "8,32,64", "--engine.max_rows", "64", "--engine.max_candidates", "48", *extra],
+      stderr=subprocess.PIPE, text=True)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + 180
+  while True:
+    try:
+      with urllib.request.urlopen(url + "/healthz", timeout=1):
+        return proc, url, port
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.communicate()[1]}")
+      time.sleep(0.3)
+
+
+def _get(url: str) -> dict:
+  with urllib.request.urlopen(url, timeout=30) as r:
+    return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+  req = urllib.request.Request(url + "/v1/rank", json.dumps(body).encode(), {"content-type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    with e:
+      return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(run_root):
+  proc, url, port = _start(run_root, "--admin_token", TOKEN)
+  yield proc, url
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
+
+
+def test_workers_serve_rank_errors_metrics_and_reload(server, registry):
+  proc, url = server
+  example = _get(url + "/v1/models/tiny/example")
+  status, reply = _post(url, example)
+  assert status == 200, reply
+  req = RankRequest(features=example["features"], candidates=[c["features"] for c in example["candidates"]],
+                    user_id=example.get("user_id"))
+  want = registry.engines["tiny"].rank(req, 30).scores["click"]
+  np.testing.assert_allclose([c["scores"]["click"] for c in reply["candidates"]], want, rtol=1e-6)
+  assert _post(url, {**example, "model": "nope"})[0] == 404
+  assert _post(url, {**example, "candidates": 3})[0] == 422
+  bad = {**example, "candidates": [{"item_id": 0, "features": {"nope": 1.0}}]}
+  status, err = _post(url, bad)
+  assert status == 422 and "nope" in err["error"]["message"]
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # new connections, spread over the workers
+    codes = list(pool.map(lambda _: _post(url, example)[0], range(64)))
+  assert codes == [200] * 64
+  time.sleep(1.5)  # every worker has pushed its counters
+  with urllib.request.urlopen(url + "/metrics") as r:
+    text = r.read().decode()
+  ok = [line for line in text.splitlines() if line.startswith('jaxrec_http_requests_total{path="/v1/rank",model="tiny",code="200"}')]
+  assert ok and float(ok[0].split()[-1]) == 65  # summed over both workers
+  engine = [line for line in text.splitlines() if line.startswith('jaxrec_engine_requests_total{model="tiny"}')]
+  assert float(engine[0].split()[-1]) >= 65
+  r = urllib.request.Request(url + "/admin/reload", b"", {"authorization": f"Bearer {TOKEN}"}, method="POST")
+  with urllib.request.urlopen(r, timeout=120) as resp:
+    assert json.loads(resp.read())["reloaded"]
+  r = urllib.request.Request(url + "/admin/reload", b"", {"authorization": "Bearer wrong"}, method="POST")
+  with pytest.raises(urllib.error.HTTPError) as info:
+    urllib.request.urlopen(r)
+  assert info.value.code == 401
+  info.value.close()
+  assert _post(url, example)[0] == 200
+
+
+def test_sigterm_drains_workers_then_engines(server):
+  proc, _ = server
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=90)
+  assert proc.returncode == 0, err
+  assert "with 2 HTTP worker processes" in err and "drained and stopped" in err and "Traceback" not in err
+
+
+def test_workers_stop_when_the_engine_process_dies(run_root):
+  proc, url, port = _start(run_root)
+  proc.kill()  # no chance to forward a signal
+  proc.communicate()
+  deadline = time.monotonic() + 30
+  while time.monotonic() < deadline:
+    with socket.socket() as s:
+      if s.connect_ex(("127.0.0.1", port)) != 0:
+        return  # nobody holds the port any more
+    time.sleep(0.3)
+  pytest.fail("the worker processes kept the port after the engine process died")
+
+
+def test_bad_worker_count_is_a_clear_error():
+  out = subprocess.run([sys.executable, "-m", "serve", "--workers", "0"], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and "workers must be in [1, 64]" in out.stderr and "Traceback" not in out.stderr
