@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi

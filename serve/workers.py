@@ -176,6 +176,8 @@ class Bridge:
 
   def _call(self, out, rid: int, method: str, args: tuple) -> None:
     try:
+      if method not in _CALLS:
+        raise ValueError(f"unknown engine call {method!r}")
       result = getattr(self, "_do_" + method)(*args)
     except Exception as e:  # noqa: BLE001 - SwapError, UnknownModel, ...: raised in the worker
       out.put(("done", rid, None, e))
@@ -405,10 +407,14 @@ def run_workers(bridge: Bridge, procs: list[multiprocessing.Process], drain_time
   original = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
     if not bridge.wait_for_workers(120.0, alive=lambda: all(p.is_alive() for p in procs) and not stop.is_set()):
-      print("error: the HTTP workers did not start: " + ", ".join(
-          f"{p.name} exit code {p.exitcode}" for p in procs if not p.is_alive()), file=sys.stderr, flush=True)
+      if stop.is_set():  # told to stop while starting
+        _stop(procs, drain_timeout_s)
+        return 0
+      dead = [f"{p.name} exit code {p.exitcode}" for p in procs if not p.is_alive()]
+      print("error: the HTTP workers did not start: " + (", ".join(dead) or "not all connected within 120 s"),
+            file=sys.stderr, flush=True)
       _stop(procs, drain_timeout_s)
-      return 1 if not stop.is_set() else 0
+      return 1
     announce()
     reported: set[str] = set()
     while not stop.wait(0.2):

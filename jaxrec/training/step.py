@@ -14,7 +14,6 @@ import dataclasses
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
