@@ -44,13 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxrec.data.batch import Batch, Schema
+from jaxrec.data.batch import Schema
 from jaxrec.training import sharding
 from jaxrec.training.loop import RankerConfig
 from jaxrec.training.restore import read_run, restore_ranker
-from jaxrec.training.state import merge_model
 from jaxrec.training.user_model import load_user_model
 from serve.request import EncodedRequest, RankRequest, RequestEncoder, RequestError, Rows, concat_rows
+from serve.scoring import ranker_probs
 from serve.user_embedding import UserCacheConfig, UserEmbeddings, embedding_columns, load_user_embeddings
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "LoadedRanker", "Overloaded", "RankResponse",
@@ -163,12 +163,7 @@ def make_score_step(graphdef: nnx.GraphDef, schema: Schema):
   """score(state, dense [B, Fd], sparse [B, Fs, L], sparse_mask) -> probabilities f32 [B, T]."""
 
   def score(state: ServingState, dense: jax.Array, sparse: jax.Array, sparse_mask: jax.Array) -> jax.Array:
-    b = dense.shape[0]
-    zeros = jnp.zeros((b,), jnp.int32)
-    batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask,
-                  labels=jnp.zeros((b, schema.num_tasks), jnp.float32), weights=jnp.zeros((b,), jnp.float32),
-                  domain=zeros, timestamp=zeros)
-    return jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch).astype(jnp.float32))
+    return ranker_probs(graphdef, schema, state, dense, sparse, sparse_mask)
 
   return jax.jit(score)
 

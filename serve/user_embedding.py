@@ -51,7 +51,8 @@ from jaxrec.cache.soap import SoapCache, SoapConfig, bucket
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.training.state import merge_model
 from jaxrec.training.user_model import FrozenUserTower, load_user_model
-from serve.request import RankRequest, Rows, concat_rows, empty_rows, encode_user_row
+from serve.request import Rows, concat_rows, empty_rows
+from serve.scoring import ranker_probs
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,6 @@ class TowerEmbedder:
   def version(self) -> int:
     return self.tower.step
 
-  def encode(self, features: dict) -> Rows:
-    """The tower's row [1] from a request's features (RequestError naming a bad one)."""
-    return encode_user_row(features, self.schema, self.features)
-
   def embed(self, rows: Rows) -> jax.Array:
     """f32 [P, K D] on device: the standardised embeddings of P rows (P one of the compiled sizes)."""
     args = jax.device_put((rows.dense, rows.sparse, rows.sparse_mask), self.device)
@@ -173,12 +170,7 @@ def _rank(graphdef: nnx.GraphDef, schema: Schema, cols: jax.Array, state, embedd
           sparse_mask) -> jax.Array:
   """probs f32 [B, T] of the ranker with each row's user_emb columns set to its request's embedding."""
   dense = dense.at[:, cols].set(embedding.astype(jnp.float32)[row_req])
-  b = dense.shape[0]
-  zeros = jnp.zeros((b,), jnp.int32)
-  batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask,
-                labels=jnp.zeros((b, schema.num_tasks), jnp.float32), weights=jnp.zeros((b,), jnp.float32),
-                domain=zeros, timestamp=zeros)
-  return jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch).astype(jnp.float32))
+  return ranker_probs(graphdef, schema, state, dense, sparse, sparse_mask)
 
 
 def make_sum_step(graphdef: nnx.GraphDef, schema: Schema, emb_cols: np.ndarray):
@@ -341,10 +333,6 @@ class UserEmbeddings:
     embedder = TowerEmbedder(tower, self._tower_sizes, self.device)
     self.soap.set_user_model(functools.partial(self._user_model, embedder), tower.step)
     self.embedder = embedder
-
-  def encode(self, req: RankRequest) -> Rows:
-    """The request's user row for the tower (validated on the caller's thread)."""
-    return self.embedder.encode(req.features)
 
   # ---- the compiled step
 

@@ -24,26 +24,31 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  root = tmp_path_factory.mktemp("loadgen")
-  assert ranker.main(["--workdir", str(root / "runs" / "tiny")] + SMOKE) == 0
+def start_server(args: list[str], timeout_s: float = 120) -> tuple[subprocess.Popen, str, int]:
+  """`python -m serve ARGS` on a free loopback port, once /healthz answers: (process, url, port)."""
   port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "serve", "--workdir", str(root / "runs"), "--port", str(port),
-       "--engine.buckets", "8,64,256", "--engine.max_rows", "256", "--engine.max_candidates", "64",
-       "--engine.max_queue", "8"], stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), *args], stderr=subprocess.PIPE,
+                          text=True)
   url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 120
+  deadline = time.monotonic() + timeout_s
   while True:
     try:
-      urllib.request.urlopen(url + "/healthz", timeout=1)
-      break
+      with urllib.request.urlopen(url + "/healthz", timeout=1):
+        return proc, url, port
     except OSError:
       if proc.poll() is not None or time.monotonic() > deadline:
         proc.kill()
         pytest.fail(f"server did not start: {proc.communicate()[1]}")
       time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  root = tmp_path_factory.mktemp("loadgen")
+  assert ranker.main(["--workdir", str(root / "runs" / "tiny")] + SMOKE) == 0
+  proc, url, _ = start_server(["--workdir", str(root / "runs"), "--engine.buckets", "8,64,256",
+                               "--engine.max_rows", "256", "--engine.max_candidates", "64",
+                               "--engine.max_queue", "8"])
   yield proc, url
   if proc.poll() is None:
     proc.kill()

@@ -37,15 +37,19 @@ def feature_dicts(shared: bool):
   return st.fixed_dictionaries({}, optional=value)
 
 
-@settings(max_examples=150, deadline=None)
-@given(shared=feature_dicts(True), cands=st.lists(feature_dicts(False), min_size=1, max_size=12))
-def test_fast_path_matches_reference(shared, cands):
-  req = RankRequest(shared, cands)
+
+def assert_encodes_like_reference(req: RankRequest) -> None:
   rows = encode_request(req, SCHEMA, max_candidates=16)
   dense, sparse, mask = reference(req)
   np.testing.assert_array_equal(rows.dense, dense)
   np.testing.assert_array_equal(rows.sparse, sparse)
   np.testing.assert_array_equal(rows.sparse_mask, mask)
+
+@settings(max_examples=150, deadline=None)
+@given(shared=feature_dicts(True), cands=st.lists(feature_dicts(False), min_size=1, max_size=12))
+def test_fast_path_matches_reference(shared, cands):
+  req = RankRequest(shared, cands)
+  assert_encodes_like_reference(req)
 
 
 def test_candidate_overrides_a_shared_list_of_ids():
@@ -93,8 +97,4 @@ def test_candidates_with_the_same_features_match_reference(shared, n, seed, reor
   if reorder:
     cands[-1] = dict(reversed(list(cands[-1].items())))
   req = RankRequest(shared, cands)
-  rows = encode_request(req, SCHEMA, max_candidates=16)
-  dense, sparse, mask = reference(req)
-  np.testing.assert_array_equal(rows.dense, dense)
-  np.testing.assert_array_equal(rows.sparse, sparse)
-  np.testing.assert_array_equal(rows.sparse_mask, mask)
+  assert_encodes_like_reference(req)

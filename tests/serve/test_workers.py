@@ -27,7 +27,7 @@ from serve.registry import Registry, UnknownModel
 from serve.request import RankRequest, RequestError
 from serve.workers import Bridge, EngineLink, RemoteRegistry
 from tests.serve.test_engine import SMALL, SMOKE
-from tests.serve.test_loadgen import free_port
+from tests.serve.test_loadgen import start_server
 from train import ranker
 
 TOKEN = "s3cret"
@@ -150,22 +150,8 @@ def test_engine_refusals_reach_the_worker_as_such(registry, monkeypatch):
 
 
 def _start(run_root, *extra):
-  port = free_port()
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "serve", "--workdir", str(run_root), "--port", str(port), "--workers", "2",
-       "--engine.buckets", "8,32,64", "--engine.max_rows", "64", "--engine.max_candidates", "48", *extra],
-      stderr=subprocess.PIPE, text=True)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 180
-  while True:
-    try:
-      with urllib.request.urlopen(url + "/healthz", timeout=1):
-        return proc, url, port
-    except OSError:
-      if proc.poll() is not None or time.monotonic() > deadline:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.communicate()[1]}")
-      time.sleep(0.3)
+  return start_server(["--workdir", str(run_root), "--workers", "2", "--engine.buckets", "8,32,64",
+                       "--engine.max_rows", "64", "--engine.max_candidates", "48", *extra], timeout_s=180)
 
 
 def _get(url: str) -> dict:
