@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrec.ops.fp8_dense import fp8_gemm_nt_prequantized, quantize_weight_nk
+from jaxrec.ops.fp8_scaling import E4M3
 from jaxrec.ops.planned_dense import fuses, planned_dense
 from jaxrec.precision.plan import PrecisionPlan, SitePrecision
 
@@ -41,6 +43,10 @@ def plain_precision(dtype) -> SitePrecision:
 def site_precision(plan: PrecisionPlan | None, name: str, dtype) -> SitePrecision:
   """The plan's precision for site `name`, or the plain path of `dtype` when there is no plan."""
   return plain_precision(dtype) if plan is None else plan.site(name)
+
+
+class FP8Weight(nnx.Variable):
+  """A kernel quantized once for inference (`Dense.prequantize`): state, not a trained parameter."""
 
 
 class Dense(nnx.Module):
@@ -73,11 +79,36 @@ class Dense(nnx.Module):
     x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
     if self.capture:
       self.probe_input = nnx.Intermediate(x2)
-    y = planned_dense(x2, self.kernel[...], self.precision, norm=norm, activation=activation,
-                      interpret=self.interpret)
+    fp8_kernel = getattr(self, "fp8_kernel", None)
+    if fp8_kernel is not None:
+      c = self.precision.fwd
+      y = fp8_gemm_nt_prequantized(x2, fp8_kernel[...], self.fp8_scale[...], n=self.out_features, recipe=c.recipe,
+                                   out_dtype=x2.dtype, impl=c.impl, interpret=self.interpret, norm=norm,
+                                   activation=activation)
+    else:
+      y = planned_dense(x2, self.kernel[...], self.precision, norm=norm, activation=activation,
+                        interpret=self.interpret)
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y.reshape(*lead, self.out_features)
+
+  def prequantize(self) -> bool:
+    """For inference: quantizes the kernel once for this site's FP8 forward GEMM (the (N, K)
+    layout of `jaxrec.ops.fp8_dense.quantize_weight_nk`), which later calls use instead of
+    quantizing it per call. Same outputs (up to f32 summation order); no gradients through it,
+    and the copy does not follow later changes of `kernel` (call it again after loading new
+    weights). Returns False, doing nothing, where the forward GEMM is not fp8."""
+    c = self.precision.fwd
+    if not c.is_fp8:
+      return False
+    q, s = quantize_weight_nk(self.kernel[...].T, recipe=c.recipe, dtype=E4M3, impl=c.impl, interpret=self.interpret)
+    self.fp8_kernel, self.fp8_scale = FP8Weight(q), FP8Weight(s)
+    return True
+
+
+def prequantize_fp8_weights(model: nnx.Module) -> list[str]:
+  """Dense.prequantize on every GEMM site of `model` (inference); returns the sites it quantized."""
+  return [name for name, m in dense_modules(model) if m.prequantize()]
 
 
 def dense_modules(model: nnx.Module) -> list[tuple[str, Dense]]:

@@ -52,7 +52,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxrec.ops.fp8_scaling import E4M3, E5M2, RECIPES, Recipe, quantize_lhs, quantize_rhs, scaled_matmul
+from jaxrec.ops.fp8_scaling import BLOCK, E4M3, E5M2, RECIPES, Recipe, quantize_lhs, quantize_rhs, scaled_matmul
 from kernels_pallas.fp8_gemm_sm90 import epilogue_reference, fp8_gemm, fp8_gemm_blockwise
 from kernels_pallas.fp8_quantize_sm90 import fp8_quantize
 
@@ -124,19 +124,69 @@ def fp8_gemm_nt(a: jax.Array, b_nk: jax.Array, *, recipe: Recipe, a_dtype, b_dty
       return scaled_matmul(a, b_nk.T, recipe=recipe, a_dtype=a_dtype, b_dtype=b_dtype, out_dtype=out_dtype)
     y = scaled_matmul(a, b_nk.T, recipe=recipe, a_dtype=a_dtype, b_dtype=b_dtype, out_dtype=jnp.float32)
     return epilogue_reference(y, norm=norm, activation=activation).astype(out_dtype)
-  m, n = a.shape[0], b_nk.shape[0]
+  qb, sb = quantize_weight_nk(b_nk, recipe=recipe, dtype=b_dtype, impl=impl, interpret=interpret)
+  return _gemm_prequantized(a, qb, sb, n=b_nk.shape[0], recipe=recipe, a_dtype=a_dtype, out_dtype=out_dtype,
+                            impl=impl, interpret=interpret, norm=norm, activation=activation)
+
+
+def quantize_weight_nk(b_nk: jax.Array, *, recipe: Recipe, dtype=E4M3, impl: str,
+                       interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The rhs b_nk [N, C] of a GEMM quantized along C once, in the layout
+  `fp8_gemm_nt_prequantized` takes for `impl` -> (q, scale):
+
+      recipe    q          scale, impl "xla"       scale, impl "pallas"
+      tensor    [N, C]     []                      []
+      row       [N, C]     [N, 1]                  [N]
+      block     [N', C']   [N'/128, C'/128]        [N'/128, C'/128]      (N', C' padded to 128)
+
+  For inference, where a weight does not change between calls: quantize it once at load (the
+  (N, K) pre-quantized layout XLA's cuBLASLt FP8 path needs, ../shared/reference/h100_baseline.md)
+  instead of per call. Same values as the per-call quantization inside `fp8_gemm_nt`.
+  """
+  if recipe not in RECIPES:
+    raise ValueError(f"unknown FP8 recipe {recipe!r}; choose one of {RECIPES}")
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if recipe == "block":  # 128 x 128 blocks are symmetric: quantize_rhs of b_nk is b's, transposed
+    return quantize_rhs(b_nk, dtype, "block")
+  if impl == "xla" or recipe == "tensor":  # one global amax: the layout does not matter
+    return quantize_lhs(b_nk, dtype, recipe)
+  return _quantize_rows(b_nk, dtype, "row", interpret)
+
+
+def fp8_gemm_nt_prequantized(a: jax.Array, qb: jax.Array, sb: jax.Array, *, n: int, recipe: Recipe, a_dtype=E4M3,
+                             out_dtype, impl: str, interpret: bool = False, norm: str | None = None,
+                             activation: str | None = None) -> jax.Array:
+  """act(norm(a [M, C] @ b_nk [N, C].T)) -> [M, N] with b_nk given as `quantize_weight_nk`'s (qb, sb)
+  (for the same recipe and impl); a is quantized along C here. Forward only, no gradients: an
+  inference path. Otherwise `fp8_gemm_nt` (which is this after quantize_weight_nk)."""
+  check_backend(impl, interpret)
+  return _gemm_prequantized(a, qb, sb, n=n, recipe=recipe, a_dtype=a_dtype, out_dtype=out_dtype, impl=impl,
+                            interpret=interpret, norm=norm, activation=activation)
+
+
+def _gemm_prequantized(a, qb, sb, *, n, recipe, a_dtype, out_dtype, impl, interpret, norm, activation):
+  m = a.shape[0]
+  if impl == "xla":
+    qa, sa = quantize_lhs(a, a_dtype, recipe)
+    if recipe in ("tensor", "row"):
+      y = jax.lax.dot_general(qa, qb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      y = y * sa * (sb if recipe == "tensor" else sb.T)
+    else:
+      kb = qa.shape[1] // BLOCK
+      parts = jnp.einsum("mkc,nkc->mkn", qa.reshape(m, kb, BLOCK), qb.reshape(qb.shape[0], kb, BLOCK),
+                         preferred_element_type=jnp.float32)
+      y = jnp.sum(parts * sa[:, :, None] * jnp.repeat(sb, BLOCK, axis=0).T[None], axis=1)[:, :n]
+    if norm is None and activation is None:
+      return y.astype(out_dtype)
+    return epilogue_reference(y, norm=norm, activation=activation).astype(out_dtype)
   epilogue = dict(norm=norm, activation=activation, out_dtype=out_dtype, interpret=interpret)
   if recipe == "tensor":
     qa, sa = quantize_lhs(a, a_dtype, "tensor")
-    qb, sb = quantize_lhs(b_nk, b_dtype, "tensor")  # one global amax: the layout does not matter
     return fp8_gemm(qa, qb, jnp.full((m,), sa), jnp.full((n,), sb), **epilogue)
   qa, sa = _quantize_rows(a, a_dtype, recipe, interpret)
   if recipe == "row":
-    qb, sb = _quantize_rows(b_nk, b_dtype, "row", interpret)
     return fp8_gemm(qa, qb, sa, sb, **epilogue)
-  # 128 x 128 blocks are symmetric, so quantize_rhs of b_nk is quantize_rhs of b transposed:
-  # qb [N', C'], sb [N'/128, C'/128], the (N, K) layout fp8_gemm_blockwise takes
-  qb, sb = quantize_rhs(b_nk, b_dtype, "block")
   if norm is not None:  # BlockNorm's blocks are over the N real columns: the kernel pads N itself
     return fp8_gemm_blockwise(qa, qb[:n], sa, sb, **epilogue)
   return fp8_gemm_blockwise(qa, qb, sa, sb, **epilogue)[:, :n]

@@ -122,3 +122,38 @@ def test_mere_study_needs_runs_and_known_metrics(tmp_path, capsys):
   assert "unknown metric" in capsys.readouterr().err
   assert mere_study.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
   assert "probe_stats.npz" in capsys.readouterr().err
+
+
+def test_bench_precision_times_each_variant_and_checks_outputs(probed, tmp_path, capsys):
+  from train import bench_precision
+  out_dir = tmp_path / "bench"
+  assert bench_precision.main(["--run", str(probed), "--out", str(out_dir), "--batch", "256", "--steps", "1",
+                               "--repeats", "1", "--variants", "bf16,plan,fp8_row"]) == 0
+  out = json.loads((out_dir / "bench_precision.json").read_text())
+  assert list(out["variants"]) == ["bf16", "plan", "fp8_row:xla"]
+  plan = PrecisionPlan.load(probed / "precision_plan.json")
+  n_sites = len(out["sites"])
+  fwd_fp8 = sum(plan.site(s["site"]).fwd.is_fp8 for s in out["sites"])
+  for name, r in out["variants"].items():
+    for phase in ("train", "infer", "serve"):
+      assert r[f"{phase}_ms"] > 0 and np.isfinite(r[f"{phase}_speedup"])
+    if name == "bf16":
+      assert r["max_abs_dp"] == 0.0 and r["prequantized_sites"] == 0
+    else:  # really quantized, and still the same model's predictions
+      assert 0.0 < r["max_abs_dp"] < 0.1 and abs(r["logloss_change_vs_bf16"]) < 0.01
+      assert sum(r["gemms"].values()) == 3 * n_sites
+  assert out["variants"]["plan"]["prequantized_sites"] == fwd_fp8 > 0
+  assert out["variants"]["fp8_row:xla"]["prequantized_sites"] == n_sites
+  assert set(out["plan_vs_best_global"]) == {"train", "infer", "serve"}
+  printed = capsys.readouterr().out
+  assert "| plan |" in printed and "not FP8 speeds" in printed
+  assert (out_dir / "bench_precision.md").exists()
+
+
+def test_bench_precision_without_a_run_is_a_clear_error(tmp_path, capsys):
+  from train import bench_precision
+  assert bench_precision.main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+  assert "train.probe" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:  # the config parser's usage error
+    bench_precision.main(["--variants", "bf16,fp9"])
+  assert e.value.code == 2 and "unknown --variants" in capsys.readouterr().err
