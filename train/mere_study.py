@@ -3,13 +3,15 @@
 For every GEMM site of each run (a workdir that `python -m train.probe` or `train.ranker
 --probe.every N` left, with probe_stats.npz), scores each candidate's forward GEMM on three kinds
 of operands, as `train.probe` does: sampled from the Probe-learned statistics, N(0, 1) of the same
-shapes, and the trained model's real eval activations and weights. Does it under each metric of
+shapes, and the trained model's real eval activations, weights and output gradients. The forward
+GEMM by default; --gemms fwd,dgrad,wgrad adds the gradient GEMMs (their dy operand: learned from
+the Probe's output-gradient statistics, N(0, 1), or the eval loss's real gradient). Does it under each metric of
 `jaxrec.precision.error_model.METRICS` (the plan's MERE, LoKA's per-element mean, and its median),
 because LoKA's claim ("learned > N(0, 1), and closer to real") should not hinge on the normalisation.
 
     python -m train.mere_study --runs /tmp/probe_mods,/tmp/probe_base --out runs/mere_study
 
-Writes mere_study.json (every estimate) and mere_study.md (one summary row per run and metric:
+Writes mere_study.json (every estimate) and mere_study.md (one summary row per run, metric and GEMM:
 geometric mean of learned / N(0, 1) and real / N(0, 1), how many (site, candidate) pairs have
 learned > N(0, 1), and how many have learned closer to real than N(0, 1) is) to --out.
 """
@@ -25,7 +27,7 @@ import numpy as np
 
 from jaxrec.config import parse_config
 from jaxrec.layers.dense import gemm_sites
-from jaxrec.precision.error_model import METRICS
+from jaxrec.precision.error_model import GEMMS, METRICS
 from jaxrec.precision.probe import ProbeState
 from train import probe as probe_entry
 
@@ -38,6 +40,8 @@ class Args:
   """where mere_study.json and mere_study.md go"""
   metrics: tuple[str, ...] = tuple(METRICS)
   """error metrics to score with (jaxrec.precision.error_model.METRICS)"""
+  gemms: tuple[str, ...] = ("fwd",)
+  """which GEMMs of each site to summarise: fwd, dgrad, wgrad"""
   candidates: tuple[str, ...] = ("bf16", "fp8_tensor", "fp8_row", "fp8_block")
   samples: int = 16
   """operand samples per site and setting"""
@@ -51,10 +55,13 @@ class Args:
     bad = [m for m in self.metrics if m not in METRICS]
     if bad:
       raise ValueError(f"unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
+    bad = [g for g in self.gemms if g not in GEMMS]
+    if bad or not self.gemms:
+      raise ValueError(f"--gemms: choose one or more of {', '.join(GEMMS)}, got {list(self.gemms)}")
 
 
 def summarise(table: list[dict]) -> dict:
-  """Claim-1 summary of rows {learned, standard, real} (forward GEMM means)."""
+  """Claim-1 summary of rows {learned, standard, real} (MERE means of one GEMM)."""
   lr = np.array([r["learned"] / r["standard"] for r in table])
   rr = np.array([r["real"] / r["standard"] for r in table])
   closer = sum(abs(r["learned"] - r["real"]) < abs(r["standard"] - r["real"]) for r in table)
@@ -75,10 +82,12 @@ def study_run(args: Args, run_dir: Path) -> dict:
   out = {}
   for metric in args.metrics:
     m = probe_entry.measure(pargs, sites, stats, model, eval_src, metric=metric)
-    table = [{"site": s, "candidate": c, **{st: m[s][st][c]["fwd"].mean for st in ("learned", "standard", "real")}}
-             for s, _, _ in sites for c in args.candidates]
-    out[metric] = {"table": table, "summary": summarise(table)}
-  return out
+    out[metric] = {}
+    for g in args.gemms:
+      table = [{"site": s, "candidate": c, **{st: m[s][st][c][g].mean for st in ("learned", "standard", "real")}}
+               for s, _, _ in sites for c in args.candidates]
+      out[metric][g] = {"table": table, "summary": summarise(table)}
+  return {"dy_probed": bool(stats.grads), "metrics": out}
 
 
 def run(args: Args) -> dict:
@@ -87,13 +96,16 @@ def run(args: Args) -> dict:
   outdir.mkdir(parents=True, exist_ok=True)
   (outdir / "mere_study.json").write_text(json.dumps({"config": dataclasses.asdict(args), "runs": results},
                                                      indent=2) + "\n")
-  lines = ["| run | metric | learned / N(0,1) (geo-mean) | real / N(0,1) (geo-mean) | learned > N(0,1) | "
-           "learned closer to real |", "|---|---|---|---|---|---|"]
-  for r, by_metric in results.items():
-    for metric, v in by_metric.items():
-      s = v["summary"]
-      lines.append(f"| {r} | {metric} | {s['geo_learned_over_standard']:.3f} | {s['geo_real_over_standard']:.3f} | "
-                   f"{s['learned_above_standard']} of {s['pairs']} | {s['learned_closer_to_real']} of {s['pairs']} |")
+  lines = ["| run | metric | GEMM | learned / N(0,1) (geo-mean) | real / N(0,1) (geo-mean) | learned > N(0,1) | "
+           "learned closer to real |", "|---|---|---|---|---|---|---|"]
+  for r, res in results.items():
+    for metric, by_gemm in res["metrics"].items():
+      for g, v in by_gemm.items():
+        s = v["summary"]
+        dy_note = "" if g == "fwd" or res["dy_probed"] else " (dy not probed: N(0,1))"
+        lines.append(f"| {r} | {metric} | {g}{dy_note} | {s['geo_learned_over_standard']:.3f} | "
+                     f"{s['geo_real_over_standard']:.3f} | {s['learned_above_standard']} of {s['pairs']} | "
+                     f"{s['learned_closer_to_real']} of {s['pairs']} |")
   (outdir / "mere_study.md").write_text("\n".join(lines) + "\n")
   return results
 

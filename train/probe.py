@@ -22,11 +22,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxrec.config import config_from_dict, config_to_dict, parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig, open_train_eval
-from jaxrec.layers.dense import capture_gemm_inputs, dense_modules, gemm_sites
+from jaxrec.layers.dense import capture_gemm_operands, dense_modules, gemm_sites
 from jaxrec.models import DCNv2Config, ModelConfig
 from jaxrec.precision import dispatch
 from jaxrec.precision.error_model import Gaussian, MatrixNormal, mere_for_site, mere_on_operands
@@ -34,6 +35,7 @@ from jaxrec.precision.probe import ProbeConfig, ProbeState
 from jaxrec.precision.report import SETTINGS, plot_mere_heatmap, write_report
 from jaxrec.progress import progress
 from jaxrec.training import sharding
+from jaxrec.training.losses import weighted_bce
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
 from jaxrec.training.restore import restore_ranker
 from jaxrec.training.state import merge_model
@@ -88,34 +90,43 @@ def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:
   return cfg, merge_model(graphdef, state.params, state.table), eval_src
 
 
-def real_operands(model, eval_src, rows: int, samples: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """{site: xs [S, rows, K]} from the first eval batches and {site: w [K, N]} of the trained model."""
+def real_operands(model, eval_src, rows: int, samples: int
+                  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
+  """({site: xs [S, rows, K]}, {site: w [K, N]}, {site: dys [S, rows, N]}) of the trained model on
+  its first S eval batches: GEMM inputs, weights, and the output gradients of the eval loss."""
   acts: dict[str, list] = {}
+  grads: dict[str, list] = {}
+  graphdef, state = nnx.split(model)
+  capture = jax.jit(lambda state, batch: capture_gemm_operands(
+      nnx.merge(graphdef, state), lambda m: weighted_bce(m(batch), batch.labels, batch.weights))[1:])
   for i, batch in enumerate(eval_src.eval_batches(rows)):
     if i == samples:
       break
-    _, a = capture_gemm_inputs(model, lambda m: m(jax.tree.map(jnp.asarray, batch)))
+    a, g = capture(state, jax.tree.map(jnp.asarray, batch))
     for s, x in a.items():
       acts.setdefault(s, []).append(x.astype(jnp.float32))
+      grads.setdefault(s, []).append(g[s].astype(jnp.float32))
   return ({s: jnp.stack(v) for s, v in acts.items()},
-          {s: m.kernel[...].astype(jnp.float32) for s, m in dense_modules(model)})
+          {s: m.kernel[...].astype(jnp.float32) for s, m in dense_modules(model)},
+          {s: jnp.stack(v) for s, v in grads.items()})
 
 
 def measure(args: Args, sites, stats: ProbeState, model, eval_src, metric: str = "mere") -> dict:
   """{site: {setting: {candidate: {gemm: MereEstimate}}}} for the three operand settings (scored by
   `metric`, one of error_model.METRICS; the plan uses "mere")."""
-  xs, ws = real_operands(model, eval_src, args.rows, args.samples)
+  xs, ws, dys = real_operands(model, eval_src, args.rows, args.samples)
   key = jax.random.key(args.seed)
   out = {}
   with progress(len(sites), "error model") as bar:
     for i, (s, k, n) in enumerate(sites):
       kl, ks, kr = jax.random.split(jax.random.fold_in(key, i), 3)
       common = dict(candidates=args.candidates, num_samples=args.samples, batch=args.rows, metric=metric)
+      dy = Gaussian.from_welford(stats.grads[s]) if s in stats.grads else None  # older stats: N(0, 1)
       out[s] = {
           "learned": mere_for_site(kl, Gaussian.from_welford(stats.acts[s]), MatrixNormal.from_ema(stats.weights[s]),
-                                   **common),
+                                   dy, **common),
           "standard": mere_for_site(ks, Gaussian.standard(k), MatrixNormal.standard(k, n), **common),
-          "real": mere_on_operands(xs[s], ws[s], candidates=args.candidates, key=kr, metric=metric),
+          "real": mere_on_operands(xs[s], ws[s], dys[s], candidates=args.candidates, key=kr, metric=metric),
       }
       bar.update(1)
   return out

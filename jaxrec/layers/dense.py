@@ -27,6 +27,7 @@ from jaxrec.ops.fp8_dense import fp8_gemm_nt_prequantized, quantize_weight_nk
 from jaxrec.ops.fp8_scaling import E4M3
 from jaxrec.ops.planned_dense import fuses, planned_dense
 from jaxrec.precision.plan import PrecisionPlan, SitePrecision
+from kernels_pallas.fp8_gemm_sm90 import epilogue_reference
 
 DEFAULT_KERNEL_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 _PLAIN = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16"}
@@ -43,6 +44,11 @@ def plain_precision(dtype) -> SitePrecision:
 def site_precision(plan: PrecisionPlan | None, name: str, dtype) -> SitePrecision:
   """The plan's precision for site `name`, or the plain path of `dtype` when there is no plan."""
   return plain_precision(dtype) if plan is None else plan.site(name)
+
+
+class ProbeTap(nnx.Variable):
+  """A zero [rows, N] added to a Dense's GEMM output while the Probe differentiates the loss with
+  respect to it: its gradient is the GEMM's output gradient dy (`capture_gemm_operands`)."""
 
 
 class FP8Weight(nnx.Variable):
@@ -80,7 +86,13 @@ class Dense(nnx.Module):
     if self.capture:
       self.probe_input = nnx.Intermediate(x2)
     fp8_kernel = getattr(self, "fp8_kernel", None)
-    if fp8_kernel is not None:
+    tap = getattr(self, "probe_tap", None)
+    if tap is not None:  # the Probe's backward pass: dy is taken before the bias and the epilogue
+      y = planned_dense(x2, self.kernel[...], self.precision, interpret=self.interpret)
+      y = y + tap[...].astype(y.dtype)
+      if norm is not None or activation is not None:
+        y = epilogue_reference(y.astype(jnp.float32), norm=norm, activation=activation).astype(y.dtype)
+    elif fp8_kernel is not None:
       c = self.precision.fwd
       y = fp8_gemm_nt_prequantized(x2, fp8_kernel[...], self.fp8_scale[...], n=self.out_features, recipe=c.recipe,
                                    out_dtype=x2.dtype, impl=c.impl, interpret=self.interpret, norm=norm,
@@ -140,3 +152,26 @@ def capture_gemm_inputs(model: nnx.Module, fn) -> tuple[object, dict[str, jax.Ar
     acts[name] = v[...]
     del m.probe_input
   return out, acts
+
+
+def capture_gemm_operands(model: nnx.Module, loss_fn) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+  """One forward and backward pass of `loss_fn(model)` (a scalar) recording each Dense site's GEMM
+  operands: returns (loss, {site: x [rows, K]}, {site: dy [rows, N]}), dy being
+  d loss / d (x @ kernel), before the bias and before a fused epilogue (which this pass computes
+  unfused: the GEMM result is rounded to the compute dtype before it). For LoKA's Probe. The pass
+  runs on a copy of `model` (nnx.split / merge), which is left as it was; it is traced twice, once
+  for the row counts."""
+  graphdef, state = nnx.split(model)
+  outs = {name: m.out_features for name, m in dense_modules(model)}
+
+  def run(taps):
+    copy = nnx.merge(graphdef, state)
+    if taps is not None:
+      for name, m in dense_modules(copy):
+        m.probe_tap = ProbeTap(taps[name])
+    return capture_gemm_inputs(copy, loss_fn)
+
+  shapes = jax.eval_shape(lambda: run(None))[1]
+  zeros = {s: jnp.zeros((shapes[s].shape[0], outs[s]), jnp.float32) for s in outs}
+  (loss, acts), dys = jax.value_and_grad(run, has_aux=True)(zeros)
+  return loss, acts, dys

@@ -2,13 +2,16 @@
 
 Per GEMM site (a dense layer y = x @ w, named as in `jaxrec.precision.plan`):
 
-    activations  x [B, K]  -> a streaming Gaussian over the K features (stats.Welford, f32)
-    weight       w [K, N]  -> a matrix-normal tracked with an EMA (stats.MatrixNormalEMA)
+    activations       x [B, K]   -> a streaming Gaussian over the K features (stats.Welford, f32)
+    weight            w [K, N]   -> a matrix-normal tracked with an EMA (stats.MatrixNormalEMA)
+    output gradients  dy [B, N]  -> a streaming Gaussian over the N outputs (stats.Welford, f32):
+                                    the dgrad (dy @ w.T) and wgrad (x.T @ dy) GEMMs' operand
 
 `ProbeConfig.every` sets the cadence: the training loop calls the (jitted) probe step on one batch
-every `every` steps, so the Probe costs one extra forward pass plus the statistics updates per
-`every` training steps. Output gradients are not probed: the error model draws them from N(0, 1)
-(per-tensor-scaled MERE does not depend on their scale).
+every `every` steps, so the Probe costs one extra forward and backward pass plus the statistics
+updates per `every` training steps. dy is the gradient of the batch's training loss with respect
+to the site's GEMM output (jaxrec.layers.dense.capture_gemm_operands). Statistics saved before dy
+was probed load with no dy entries; the error model then draws dy from N(0, 1).
 
 The statistics are an explicit pytree (`ProbeState`), saved next to the run as `probe_stats.npz`.
 """
@@ -47,27 +50,34 @@ class ProbeState:
   acts: dict[str, Welford]
   weights: dict[str, MatrixNormalEMA]
   updates: jax.Array  # i32 [], how many probe steps have run
+  grads: dict[str, Welford] = struct.field(default_factory=dict)  # {} in statistics saved before dy was probed
 
   @classmethod
   def init(cls, sites: list[tuple[str, int, int]], weight_decay: float = 0.9) -> "ProbeState":
     """Empty statistics for sites [(name, K, N)]."""
     return cls({name: Welford.init(k) for name, k, _ in sites},
                {name: MatrixNormalEMA.init(jnp.zeros((k, n)), weight_decay) for name, k, n in sites},
-               jnp.zeros((), jnp.int32))
+               jnp.zeros((), jnp.int32), {name: Welford.init(n) for name, _, n in sites})
 
-  def update(self, acts: dict[str, jax.Array], weights: dict[str, jax.Array], max_rows: int) -> "ProbeState":
-    """Merges one probed batch: acts {site: x [B, K]}, weights {site: w [K, N]} (jit-friendly)."""
-    missing = sorted((set(self.acts) - set(acts)) | (set(self.weights) - set(weights)))
+  def update(self, acts: dict[str, jax.Array], weights: dict[str, jax.Array], max_rows: int,
+             grads: dict[str, jax.Array] | None = None) -> "ProbeState":
+    """Merges one probed batch: acts {site: x [B, K]}, weights {site: w [K, N]}, grads {site: dy [B, N]}
+    (needed when this state tracks dy; jit-friendly)."""
+    grads = {} if grads is None else grads
+    missing = sorted((set(self.acts) - set(acts)) | (set(self.weights) - set(weights))
+                     | (set(self.grads) - set(grads)))
     if missing:
       raise ValueError(f"probe update lacks GEMM sites {missing}")
-    new_acts = {s: self.acts[s].update(acts[s].reshape(-1, acts[s].shape[-1])[:max_rows]) for s in self.acts}
+    rows = lambda v: v.reshape(-1, v.shape[-1])[:max_rows]  # noqa: E731
+    new_acts = {s: self.acts[s].update(rows(acts[s])) for s in self.acts}
+    new_grads = {s: self.grads[s].update(rows(grads[s])) for s in self.grads}
     new_w = {}
     for s, ema in self.weights.items():
       w = weights[s].astype(jnp.float32)
       # the first update starts the EMA at the weight itself (its mean would otherwise be 0)
       start = MatrixNormalEMA(w, ema.u, ema.v, ema.decay)
       new_w[s] = jax.lax.cond(self.updates == 0, lambda: start, lambda: ema.update(w))
-    return ProbeState(new_acts, new_w, self.updates + 1)
+    return ProbeState(new_acts, new_w, self.updates + 1, new_grads)
 
   def save(self, path: str | Path) -> None:
     arrays = {"updates": np.asarray(self.updates)}
@@ -75,6 +85,8 @@ class ProbeState:
       arrays.update({f"act/{s}/count": w.count, f"act/{s}/mean": w.mean, f"act/{s}/m2": w.m2})
     for s, e in self.weights.items():
       arrays.update({f"w/{s}/mean": e.mean, f"w/{s}/u": e.u, f"w/{s}/v": e.v})
+    for s, w in self.grads.items():
+      arrays.update({f"dy/{s}/count": w.count, f"dy/{s}/mean": w.mean, f"dy/{s}/m2": w.m2})
     np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
 
   @classmethod
@@ -85,4 +97,6 @@ class ProbeState:
                        jnp.asarray(z[f"act/{s}/m2"])) for s in sites}
     weights = {s: MatrixNormalEMA(jnp.asarray(z[f"w/{s}/mean"]), jnp.asarray(z[f"w/{s}/u"]),
                                   jnp.asarray(z[f"w/{s}/v"]), weight_decay) for s in sites}
-    return cls(acts, weights, jnp.asarray(z["updates"]))
+    grads = {s: Welford(jnp.asarray(z[f"dy/{s}/count"]), jnp.asarray(z[f"dy/{s}/mean"]),
+                        jnp.asarray(z[f"dy/{s}/m2"])) for s in sites if f"dy/{s}/count" in z.files}
+    return cls(acts, weights, jnp.asarray(z["updates"]), grads)

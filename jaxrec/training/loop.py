@@ -162,6 +162,8 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
     if start and probe_path.exists():  # resumed: continue the saved statistics
       loaded = ProbeState.load(probe_path, cfg.probe.weight_decay)
       if set(loaded.acts) == set(fresh_probe.acts):
+        if not loaded.grads:  # saved before output gradients were probed: start their statistics now
+          loaded = loaded.replace(grads=jax.device_get(fresh_probe.grads))
         probe_state = place_probe(loaded, mesh)
   metrics_path = workdir / "metrics.jsonl"
   steps, bs = cfg.train.steps, cfg.data.batch_size

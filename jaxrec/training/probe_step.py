@@ -1,5 +1,6 @@
-"""The jitted probe step: one forward pass that records every GEMM site's input and weight and
-merges them into the Probe's statistics (jaxrec.precision.probe.ProbeState).
+"""The jitted probe step: one forward and backward pass of the training loss that records every
+GEMM site's input, weight and output gradient and merges them into the Probe's statistics
+(jaxrec.precision.probe.ProbeState).
 
 The training loop runs it on the current batch every `ProbeConfig.every` steps; its cost is
 measured by the loop (summary.json `probe_seconds`, `probe_overhead`).
@@ -14,8 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flax import nnx
 
 from jaxrec.data.batch import Batch
-from jaxrec.layers.dense import capture_gemm_inputs, dense_modules, gemm_sites
+from jaxrec.layers.dense import capture_gemm_operands, dense_modules, gemm_sites
 from jaxrec.precision.probe import ProbeConfig, ProbeState
+from jaxrec.training.losses import weighted_bce
 from jaxrec.training.state import TrainState, merge_model
 
 
@@ -37,8 +39,8 @@ def make_probe_step(graphdef: nnx.GraphDef, cfg: ProbeConfig,
 
   def probe_step(probe: ProbeState, state: TrainState, batch: Batch) -> ProbeState:
     model = merge_model(graphdef, state.params, state.table)
-    _, acts = capture_gemm_inputs(model, lambda m: m(batch))
+    _, acts, dys = capture_gemm_operands(model, lambda m: weighted_bce(m(batch), batch.labels, batch.weights))
     weights = {name: m.kernel[...] for name, m in dense_modules(model)}
-    return probe.update(acts, weights, cfg.max_rows)
+    return probe.update(acts, weights, cfg.max_rows, dys)
 
   return jax.jit(probe_step, donate_argnums=0, out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -18,6 +18,14 @@ def batches(seed, n=5):
     yield {"a": jnp.asarray(x, jnp.float32), "b": jnp.asarray(rng.normal(size=(40, 4)), jnp.float32)}
 
 
+def grads(seed):
+  """Output gradients {site: dy [40, N]}: heavy-tailed rows, like a loss's (p - y) per example."""
+  rng = np.random.default_rng(100 + seed)
+  row = rng.standard_t(3, size=(40, 1))
+  return {"a": jnp.asarray(row * rng.normal(size=(40, 4)) + 0.5, jnp.float32),
+          "b": jnp.asarray(row * rng.normal(size=(40, 3)), jnp.float32)}
+
+
 def weights(seed):
   rng = np.random.default_rng(seed)
   return {"a": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
@@ -25,24 +33,28 @@ def weights(seed):
 
 def test_streaming_activation_stats_equal_batch_stats():
   st = ProbeState.init(SITES)
-  update = jax.jit(lambda s, a, w: s.update(a, w, max_rows=32))
-  seen = []
+  update = jax.jit(lambda s, a, w, g: s.update(a, w, max_rows=32, grads=g))
+  seen, seen_dy = [], []
   for i, acts in enumerate(batches(0)):
-    st = update(st, acts, weights(i))
+    dys = grads(i)
+    st = update(st, acts, weights(i), dys)
     seen.append(np.asarray(acts["a"])[:32])
-  x = np.concatenate(seen)
+    seen_dy.append(np.asarray(dys["a"])[:32])
+  x, dy = np.concatenate(seen), np.concatenate(seen_dy)
   np.testing.assert_allclose(st.acts["a"].mean, x.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(st.acts["a"].covariance(), np.cov(x.T), rtol=1e-4, atol=1e-4)
-  assert int(st.updates) == 5 and float(st.acts["a"].count) == 160.0
+  np.testing.assert_allclose(st.grads["a"].mean, dy.mean(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(st.grads["a"].covariance(), np.cov(dy.T), rtol=1e-4, atol=1e-4)
+  assert int(st.updates) == 5 and float(st.acts["a"].count) == 160.0 == float(st.grads["b"].count)
 
 
 def test_weight_ema_starts_at_the_weight_and_tracks_it():
   st = ProbeState.init(SITES, weight_decay=0.5)
   w0 = weights(0)
-  st = st.update(next(batches(0)), w0, max_rows=8)
+  st = st.update(next(batches(0)), w0, max_rows=8, grads=grads(0))
   np.testing.assert_allclose(st.weights["a"].mean, w0["a"])  # first update: the weight itself
   w1 = weights(1)
-  st = st.update(next(batches(1)), w1, max_rows=8)
+  st = st.update(next(batches(1)), w1, max_rows=8, grads=grads(1))
   np.testing.assert_allclose(st.weights["a"].mean, 0.5 * w0["a"] + 0.5 * w1["a"], rtol=1e-6)
   assert np.isfinite(np.asarray(st.weights["a"].u)).all() and float(jnp.trace(st.weights["a"].u)) == pytest.approx(6.0, rel=1e-4)
 
@@ -52,17 +64,31 @@ def test_missing_site_is_clear():
   acts = next(batches(0))
   del acts["b"]
   with pytest.raises(ValueError, match=r"lacks GEMM sites \['b'\]"):
-    st.update(acts, weights(0), max_rows=8)
+    st.update(acts, weights(0), max_rows=8, grads=grads(0))
+  with pytest.raises(ValueError, match=r"lacks GEMM sites \['a', 'b'\]"):  # dy is tracked: grads are required
+    st.update(next(batches(0)), weights(0), max_rows=8)
 
 
 def test_save_load_round_trip(tmp_path):
   st = ProbeState.init(SITES)
   for i, acts in enumerate(batches(3, 2)):
-    st = st.update(acts, weights(i), max_rows=16)
+    st = st.update(acts, weights(i), max_rows=16, grads=grads(i))
   st.save(tmp_path / "p.npz")
   back = ProbeState.load(tmp_path / "p.npz")
+  assert set(back.grads) == {"a", "b"}
   for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_statistics_saved_without_output_gradients_still_load(tmp_path):
+  """probe_stats.npz written before dy was probed: loads with no dy (the error model then uses N(0, 1))."""
+  st = ProbeState.init(SITES).update(next(batches(0)), weights(0), max_rows=16, grads=grads(0))
+  st.save(tmp_path / "p.npz")
+  z = dict(np.load(tmp_path / "p.npz"))
+  np.savez(tmp_path / "old.npz", **{k: v for k, v in z.items() if not k.startswith("dy/")})
+  old = ProbeState.load(tmp_path / "old.npz")
+  assert old.grads == {} and set(old.acts) == {"a", "b"}
+  np.testing.assert_array_equal(old.acts["a"].m2, st.acts["a"].m2)
 
 
 def test_config_checks():

@@ -46,10 +46,12 @@ def test_probe_stats_cover_every_site_and_match_activation_counts(probed):
   stats = ProbeState.load(probed / "probe_stats.npz")
   _, model, _ = probe.load_run(probed)
   names = {s for s, _, _ in gemm_sites(model)}
-  assert set(stats.acts) == names
-  for w in stats.acts.values():
+  assert set(stats.acts) == set(stats.grads) == names
+  for w in list(stats.acts.values()) + list(stats.grads.values()):
     assert float(w.count) == 3 * 256  # 3 probes, max_rows (512) > batch rows (256)
     assert np.isfinite(np.asarray(w.m2)).all()
+  for s in names:  # output gradients of a mean loss over 256 rows: small, but not zero
+    assert 0 < float(np.trace(np.asarray(stats.grads[s].covariance()))) < 1
 
 
 def test_from_run_reuses_a_run_and_plans_deterministically(probed, tmp_path):
@@ -97,19 +99,24 @@ def test_mere_study_scores_claim_one_under_every_metric(probed, tmp_path):
   from train import mere_study
   out = tmp_path / "ms"
   assert mere_study.main(["--runs", str(probed), "--out", str(out), "--samples", "2", "--rows", "64",
-                          "--candidates", "bf16,fp8_tensor"]) == 0
+                          "--candidates", "bf16,fp8_tensor", "--gemms", "fwd,wgrad"]) == 0
   res = json.loads((out / "mere_study.json").read_text())["runs"][str(probed)]
+  assert res["dy_probed"] is True
+  res = res["metrics"]
   assert set(res) == {"mere", "elementwise_mean", "elementwise_median"}
   _, model, _ = probe.load_run(probed)
   n_sites = len(gemm_sites(model))
-  for metric, v in res.items():
-    assert len(v["table"]) == 2 * n_sites and v["summary"]["pairs"] == 2 * n_sites
-    for row in v["table"]:
-      assert all(row[k] > 0 for k in ("learned", "standard", "real")), (metric, row)
+  for metric, by_gemm in res.items():
+    assert set(by_gemm) == {"fwd", "wgrad"}
+    for v in by_gemm.values():
+      assert len(v["table"]) == 2 * n_sites and v["summary"]["pairs"] == 2 * n_sites
+      for row in v["table"]:
+        assert all(row[k] > 0 for k in ("learned", "standard", "real")), (metric, row)
   # the median form is never above the mean form on the same operands
-  for a, b in zip(res["elementwise_median"]["table"], res["elementwise_mean"]["table"]):
+  for a, b in zip(res["elementwise_median"]["fwd"]["table"], res["elementwise_mean"]["fwd"]["table"]):
     assert a["standard"] <= b["standard"] + 1e-6
-  assert f"| {probed} | mere |" in (out / "mere_study.md").read_text()
+  md = (out / "mere_study.md").read_text()
+  assert f"| {probed} | mere | fwd |" in md and f"| {probed} | mere | wgrad |" in md
 
 
 def test_mere_study_needs_runs_and_known_metrics(tmp_path, capsys):
@@ -120,6 +127,9 @@ def test_mere_study_needs_runs_and_known_metrics(tmp_path, capsys):
   with pytest.raises(SystemExit):
     mere_study.main(["--runs", str(tmp_path), "--metrics", "nope"])
   assert "unknown metric" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    mere_study.main(["--runs", str(tmp_path), "--gemms", "bwd"])
+  assert "--gemms" in capsys.readouterr().err
   assert mere_study.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
   assert "probe_stats.npz" in capsys.readouterr().err
 
