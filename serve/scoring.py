@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.data.batch import Batch, Schema
-from jaxrec.training.state import merge_model
+from jaxrec.training.state import merge_state
 
 
 def ranker_probs(graphdef: nnx.GraphDef, schema: Schema, state, dense: jax.Array, sparse: jax.Array,
@@ -23,4 +23,4 @@ def ranker_probs(graphdef: nnx.GraphDef, schema: Schema, state, dense: jax.Array
   batch = Batch(dense=dense, sparse=sparse, sparse_mask=sparse_mask,
                 labels=jnp.zeros((b, schema.num_tasks), jnp.float32), weights=jnp.zeros((b,), jnp.float32),
                 domain=zeros, timestamp=zeros)
-  return jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch).astype(jnp.float32))
+  return jax.nn.sigmoid(merge_state(graphdef, state)(batch).astype(jnp.float32))

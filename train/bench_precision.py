@@ -50,7 +50,7 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.loop import RankerConfig
 from jaxrec.training.restore import restore_ranker
-from jaxrec.training.state import merge_model
+from jaxrec.training.state import merge_state
 from jaxrec.training.step import batch_shardings, dense_optimizer, make_train_step
 
 GLOBAL_RECIPES = ("fp8_tensor", "fp8_row", "fp8_block")
@@ -163,7 +163,7 @@ def run(args: Args) -> dict:
       row = {"train_ms": 1e3 * _median_step_s(train_once, args.steps, args.repeats)}
       bar.update(1)
       for phase in ("infer", "serve"):
-        model = merge_model(graphdef, restored.params, restored.table)
+        model = merge_state(graphdef, restored)
         quantized = prequantize_fp8_weights(model) if phase == "serve" else []
         g, st = nnx.split(model)
         fwd = jax.jit(lambda st, b, g=g: jax.nn.sigmoid(nnx.merge(g, st)(b)))

@@ -41,7 +41,8 @@ class Args:
   plan: str = ""
   """precision_plan.json for the Mods model; empty = run python -m train.probe into WORKDIR/probe first"""
   fp8: str = "fp8_tensor"
-  """numerics of the FP8-everywhere baseline run (fp8_tensor, fp8_row or fp8_block)"""
+  """numerics of the FP8-everywhere baseline run (fp8_tensor, fp8_row, fp8_block, or fp8_delayed:
+  per-tensor with TransformerEngine-style delayed scaling)"""
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   train: LoopConfig = LoopConfig(steps=3000, log_every=300, eval_every=0, checkpoint_every=3000)
@@ -51,7 +52,7 @@ class Args:
 
   def __post_init__(self):
     if not self.fp8.startswith("fp8_"):
-      raise ValueError(f"--fp8 must be an FP8 numerics (fp8_tensor, fp8_row, fp8_block), got {self.fp8!r}")
+      raise ValueError(f"--fp8 must be an FP8 numerics (fp8_tensor, fp8_row, fp8_block, fp8_delayed), got {self.fp8!r}")
 
 
 def runs(args: Args, plan_path: str) -> dict[str, ModelConfig]:

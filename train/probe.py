@@ -38,7 +38,7 @@ from jaxrec.training import sharding
 from jaxrec.training.losses import weighted_bce
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
 from jaxrec.training.restore import restore_ranker
-from jaxrec.training.state import merge_model
+from jaxrec.training.state import merge_state
 from jaxrec.training.step import OptimConfig
 
 MODS = DCNv2Config(use_bias=False, norm="block", activation="hard_swish", top_mlp=(256, 256))
@@ -87,7 +87,7 @@ def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:
   cfg = config_from_dict(RankerConfig, json.loads(cfg_path.read_text()))
   _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   graphdef, state, _ = restore_ranker(cfg, eval_src.schema, run_dir, sharding.make_mesh(1), row_multiple=1)
-  return cfg, merge_model(graphdef, state.params, state.table), eval_src
+  return cfg, merge_state(graphdef, state), eval_src
 
 
 def real_operands(model, eval_src, rows: int, samples: int

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrec.ops.delayed_dense import delayed_dense, init_history
 from jaxrec.ops.fp8_dense import fp8_gemm_nt_prequantized, quantize_weight_nk
 from jaxrec.ops.fp8_scaling import E4M3
 from jaxrec.ops.planned_dense import fuses, planned_dense
@@ -51,6 +52,12 @@ class ProbeTap(nnx.Variable):
   respect to it: its gradient is the GEMM's output gradient dy (`capture_gemm_operands`)."""
 
 
+class FP8Meta(nnx.Variable):
+  """An fp8_delayed site's amax history f32 [3, H] (x, w, dy; jaxrec.ops.delayed_dense): training
+  state, not a parameter. The train state holds these apart from the parameters
+  (jaxrec.training.state.split_model) and overwrites them with their "gradient" each step."""
+
+
 class FP8Weight(nnx.Variable):
   """A kernel quantized once for inference (`Dense.prequantize`): state, not a trained parameter."""
 
@@ -68,6 +75,8 @@ class Dense(nnx.Module):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = jnp.dtype(dtype)
     self.precision = plain_precision(dtype) if precision is None else precision
+    if self.precision.is_delayed:
+      self.fp8_meta = FP8Meta(init_history())
     self.interpret = interpret
     self.capture = False  # set by capture_gemm_inputs: record the GEMM input as an nnx.Intermediate
 
@@ -87,7 +96,12 @@ class Dense(nnx.Module):
       self.probe_input = nnx.Intermediate(x2)
     fp8_kernel = getattr(self, "fp8_kernel", None)
     tap = getattr(self, "probe_tap", None)
-    if tap is not None:  # the Probe's backward pass: dy is taken before the bias and the epilogue
+    if self.precision.is_delayed:  # never fused (fuses() is False)
+      y = delayed_dense(x2, self.kernel[...], self.fp8_meta[...], impl=self.precision.fwd.impl,
+                        interpret=self.interpret)
+      if tap is not None:
+        y = y + tap[...].astype(y.dtype)
+    elif tap is not None:  # the Probe's backward pass: dy is taken before the bias and the epilogue
       y = planned_dense(x2, self.kernel[...], self.precision, interpret=self.interpret)
       y = y + tap[...].astype(y.dtype)
       if norm is not None or activation is not None:
@@ -109,9 +123,10 @@ class Dense(nnx.Module):
     layout of `jaxrec.ops.fp8_dense.quantize_weight_nk`), which later calls use instead of
     quantizing it per call. Same outputs (up to f32 summation order); no gradients through it,
     and the copy does not follow later changes of `kernel` (call it again after loading new
-    weights). Returns False, doing nothing, where the forward GEMM is not fp8."""
+    weights). Returns False, doing nothing, where the forward GEMM is not fp8 or is fp8_delayed
+    (whose weight scale comes from its amax history at each call)."""
     c = self.precision.fwd
-    if not c.is_fp8:
+    if not c.is_fp8 or c.is_delayed:
       return False
     q, s = quantize_weight_nk(self.kernel[...].T, recipe=c.recipe, dtype=E4M3, impl=c.impl, interpret=self.interpret)
     self.fp8_kernel, self.fp8_scale = FP8Weight(q), FP8Weight(s)

@@ -22,7 +22,7 @@ class ModelConfig:
   precision_plan: str = ""
   """numerics of each GEMM (dcnv2 only): empty = all in dcnv2.compute_dtype; uniform:NUMERICS or
   uniform:NUMERICS:IMPL = every GEMM of every layer so (NUMERICS f32, bf16, fp8_tensor, fp8_row,
-  fp8_block; IMPL xla, the default, or pallas on a GPU), e.g. uniform:fp8_row; else the path of a
+  fp8_block, fp8_delayed; IMPL xla, the default, or pallas on a GPU), e.g. uniform:fp8_row; else the path of a
   plan JSON (train.probe's precision_plan.json, or a bare PrecisionPlan)"""
   dcnv2: DCNv2Config = DCNv2Config()
   logreg: LogRegConfig = LogRegConfig()

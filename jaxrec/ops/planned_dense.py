@@ -67,7 +67,7 @@ _FWD, _DGRAD, _WGRAD = (((1,), (0,)), ((), ())), (((1,), (1,)), ((), ())), (((0,
 def fuses(site: SitePrecision, norm: str | None, activation: str | None) -> bool:
   """Whether planned_dense can fuse this epilogue for this site: a non-empty norm / activation
   that the FP8 kernels' epilogue has, and a forward GEMM in fp8."""
-  return (site.fwd.is_fp8 and (norm is not None or activation is not None)
+  return (site.fwd.is_fp8 and not site.is_delayed and (norm is not None or activation is not None)
           and norm in EPILOGUE_NORMS and activation in EPILOGUE_ACTIVATIONS)
 
 
@@ -80,6 +80,9 @@ def planned_dense(x: jax.Array, w: jax.Array, site: SitePrecision, *, norm: str 
   """
   if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"planned_dense needs x [M, K] and w [K, N], got {x.shape} and {w.shape}")
+  if site.is_delayed:
+    raise ValueError("an fp8_delayed site needs its amax history: run it through jaxrec.ops.delayed_dense "
+                     "(jaxrec.layers.Dense does), not planned_dense")
   for c in (site.fwd, site.dgrad, site.wgrad):
     check_backend(c.impl, interpret)
   if norm is not None or activation is not None:

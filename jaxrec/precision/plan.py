@@ -8,8 +8,15 @@ e.g. "top.layers.0" or "cross.layers.1.v". Each site runs three GEMMs (jaxrec.pr
     wgrad  dw = x.T @ dy     [K, B] x [B, N]
 
 and each GEMM gets a `GemmChoice`: a numerics name ("f32", "bf16", "fp8_tensor", "fp8_row",
-"fp8_block") and, for fp8, the implementation ("xla" or "pallas"). The plan is an explicit
-argument of model construction (never a global): sites it does not name use `default`.
+"fp8_block", "fp8_delayed") and, for fp8, the implementation ("xla" or "pallas"). The plan is an
+explicit argument of model construction (never a global): sites it does not name use `default`.
+
+"fp8_tensor" / "fp8_row" / "fp8_block" scale each operand from its current amax
+(jaxrec.ops.fp8_dense); "fp8_delayed" is per-tensor FP8 whose scales come from an amax history
+over earlier steps (jaxrec.ops.delayed_dense; the histories live in the train state). A site is
+delayed for all three GEMMs or for none: the history covers the operands the GEMMs share. The
+Probe's error model and Dispatch score the current-scaling recipes; delayed scaling is a
+training recipe chosen by hand (e.g. --model.precision_plan uniform:fp8_delayed).
 
 >>> plan = PrecisionPlan(sites={"top.layers.0": SitePrecision.uniform("fp8_row")})
 >>> plan.site("top.layers.0").fwd.numerics, plan.site("top.layers.1").fwd.numerics
@@ -24,7 +31,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-NUMERICS = ("f32", "bf16", "fp8_tensor", "fp8_row", "fp8_block")
+NUMERICS = ("f32", "bf16", "fp8_tensor", "fp8_row", "fp8_block", "fp8_delayed")
 IMPLS = ("xla", "pallas")
 GEMMS = ("fwd", "dgrad", "wgrad")
 
@@ -32,7 +39,7 @@ GEMMS = ("fwd", "dgrad", "wgrad")
 @dataclasses.dataclass(frozen=True)
 class GemmChoice:
   numerics: str = "bf16"
-  """f32, bf16, fp8_tensor, fp8_row or fp8_block"""
+  """f32, bf16, fp8_tensor, fp8_row, fp8_block or fp8_delayed"""
   impl: str = "xla"
   """xla, or pallas (the jaxrec kernels; fp8 numerics only)"""
 
@@ -49,8 +56,12 @@ class GemmChoice:
     return self.numerics.startswith("fp8_")
 
   @property
+  def is_delayed(self) -> bool:
+    return self.numerics == "fp8_delayed"
+
+  @property
   def recipe(self) -> str | None:
-    """The fp8 scaling recipe ("tensor", "row", "block"), or None for f32/bf16."""
+    """The fp8 scaling recipe ("tensor", "row", "block", "delayed"), or None for f32/bf16."""
     return self.numerics[4:] if self.is_fp8 else None
 
 
@@ -59,6 +70,16 @@ class SitePrecision:
   fwd: GemmChoice = GemmChoice()
   dgrad: GemmChoice = GemmChoice()
   wgrad: GemmChoice = GemmChoice()
+
+  def __post_init__(self):
+    delayed = [g for g in GEMMS if self.gemm(g).is_delayed]
+    if delayed and (len(delayed) != 3 or len({self.gemm(g).impl for g in GEMMS}) != 1):
+      raise ValueError("fp8_delayed applies to a whole site (its amax history covers the operands its "
+                       f"three GEMMs share), with one impl: got {self}")
+
+  @property
+  def is_delayed(self) -> bool:
+    return self.fwd.is_delayed
 
   @classmethod
   def uniform(cls, numerics: str, impl: str = "xla") -> "SitePrecision":

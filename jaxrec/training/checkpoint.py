@@ -36,7 +36,14 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    except ValueError as e:
+      if abstract.fp8 or "fp8" not in str(e):
+        raise
+    # written before TrainState had `fp8` (2026-12-06); the model has no fp8_delayed site: nothing is missing
+    rest = {f: getattr(target, f) for f in ("step", "params", "opt_state", "table", "table_acc")}
+    return TrainState(**self.manager.restore(step, args=ocp.args.StandardRestore(rest)), fp8={})
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

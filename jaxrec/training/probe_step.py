@@ -18,12 +18,12 @@ from jaxrec.data.batch import Batch
 from jaxrec.layers.dense import capture_gemm_operands, dense_modules, gemm_sites
 from jaxrec.precision.probe import ProbeConfig, ProbeState
 from jaxrec.training.losses import weighted_bce
-from jaxrec.training.state import TrainState, merge_model
+from jaxrec.training.state import TrainState, merge_state
 
 
 def init_probe_state(graphdef: nnx.GraphDef, state: TrainState, cfg: ProbeConfig, mesh: Mesh) -> ProbeState:
   """Empty statistics for every GEMM site of the model, replicated over `mesh`."""
-  probe = ProbeState.init(gemm_sites(merge_model(graphdef, state.params, state.table)), cfg.weight_decay)
+  probe = ProbeState.init(gemm_sites(merge_state(graphdef, state)), cfg.weight_decay)
   return place(probe, mesh)
 
 
@@ -38,7 +38,7 @@ def make_probe_step(graphdef: nnx.GraphDef, cfg: ProbeConfig,
   kept replicated over `mesh`, so every call after the first reuses one compilation)."""
 
   def probe_step(probe: ProbeState, state: TrainState, batch: Batch) -> ProbeState:
-    model = merge_model(graphdef, state.params, state.table)
+    model = merge_state(graphdef, state)
     _, acts, dys = capture_gemm_operands(model, lambda m: weighted_bce(m(batch), batch.labels, batch.weights))
     weights = {name: m.kernel[...] for name, m in dense_modules(model)}
     return probe.update(acts, weights, cfg.max_rows, dys)

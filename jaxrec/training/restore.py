@@ -3,7 +3,7 @@
     cfg, schema = read_run(workdir)
     graphdef, state, state_sh = restore_ranker(cfg, schema, workdir, sharding.make_mesh(1),
                                                row_multiple=cfg.train.num_devices or jax.local_device_count())
-    model = merge_model(graphdef, state.params, state.table)
+    model = merge_state(graphdef, state)
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@
     opt_state  optax state   Adam state of `params`
     table      f32 [R, D]    fused embedding table (row-sharded)
     table_acc  f32 [R]       row-wise Adagrad accumulator (row-sharded)
+    fp8        dict          amax histories of the model's fp8_delayed GEMM sites (FP8Meta, nnx pure
+                             dict; {} when there are none): state the step overwrites, no optimizer
 
 The model's structure (its nnx GraphDef) is static and lives outside the state; `merge_model`
-rebuilds the module from (graphdef, params, table) inside jitted code.
+rebuilds the module from (graphdef, params, table, fp8) inside jitted code.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from jaxrec.layers.dense import FP8Meta
 from jaxrec.training import sharding
 
 
@@ -30,21 +33,37 @@ class TrainState:
   opt_state: Any
   table: jax.Array
   table_acc: jax.Array
+  fp8: dict = struct.field(default_factory=dict)
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, jax.Array]:
-  """(graphdef, dense params as a pure dict, embedding table)."""
-  graphdef, state = nnx.split(model)
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, jax.Array, dict]:
+  """(graphdef, dense params as a pure dict, embedding table, fp8 amax histories as a pure dict)."""
+  graphdef, fp8_state, state = nnx.split(model, FP8Meta, ...)
   pure = nnx.to_pure_dict(state)
   emb = dict(pure.pop("embedding"))
   table = emb.pop("table")
   if emb:
     raise ValueError(f"the embedding module holds more than its table: {sorted(emb)}")
-  return graphdef, pure, table
+  return graphdef, pure, table, nnx.to_pure_dict(fp8_state)
 
 
-def merge_model(graphdef: nnx.GraphDef, params: dict, table: jax.Array) -> nnx.Module:
-  return nnx.merge(graphdef, nnx.State({**params, "embedding": {"table": table}}))
+def _deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def merge_model(graphdef: nnx.GraphDef, params: dict, table: jax.Array, fp8: dict | None = None) -> nnx.Module:
+  """The module from its parts (`split_model`'s); fp8 may be left out for a model without
+  fp8_delayed sites."""
+  full = {**params, "embedding": {"table": table}}
+  return nnx.merge(graphdef, nnx.State(_deep_merge(full, fp8) if fp8 else full))
+
+
+def merge_state(graphdef: nnx.GraphDef, state: "TrainState") -> nnx.Module:
+  """The module a TrainState holds."""
+  return merge_model(graphdef, state.params, state.table, state.fp8)
 
 
 def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
@@ -55,6 +74,7 @@ def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
       opt_state=jax.tree.map(lambda _: rep, abstract.opt_state),
       table=rows,
       table_acc=rows,
+      fp8=jax.tree.map(lambda _: rep, abstract.fp8),
   )
 
 
@@ -69,9 +89,9 @@ def plan_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTrans
   graphdef = nnx.split(nnx.eval_shape(model_fn))[0]
 
   def init() -> TrainState:
-    _, params, table = split_model(model_fn())
+    _, params, table, fp8 = split_model(model_fn())
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      table=table, table_acc=jnp.zeros(table.shape[:1], jnp.float32))
+                      table=table, table_acc=jnp.zeros(table.shape[:1], jnp.float32), fp8=fp8)
 
   abstract = jax.eval_shape(init)
   shardings = state_shardings(abstract, mesh)

@@ -23,7 +23,7 @@ from jaxrec.layers import pool
 from jaxrec.training import sharding
 from jaxrec.training.losses import weighted_bce
 from jaxrec.training.sparse_adagrad import sparse_rowwise_adagrad
-from jaxrec.training.state import TrainState, merge_model
+from jaxrec.training.state import TrainState, merge_model, merge_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +71,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
                     state_sh: TrainState, batch_sh: Batch) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    model = merge_model(graphdef, state.params, state.table)
+    model = merge_state(graphdef, state)
     row_ids = model.embedding.row_ids(batch.sparse)
     rows = model.embedding.gather(state.table, row_ids)
     combiner = model.combiner
 
-    def loss_fn(params, rows):
-      m = merge_model(graphdef, params, state.table)
+    def loss_fn(params, fp8, rows):
+      m = merge_model(graphdef, params, state.table, fp8)
       logits = m.from_pooled(batch.dense, pool(rows, batch.sparse_mask, combiner))
       return weighted_bce(logits, batch.labels, batch.weights)
 
+    # the "gradient" of the fp8 amax histories is their updated value (jaxrec.ops.delayed_dense)
     if cfg.embedding_lr == 0:  # frozen table: no embedding gradient at all
-      loss, g_params = jax.value_and_grad(loss_fn)(state.params, rows)
+      loss, (g_params, fp8) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, state.fp8, rows)
     else:
-      loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, rows)
+      loss, (g_params, fp8, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(state.params, state.fp8, rows)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.embedding_lr == 0:
@@ -95,7 +96,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
         g_rows = g_rows + cfg.embedding_l2 * rows * live[..., None]
       table, acc = sparse_rowwise_adagrad(state.table, state.table_acc, row_ids, g_rows, live,
                                           lr=cfg.embedding_lr, eps=cfg.adagrad_eps)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, table=table, table_acc=acc)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, table=table, table_acc=acc, fp8=fp8)
     return new, {"loss": loss}
 
   rep = NamedSharding(state_sh.table.mesh, jax.sharding.PartitionSpec())
@@ -106,7 +107,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 def make_eval_step(graphdef: nnx.GraphDef, state_sh: TrainState, batch_sh: Batch) -> Callable[[TrainState, Batch], jax.Array]:
 
   def eval_step(state: TrainState, batch: Batch) -> jax.Array:
-    return jax.nn.sigmoid(merge_model(graphdef, state.params, state.table)(batch))
+    return jax.nn.sigmoid(merge_state(graphdef, state)(batch))
 
   rep = NamedSharding(state_sh.table.mesh, jax.sharding.PartitionSpec())
   return jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=rep)

@@ -131,3 +131,16 @@ def test_a_run_saved_before_new_config_fields_still_resumes(tmp_path):
   del saved["data"]["count_features"], saved["model"]["precision_plan"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   prepare_workdir(cfg, tmp_path)  # no WorkdirConflictError
+
+
+def test_delayed_scaling_histories_are_checkpointed_and_resume_exactly(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  common = ["--train.checkpoint_every", "4", "--model.precision_plan", "uniform:fp8_delayed",
+            "--model.dcnv2.compute_dtype", "bfloat16"] + SMOKE
+  assert ranker.main(["--workdir", str(a), "--train.steps", "8"] + common) == 0
+  assert ranker.main(["--workdir", str(b), "--train.steps", "4"] + common) == 0
+  assert ranker.main(["--workdir", str(b), "--train.steps", "8"] + common) == 0
+  fa, fb = final_params(a, 8), final_params(b, 8)
+  assert_trees_equal(fa, fb)
+  hist = _leaves(fa["fp8"])
+  assert hist and all(h.shape == (3, 1024) and np.all(h[:, :8] > 0) and not np.any(h[:, 8:]) for h in hist.values())

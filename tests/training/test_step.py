@@ -89,3 +89,43 @@ def test_negative_embedding_lr_is_refused():
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
     sharding.check_batch_size(100, sharding.make_mesh(8))
+
+
+def run_delayed(num_devices: int, steps: int):
+  mesh = sharding.make_mesh(num_devices)
+  cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4,
+                                      compute_dtype="bfloat16"), precision_plan="uniform:fp8_delayed")
+  optim = OptimConfig(dense_lr=3e-3, embedding_lr=0.1)
+  tx = dense_optimizer(optim)
+  graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=num_devices), tx, mesh)
+  bsh = batch_shardings(mesh, with_truth=False)
+  step = make_train_step(graphdef, tx, optim, sh, bsh)
+  init_fp8 = jax.device_get(state.fp8)
+  losses = []
+  for i in range(steps):
+    state, m = step(state, jax.device_put(make_batch(i % 3), bsh))
+    losses.append(float(m["loss"]))
+  return np.array(losses), state, init_fp8, graphdef, sh, bsh
+
+
+def test_delayed_scaling_histories_live_in_the_state_and_fill_one_column_per_step():
+  losses, state, init_fp8, graphdef, sh, bsh = run_delayed(1, steps=40)
+  hists = jax.tree.leaves(state.fp8)
+  assert len(hists) == len(jax.tree.leaves(init_fp8)) > 0 and all(not np.any(h) for h in jax.tree.leaves(init_fp8))
+  assert "fp8_meta" not in str(jax.tree_util.tree_structure(state.params))  # no optimizer on histories
+  for h in hists:  # [3, 1024]: x, w, dy amaxes of the last 40 steps, newest first
+    h = np.asarray(h)
+    assert h.shape == (3, 1024) and np.all(h[:, :40] > 0) and not np.any(h[:, 40:])
+  assert np.all(np.isfinite(losses)) and losses[-3:].mean() < 0.8 * losses[:3].mean()
+  probs = np.asarray(make_eval_step(graphdef, sh, bsh)(state, jax.device_put(make_batch(7), bsh)))
+  assert probs.shape == (64, 2) and np.all((probs > 0) & (probs < 1))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices (tests/conftest.py sets XLA_FLAGS)")
+def test_delayed_scaling_eight_devices_match_one():
+  """amaxes are global over the sharded batch, so 8 devices record the histories 1 device does."""
+  l1, s1, *_ = run_delayed(1, steps=4)
+  l8, s8, *_ = run_delayed(8, steps=4)
+  np.testing.assert_allclose(l8, l1, rtol=1e-3, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s8.fp8), jax.tree.leaves(s1.fp8)):
+    np.testing.assert_allclose(np.asarray(a)[:, :4], np.asarray(b)[:, :4], rtol=1e-2)

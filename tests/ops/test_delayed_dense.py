@@ -1,0 +1,108 @@
+"""delayed_dense: per-tensor FP8 with scales from an amax history (TransformerEngine's delayed scaling)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec.ops.delayed_dense import delayed_dense, delayed_dense_reference, delayed_scale, init_history
+from jaxrec.ops.fp8_dense import fp8_dense
+from jaxrec.ops.fp8_scaling import E4M3, fp8_max
+
+SHAPES = [(37, 200, 130), (64, 96, 40), (5, 3, 7)]
+
+
+def _x(shape, seed=0, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _history(x, w, dy, length=8, grow=1.0):
+  """A history whose amaxes are those of x, w, dy times `grow` (a previous step's)."""
+  h = init_history(length)
+  amax = jnp.stack([jnp.max(jnp.abs(v)) for v in (x, w, dy)]) * grow
+  return h.at[:, 0].set(amax)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_forward_matches_reference_and_f32_within_the_format(m, k, n):
+  x, w = _x((m, k), 1), _x((k, n), 2, 0.1)
+  h = _history(x, w, _x((m, n), 3), grow=1.3)
+  y = jax.jit(delayed_dense)(x, w, h)
+  ref, _ = delayed_dense_reference(x, w, h)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  exact = x @ w
+  assert _rel(y, exact) < 0.08  # e4m3 x e4m3: about 0.04 of the output's norm
+  assert _rel(y, exact) > 1e-3  # really quantized
+
+
+def test_empty_history_is_current_per_tensor_scaling():
+  """First step: the current amax, i.e. exactly fp8_dense's 'tensor' recipe, forward and backward."""
+  x, w, c = _x((37, 200), 1), _x((200, 130), 2, 0.1), _x((37, 130), 3)
+  h = init_history(4)
+  f_del = lambda x, w: jnp.sum(delayed_dense(x, w, h) * c)  # noqa: E731
+  f_cur = lambda x, w: jnp.sum(fp8_dense(x, w, recipe="tensor") * c)  # noqa: E731
+  for a, b in zip(jax.grad(f_del, (0, 1))(x, w), jax.grad(f_cur, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+  np.testing.assert_allclose(delayed_dense(x, w, h), fp8_dense(x, w, recipe="tensor"), rtol=1e-5, atol=1e-5)
+
+
+def test_history_gradient_is_the_updated_history():
+  x, w, c = _x((16, 24), 1), _x((24, 8), 2), _x((16, 8), 3)
+  h = init_history(5).at[:, :3].set(jnp.arange(9.0).reshape(3, 3) + 1)
+  dx, dw, new = jax.grad(lambda x, w, h: jnp.sum(delayed_dense(x, w, h) * c), (0, 1, 2))(x, w, h)
+  want0 = [float(jnp.max(jnp.abs(x))), float(jnp.max(jnp.abs(w))), float(jnp.max(jnp.abs(c)))]  # dy = c
+  np.testing.assert_allclose(new[:, 0], want0, rtol=1e-6)
+  np.testing.assert_array_equal(new[:, 1:], h[:, :-1])
+  # gradients of x and w: FP8 (e5m2 dy) close to the exact ones
+  assert _rel(dx, c @ w.T) < 0.15 and _rel(dw, x.T @ c) < 0.15
+
+
+def test_stale_small_history_saturates_instead_of_nan_and_is_really_used():
+  """Negative control: a history 4x below the current amax clips the large values (TE's known
+  failure mode), so the result is far worse than current scaling; never NaN or inf."""
+  x, w = _x((64, 96), 1), _x((96, 40), 2)
+  stale = _history(x, w, _x((64, 40), 3), grow=0.25)
+  y = delayed_dense(x, w, stale)
+  assert bool(jnp.all(jnp.isfinite(y)))
+  exact = x @ w
+  assert _rel(y, exact) > 3 * _rel(delayed_dense(x, w, init_history(4)), exact)
+  # and a larger history than needed only costs resolution, mildly
+  big = _history(x, w, _x((64, 40), 3), grow=4.0)
+  assert _rel(delayed_dense(x, w, big), exact) < 0.15
+
+
+def test_scale_rule():
+  h = jnp.array([0.0, 3.0, 1.0])
+  assert float(delayed_scale(h, jnp.float32(100.0), E4M3)) == pytest.approx(3.0 / fp8_max(E4M3))
+  assert float(delayed_scale(jnp.zeros(3), jnp.float32(2.0), E4M3)) == pytest.approx(2.0 / fp8_max(E4M3))
+  assert float(delayed_scale(jnp.zeros(3), jnp.float32(0.0), E4M3)) == 1.0
+
+
+def test_bad_arguments_are_clear():
+  x, w = _x((4, 3), 1), _x((3, 2), 2)
+  with pytest.raises(ValueError, match=r"\[3, H\]"):
+    delayed_dense(x, w, jnp.zeros((2, 4)))
+  with pytest.raises(ValueError, match="x \\[M, K\\]"):
+    delayed_dense(x, _x((4, 2), 3), init_history(2))
+  with pytest.raises(ValueError, match="impl"):
+    delayed_dense(x, w, init_history(2), impl="cuda")
+  with pytest.raises(ValueError, match="length"):
+    init_history(0)
+
+
+def test_pallas_interpret_matches_xla():
+  x, w, c = _x((64, 128), 1, 2.0), _x((128, 128), 2, 0.1), _x((64, 128), 3)
+  h = _history(x, w, c, grow=1.1)
+
+  def f(impl, interpret):
+    return jax.value_and_grad(lambda x, w, h: jnp.sum(delayed_dense(x, w, h, impl=impl, interpret=interpret) * c),
+                              (0, 1, 2))(x, w, h)
+
+  (lx, gx), (lp, gp) = f("xla", False), f("pallas", True)
+  np.testing.assert_allclose(lp, lx, rtol=1e-5)
+  for a, b in zip(gp, gx):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
