@@ -10,6 +10,8 @@ precision_plan.json). Its model is rebuilt with bf16 compute under each variant:
     bf16                              every GEMM plainly in bf16 (the baseline)
     plan                              DIR/precision_plan.json: Dispatch's choice per GEMM
     fp8_tensor / fp8_row / fp8_block  one recipe for every GEMM (each impl of --impls)
+    fp8_delayed                       per-tensor FP8 with delayed scaling everywhere (amax
+                                      histories start empty: the first call uses current amaxes)
 
 and timed on the same --batch rows of the run's eval data, already on the device:
 
@@ -50,10 +52,10 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.loop import RankerConfig
 from jaxrec.training.restore import restore_ranker
-from jaxrec.training.state import merge_state
+from jaxrec.training.state import merge_state, plan_train_state
 from jaxrec.training.step import batch_shardings, dense_optimizer, make_train_step
 
-GLOBAL_RECIPES = ("fp8_tensor", "fp8_row", "fp8_block")
+GLOBAL_RECIPES = ("fp8_tensor", "fp8_row", "fp8_block", "fp8_delayed")
 PHASES = ("train", "infer", "serve")
 
 
@@ -135,7 +137,7 @@ def run(args: Args) -> dict:
   _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   schema = eval_src.schema
   mesh = sharding.make_mesh(1)
-  _, restored, state_sh = restore_ranker(cfg, schema, run_dir, mesh, row_multiple=1)
+  _, restored, _ = restore_ranker(cfg, schema, run_dir, mesh, row_multiple=1)
   model_cfg = dataclasses.replace(cfg.model, precision_plan="",
                                   dcnv2=dataclasses.replace(cfg.model.dcnv2, compute_dtype="bfloat16"))
   host = []
@@ -151,9 +153,11 @@ def run(args: Args) -> dict:
   with progress(len(plans) * len(PHASES), "bench_precision") as bar:
     for name, plan in plans.items():
       model_fn = lambda plan=plan: build_model(schema, model_cfg, plan=plan)  # noqa: E731
-      graphdef = nnx.split(nnx.eval_shape(model_fn))[0]
+      graphdef, _, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
+      # the trained values; this variant's own (empty) amax histories where it has fp8_delayed sites
+      start = restored.replace(fp8=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.fp8))
       step = make_train_step(graphdef, tx, cfg.optim, state_sh, bsh)
-      holder = {"state": jax.tree.map(jnp.copy, restored), "i": 0}
+      holder = {"state": jax.tree.map(jnp.copy, start), "i": 0}
 
       def train_once(step=step, holder=holder):
         holder["state"], m = step(holder["state"], batches[holder["i"] % len(batches)])
@@ -163,7 +167,7 @@ def run(args: Args) -> dict:
       row = {"train_ms": 1e3 * _median_step_s(train_once, args.steps, args.repeats)}
       bar.update(1)
       for phase in ("infer", "serve"):
-        model = merge_state(graphdef, restored)
+        model = merge_state(graphdef, start)
         quantized = prequantize_fp8_weights(model) if phase == "serve" else []
         g, st = nnx.split(model)
         fwd = jax.jit(lambda st, b, g=g: jax.nn.sigmoid(nnx.merge(g, st)(b)))
