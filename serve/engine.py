@@ -45,9 +45,11 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxrec.data.batch import Schema
+from jaxrec.layers.dense import prequantize_fp8_weights
 from jaxrec.training import sharding
 from jaxrec.training.loop import RankerConfig
 from jaxrec.training.restore import read_run, restore_ranker
+from jaxrec.training.state import merge_state, split_model
 from jaxrec.training.user_model import load_user_model
 from serve.request import EncodedRequest, RankRequest, RequestEncoder, RequestError, Rows, concat_rows
 from serve.scoring import ranker_probs
@@ -103,10 +105,13 @@ class EngineConfig:
 
 @struct.dataclass
 class ServingState:
-  """What the serving step reads: dense parameters and the embedding table, on device."""
+  """What the serving step reads, on device: dense parameters (with every FP8 forward weight
+  already quantized, `Dense.prequantize`), the embedding table, and the amax histories of
+  fp8_delayed sites ({} when none)."""
 
   params: dict
   table: jax.Array
+  fp8: dict = struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +160,13 @@ def load_ranker(workdir: Path, step: int | None = None) -> LoadedRanker:
   # the table's rows were padded to a multiple of the training devices
   graphdef, state, _ = restore_ranker(cfg, schema, workdir, sharding.make_mesh(1),
                                       row_multiple=cfg.train.num_devices or jax.local_device_count(), step=step)
-  return LoadedRanker(schema=schema, graphdef=graphdef, state=ServingState(params=state.params, table=state.table),
+  # a ranker trained under an FP8 plan serves with its FP8 weights quantized once, here, not per batch
+  model = merge_state(graphdef, state)
+  if prequantize_fp8_weights(model):
+    graphdef, params, table, fp8 = split_model(model)
+  else:
+    params, table, fp8 = state.params, state.table, state.fp8
+  return LoadedRanker(schema=schema, graphdef=graphdef, state=ServingState(params=params, table=table, fp8=fp8),
                       version=int(state.step), workdir=workdir, config=cfg)
 
 

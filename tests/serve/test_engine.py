@@ -9,6 +9,7 @@ import jax
 import jax.monitoring
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxrec.data.batch import batch_from_numpy
 from serve.engine import Engine, EngineClosed, EngineConfig, Overloaded, load_ranker
@@ -278,3 +279,35 @@ def test_describe_example_and_stats_are_json(engine):
   st = json.loads(json.dumps(engine.stats()))
   assert st["requests"] >= 1 and st["rows"] >= 3 and st["failed_batches"] == 0 and st["queue_depth"] == 0
   assert sum(st["batches"].values()) == sum(st["batch_requests_hist"].values()) >= 1
+
+
+@pytest.mark.parametrize("plan", ["uniform:fp8_row", "uniform:fp8_delayed"])
+def test_fp8_ranker_serves_with_weights_quantized_once(tmp_path, plan):
+  """A ranker trained under an FP8 plan: load_ranker quantizes its FP8 forward weights once
+  (fp8_delayed sites keep their amax histories instead), and the engine's scores are those of the
+  model's jitted per-call FP8 forward (train.probe.load_run). Jitted, not eager: XLA keeps bf16
+  intermediates at higher precision inside one computation, which moves FP8 roundings (eager and
+  jitted differ by up to 0.006 in probability here)."""
+  wd = tmp_path / "fp8run"
+  assert ranker.main(["--workdir", str(wd), "--model.precision_plan", plan, "--model.dcnv2.compute_dtype",
+                      "bfloat16"] + SMOKE) == 0
+  loaded = load_ranker(wd)
+  leaves = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(loaded.state.params)}
+  quantized = [k for k in leaves if "fp8_kernel" in k]
+  if plan == "uniform:fp8_row":
+    assert quantized and not loaded.state.fp8
+  else:
+    assert not quantized and jax.tree.leaves(loaded.state.fp8)
+  _, model, _ = load_run(wd)
+  rng = np.random.default_rng(5)
+  with Engine(loaded, SMALL) as eng:
+    req, dense, sparse = random_request(eng.schema, 20, rng)
+    resp = eng.rank(req, timeout=30)
+  n = dense.shape[0]
+  batch = batch_from_numpy(dense=dense, sparse=sparse, sparse_mask=np.ones_like(sparse, bool), labels=np.zeros((n, 2)),
+                           weights=np.ones(n), domain=np.zeros(n), timestamp=np.zeros(n))
+  graphdef, state = nnx.split(model)
+  want = np.asarray(jax.jit(lambda st, b: jax.nn.sigmoid(nnx.merge(graphdef, st)(b)))(
+      state, jax.tree.map(jax.numpy.asarray, batch)))
+  for i, t in enumerate(eng.schema.labels):
+    np.testing.assert_allclose(resp.scores[t], want[:, i], rtol=0, atol=1e-5, err_msg=t)
