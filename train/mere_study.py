@@ -80,8 +80,9 @@ def study_run(args: Args, run_dir: Path) -> dict:
   pargs = probe_entry.Args(from_run=str(run_dir), candidates=args.candidates, samples=args.samples, rows=args.rows,
                            seed=args.seed)
   out = {}
+  operands = probe_entry.real_operands(model, eval_src, args.rows, args.samples)  # once for every metric
   for metric in args.metrics:
-    m = probe_entry.measure(pargs, sites, stats, model, eval_src, metric=metric)
+    m = probe_entry.measure(pargs, sites, stats, model, eval_src, metric=metric, operands=operands)
     out[metric] = {}
     for g in args.gemms:
       table = [{"site": s, "candidate": c, **{st: m[s][st][c][g].mean for st in ("learned", "standard", "real")}}

@@ -111,10 +111,11 @@ def real_operands(model, eval_src, rows: int, samples: int
           {s: jnp.stack(v) for s, v in grads.items()})
 
 
-def measure(args: Args, sites, stats: ProbeState, model, eval_src, metric: str = "mere") -> dict:
+def measure(args: Args, sites, stats: ProbeState, model, eval_src, metric: str = "mere", operands=None) -> dict:
   """{site: {setting: {candidate: {gemm: MereEstimate}}}} for the three operand settings (scored by
-  `metric`, one of error_model.METRICS; the plan uses "mere")."""
-  xs, ws, dys = real_operands(model, eval_src, args.rows, args.samples)
+  `metric`, one of error_model.METRICS; the plan uses "mere"). `operands`: real_operands(...) of
+  an earlier call, to score the same real operands under another metric without recomputing them."""
+  xs, ws, dys = operands if operands is not None else real_operands(model, eval_src, args.rows, args.samples)
   key = jax.random.key(args.seed)
   out = {}
   with progress(len(sites), "error model") as bar:
