@@ -106,3 +106,22 @@ def test_pallas_interpret_matches_xla():
   np.testing.assert_allclose(lp, lx, rtol=1e-5)
   for a, b in zip(gp, gx):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_pallas_step_lowers_for_sm90_without_a_gpu(dtype):
+  """The compiled path (lowered for cuda, not run): forward, dgrad and wgrad are three Mosaic GPU
+  GEMMs; the casts to FP8 are XLA elementwise ops (no quantize kernel: the scales are known)."""
+  import re
+
+  from jaxrec.ops.delayed_dense import _delayed
+
+  def step(x, w, h, c):
+    y, vjp = jax.vjp(lambda x, w, h: _delayed("pallas", False, x, w, h), x, w, h)
+    return (y, *vjp(c))
+
+  m, k, n = 200, 136, 72
+  args = [jax.ShapeDtypeStruct(s, d) for s, d in (((m, k), dtype), ((k, n), dtype), ((3, 16), jnp.float32),
+                                                 ((m, n), dtype))]
+  text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
