@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-all demo bench-dlrm clean
+GPU_WHEELS := grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 fastapi==0.163.2 uvicorn==0.54.0 \
+  starlette==1.10.0 pydantic==2.14.3 pydantic-core==2.50.4 typing-inspection==0.4.5 annotated-types==0.8.0 \
+  httptools==0.7.1
+SHARED_BENCH ?= ../shared/bench
+
+.PHONY: help setup test test-all demo bench-dlrm gpu-prep clean
 
 help:
 	@echo "make setup      create $(VENV) with Python 3.12+ and install jaxrec with pinned dependencies"
@@ -14,6 +19,7 @@ help:
 	@echo "make test-all   setup, then also run the slow quality tests (real data, NE targets)"
 	@echo "make demo       setup, then train the DCNv2 ranker on the synthetic ads world into $(DEMO_DIR)"
 	@echo "make bench-dlrm DLRMv2-like training throughput benchmark (meant for a GPU machine)"
+	@echo "make gpu-prep   fetch the wheels and anchor scripts bench/gpu_session.sh needs on the GPU machine into .gpu/"
 	@echo "make clean      remove $(VENV), caches and runs/"
 
 # Find a Python >= 3.12: PATH first, then pyenv (3.12.x preferred, the version CI and the GPU
@@ -60,6 +66,18 @@ demo: $(STAMP)
 
 bench-dlrm: $(STAMP)
 	$(PY) -m train.bench_dlrm
+
+# What the lent GPU machine lacks (its image has no grain, FastAPI or uvicorn, and ../shared does
+# not travel): wheels for CPython 3.12 x86-64 and the anchor scripts, into .gpu/ (git-ignored;
+# name it in the device tool's carry). Then: bash bench/gpu_session.sh [kernels dlrm precision serve]
+gpu-prep: $(STAMP)
+	@mkdir -p .gpu/whl .gpu/bench
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux1_x86_64 --platform any -d .gpu/whl $(GPU_WHEELS)
+	@if [ -d $(SHARED_BENCH) ]; then cp $(SHARED_BENCH)/*.py .gpu/bench/; else \
+	  echo "warning: no $(SHARED_BENCH): the anchors will be skipped on the GPU" >&2; fi
+	@du -sh .gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs build *.egg-info

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Every GPU measurement the open issues ask for, as one time-boxed script for the lent device.
+#
+# Here (CPU machine with PyPI access), once:   make gpu-prep
+#   -> .gpu/whl/ (wheels the GPU image lacks: grain, fastapi, uvicorn and their needs) and
+#      .gpu/bench/ (copies of ../shared/bench's anchors, which do not travel with the repo)
+# There (device tool): run command "bash bench/gpu_session.sh PART...", carry [".gpu"], timeout_s 600.
+#
+# PARTs, in the order given, each time-boxed; a part is skipped when less than its box is left of
+# BUDGET_S (default 540 s, inside one 600 s device command):
+#   kernels    pytest -m gpu; kernels_pallas.bench (GEMMs, fused layer); bench_quantize      (~4 min box)
+#   dlrm       train.bench_dlrm beside dlrm_anchor.py all (DLRMv2-like training throughput) (~3 min box)
+#   precision  train.probe (Dispatch timed on the GPU) then train.bench_precision           (~4 min box)
+#   serve      a short ranker run, python -m serve (--workers 1, then 8) + serve.loadgen,
+#              serve_anchor.py all, serve.bench_engine                                       (~5 min box)
+# Logs and result files land in $OUT (at most 8 files come back: one log per part plus a few CSV /
+# JSON / MD); copy the numbers into docs/BENCHMARKS.md with this command and the date.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-540}
+export PYTHONUNBUFFERED=1
+READY=0
+setup_env() {  # once, when the first part runs: the wheels the image lacks
+  [ "$READY" = 1 ] && return 0
+  READY=1
+  if [ -d .gpu/whl ] && ls .gpu/whl/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
+      || { echo "wheel install failed" >&2; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    export PYTHONPATH=$PWD
+    echo "no .gpu/whl: run 'make gpu-prep' on the CPU machine and carry .gpu (grain, fastapi, uvicorn are missing there)" >&2
+  fi
+}
+PY=${PY:-python3}
+ANCHORS=.gpu/bench
+
+left() { echo $((BUDGET_S - SECONDS)); }
+box() {  # box PART SECONDS: true if the part fits in what is left
+  if [ "$(left)" -lt "$2" ]; then echo "== skip $1: $(left) s left, needs $2" | tee -a "$OUT/skipped.log"; return 1; fi
+  echo "== $1 (box $2 s, $(left) s left) $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)"
+  setup_env
+}
+
+part_kernels() {
+  box kernels 240 || return 0
+  timeout 100 $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -20
+  timeout 90 $PY -m kernels_pallas.bench --iters 20 --out runs/bench 2>&1
+  timeout 40 $PY -m kernels_pallas.bench_quantize --iters 20 --out runs/bench 2>&1
+  cp runs/bench/bench.csv runs/bench/quantize.csv "$OUT"/ 2>/dev/null
+}
+
+part_dlrm() {
+  box dlrm 180 || return 0
+  timeout 80 $PY -m train.bench_dlrm 2>&1
+  if [ -f $ANCHORS/dlrm_anchor.py ]; then timeout 90 $PY $ANCHORS/dlrm_anchor.py all 2>&1; else echo "no $ANCHORS/dlrm_anchor.py"; fi
+}
+
+part_precision() {
+  box precision 240 || return 0
+  timeout 150 $PY -m train.probe --workdir runs/probe --fresh 2>&1 | tail -30
+  timeout 80 $PY -m train.bench_precision --run runs/probe --batch 8192 --out runs/bench_precision 2>&1 | tail -20
+  cp runs/probe/report.md "$OUT"/probe_report.md 2>/dev/null
+  cp runs/bench_precision/bench_precision.md "$OUT"/ 2>/dev/null
+}
+
+serve_and_load() {  # serve_and_load PORT WORKERS CONCURRENCY...
+  local port=$1 workers=$2; shift 2
+  $PY -m serve --workdir runs/gpu_demo --port "$port" --workers "$workers" > "/tmp/serve_$port.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 90); do grep -q "serving" "/tmp/serve_$port.log" && break; sleep 1; done
+  for c in "$@"; do
+    timeout 40 $PY -m serve.loadgen --url "http://127.0.0.1:$port" --model gpu_demo --concurrency "$c" \
+      --candidates 200 --duration 15 2>&1
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null
+  tail -3 "/tmp/serve_$port.log"
+}
+
+part_serve() {
+  box serve 300 || return 0
+  timeout 90 $PY -m train.ranker --workdir runs/gpu_demo --fresh --train.steps 500 --no-train.progress 2>&1 | tail -2
+  serve_and_load 8000 1 8 32
+  serve_and_load 8001 8 32 128
+  if [ -f $ANCHORS/serve_anchor.py ]; then timeout 100 $PY $ANCHORS/serve_anchor.py all 2>&1; else echo "no $ANCHORS/serve_anchor.py"; fi
+  timeout 40 $PY -m serve.bench_engine --workdir runs/gpu_demo --seconds 10 2>&1 | tail -10
+}
+
+[ $# -eq 0 ] && set -- kernels dlrm precision serve
+for part in "$@"; do
+  case $part in
+    kernels|dlrm|precision|serve) ;;
+    *) echo "unknown part $part (kernels, dlrm, precision, serve)" >&2; exit 2 ;;
+  esac
+done
+for part in "$@"; do
+  "part_$part" > >(tee "$OUT/$part.log") 2>&1
+done
+wait
+echo "== done in $SECONDS s; outputs in $OUT"
