@@ -10,7 +10,7 @@
 # BUDGET_S (default 540 s, inside one 600 s device command):
 #   kernels    pytest -m gpu; kernels_pallas.bench (GEMMs, fused layer); bench_quantize      (~4 min box)
 #   dlrm       train.bench_dlrm beside dlrm_anchor.py all (DLRMv2-like training throughput) (~3 min box)
-#   precision  train.probe (Dispatch timed on the GPU) then train.bench_precision           (~4 min box)
+#   precision  train.probe (Dispatch timed on the GPU) then train.bench_precision           (~5 min box)
 #   serve      a short ranker run, python -m serve (--workers 1, then 8) + serve.loadgen,
 #              serve_anchor.py all, serve.bench_engine                                       (~5 min box)
 # Logs and result files land in $OUT (at most 8 files come back: one log per part plus a few CSV /
@@ -59,9 +59,11 @@ part_dlrm() {
 }
 
 part_precision() {
-  box precision 240 || return 0
-  timeout 150 $PY -m train.probe --workdir runs/probe --fresh 2>&1 | tail -30
-  timeout 80 $PY -m train.bench_precision --run runs/probe --batch 8192 --out runs/bench_precision 2>&1 | tail -20
+  box precision 300 || return 0
+  # 1000 steps: the statistics settle well before; Dispatch times every candidate GEMM on the fresh machine
+  timeout 150 $PY -m train.probe --workdir runs/probe --fresh --train.steps 1000 2>&1 | tail -30
+  timeout 140 $PY -m train.bench_precision --run runs/probe --batch 8192 --variants bf16,plan,fp8_row,fp8_delayed \
+    --out runs/bench_precision 2>&1 | tail -20
   cp runs/probe/report.md "$OUT"/probe_report.md 2>/dev/null
   cp runs/bench_precision/bench_precision.md "$OUT"/ 2>/dev/null
 }
