@@ -9,8 +9,9 @@ import numpy as np
 from jaxrec.precision.plan import GEMMS
 
 SETTINGS = ("learned", "standard", "real")
-"""learned: operands sampled from the Probe's statistics; standard: N(0, 1) operands of the same
-shapes; real: the trained model's own eval activations and weights"""
+"""learned: operands sampled from the Probe's statistics (activations, weights, output gradients);
+standard: N(0, 1) operands of the same shapes; real: the trained model's own eval activations,
+weights and eval-loss output gradients"""
 
 
 def plot_mere_heatmap(mere: dict, sites: list[str], candidates: list[str], out_png: Path,
@@ -47,7 +48,7 @@ def _fmt(e: dict) -> str:
 
 def write_report(path: Path, *, run: str, sites: list[tuple[str, int, int]], candidates: list[str], mere: dict,
                  rows: list[dict], probe: dict, bound: float, timed: bool, aggregate: dict | None) -> Path:
-  """report.md: the plan per site and GEMM, MERE learned vs N(0, 1) vs real, the Probe's overhead."""
+  """report.md: the plan per site and GEMM, MERE learned vs N(0, 1) vs real per GEMM, the Probe's overhead."""
   lines = [f"# Precision plan for {run}", ""]
   ov = probe.get("probe_overhead")
   lines += [f"Probe: every {probe.get('probe_every')} steps, {probe.get('probe_updates')} updates, "
@@ -62,13 +63,14 @@ def write_report(path: Path, *, run: str, sites: list[tuple[str, int, int]], can
     m = r.get("mere")
     lines.append(f"| {r['site']} | {k} | {n} | {r['gemm']} | {r['candidate']} | {_fmt(m) if m else '-'} | "
                  f"{r['speedup']} | {r.get('reason', '')} |")
-  lines += ["", "## MERE: learned statistics vs N(0, 1) vs real operands (forward GEMM)", "",
-            "| site | candidate | learned | N(0, 1) | real | learned / N(0,1) | |learned - real| < |N(0,1) - real| |",
-            "|---|---|---|---|---|---|---|"]
-  for s, _, _ in sites:
-    for c in candidates:
-      le, st, re = (mere[s][x][c]["fwd"]["mean"] for x in SETTINGS)
-      lines.append(f"| {s} | {c} | {le:.4f} | {st:.4f} | {re:.4f} | {le / st:.2f} | {abs(le - re) < abs(st - re)} |")
+  for g in GEMMS:
+    lines += ["", f"## MERE: learned statistics vs N(0, 1) vs real operands ({g} GEMM)", "",
+              "| site | candidate | learned | N(0, 1) | real | learned / N(0,1) | |learned - real| < |N(0,1) - real| |",
+              "|---|---|---|---|---|---|---|"]
+    for s, _, _ in sites:
+      for c in candidates:
+        le, st, re = (mere[s][x][c][g]["mean"] for x in SETTINGS)
+        lines.append(f"| {s} | {c} | {le:.4f} | {st:.4f} | {re:.4f} | {le / st:.2f} | {abs(le - re) < abs(st - re)} |")
   if aggregate:
     lines += ["", "## Aggregate GEMM time (training step: fwd + dgrad + wgrad)", "", "```", str(aggregate), "```"]
   path = Path(path)

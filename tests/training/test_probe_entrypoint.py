@@ -39,7 +39,7 @@ def test_outputs_and_plan(probed):
   p = out["probe"]
   assert p["probe_updates"] == 3 and p["probe_every"] == 10
   report = (probed / "report.md").read_text()
-  assert "not timed" in report and sites[0][0] in report
+  assert "not timed" in report and sites[0][0] in report and "(wgrad GEMM)" in report
 
 
 def test_probe_stats_cover_every_site_and_match_activation_counts(probed):
