@@ -113,7 +113,7 @@ def _delayed(impl: str, interpret: bool, x: jax.Array, w: jax.Array, history: ja
 def _fwd(impl, interpret, x, w, history):
   qx, sx, qw, sw, ax, aw = _quantize_forward(x, w, history)
   y = _gemm_nt(qx, qw.T, sx, sw, x.dtype, impl, interpret)
-  # the FP8 operands are the residuals (a quarter / half of bf16 / f32 activations' memory);
+  # the FP8 operands are the residuals (half the memory of bf16 activations, a quarter of f32);
   # zero-size arrays carry the dtypes of the gradients
   return y, (qx, sx, qw, sw, ax, aw, history, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
