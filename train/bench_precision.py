@@ -46,8 +46,9 @@ from jaxrec.config import config_from_dict, parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import open_train_eval
 from jaxrec.layers.dense import gemm_sites, prequantize_fp8_weights
+from jaxrec.metrics import log_loss
 from jaxrec.models import build_model
-from jaxrec.precision.plan import PrecisionPlan
+from jaxrec.precision.plan import GEMMS, PrecisionPlan
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.loop import RankerConfig
@@ -119,10 +120,9 @@ def _median_step_s(fn, steps: int, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _log_loss(p: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
-  p = np.clip(p[:, 0].astype(np.float64), 1e-7, 1 - 1e-7)
-  y = labels[:, 0].astype(np.float64)
-  return float(np.sum(weights * -(y * np.log(p) + (1 - y) * np.log1p(-p))) / max(np.sum(weights), 1e-12))
+def _click_log_loss(p: np.ndarray, batch) -> float:
+  """Weighted log-loss of the first objective's probabilities p [B, T] on a host batch."""
+  return log_loss(np.asarray(batch.labels)[:, 0], p[:, 0], np.asarray(batch.weights))
 
 
 def run(args: Args) -> dict:
@@ -149,7 +149,8 @@ def run(args: Args) -> dict:
   batches = [jax.device_put(b, bsh) for b in host]
   tx = dense_optimizer(cfg.optim)
   results: dict[str, dict] = {}
-  probs_bf16 = None
+  probs_bf16 = ll_bf16 = None
+  sites = gemm_sites(nnx.eval_shape(lambda: build_model(schema, model_cfg)))
   with progress(len(plans) * len(PHASES), "bench_precision") as bar:
     for name, plan in plans.items():
       model_fn = lambda plan=plan: build_model(schema, model_cfg, plan=plan)  # noqa: E731
@@ -181,18 +182,17 @@ def run(args: Args) -> dict:
         if phase == "serve":
           row["prequantized_sites"] = len(quantized)
           probs = [np.asarray(fwd(st, b), np.float32) for b in batches]
-          if probs_bf16 is None:
-            probs_bf16 = probs
+          ll = float(np.mean([_click_log_loss(p, b) for p, b in zip(probs, host)]))
+          if probs_bf16 is None:  # the first variant is bf16, the baseline
+            probs_bf16, ll_bf16 = probs, ll
           row["max_abs_dp"] = float(max(np.max(np.abs(p - q)) for p, q in zip(probs, probs_bf16)))
-          ll = [_log_loss(p, np.asarray(b.labels), np.asarray(b.weights)) for p, b in zip(probs, host)]
-          ll0 = [_log_loss(p, np.asarray(b.labels), np.asarray(b.weights)) for p, b in zip(probs_bf16, host)]
-          row["logloss"] = float(np.mean(ll))
-          row["logloss_change_vs_bf16"] = float(np.mean(ll) / np.mean(ll0) - 1.0)
+          row["logloss"] = ll
+          row["logloss_change_vs_bf16"] = ll / ll_bf16 - 1.0
         bar.update(1)
       if plan is not None:
         counts: dict[str, int] = {}
-        for s, _, _ in gemm_sites(nnx.eval_shape(model_fn)):
-          for gemm in ("fwd", "dgrad", "wgrad"):
+        for s, _, _ in sites:
+          for gemm in GEMMS:
             c = plan.site(s).gemm(gemm)
             key = c.numerics if not c.is_fp8 else f"{c.numerics}:{c.impl}"
             counts[key] = counts.get(key, 0) + 1
@@ -209,7 +209,6 @@ def run(args: Args) -> dict:
       best = min(globals_, key=lambda n: results[n][f"{phase}_ms"])
       summary[phase] = {"best_global": best, "plan_over_best_global": results[best][f"{phase}_ms"]
                         / results["plan"][f"{phase}_ms"]}
-  sites = gemm_sites(nnx.eval_shape(lambda: build_model(schema, model_cfg)))
   return {"run": str(run_dir), "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
           "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
           "sites": [{"site": s, "k": k, "n": n} for s, k, n in sites],

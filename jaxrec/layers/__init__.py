@@ -7,5 +7,5 @@ from jaxrec.layers.embedding import FusedEmbedding, TableConfig, hash_ids, pool,
 from jaxrec.layers.heads import MultiTaskHeads
 from jaxrec.layers.mlp import MLP, activation
 
-__all__ = ["block_norm", "CrossLayer", "CrossNetwork", "Dense", "gemm_sites", "plain_precision", "prequantize_fp8_weights", "FusedEmbedding",
-           "TableConfig", "hash_ids", "pool", "table_configs", "MultiTaskHeads", "MLP", "activation"]
+__all__ = ["block_norm", "CrossLayer", "CrossNetwork", "Dense", "gemm_sites", "plain_precision",
+           "prequantize_fp8_weights", "FusedEmbedding", "TableConfig", "hash_ids", "pool", "table_configs", "MultiTaskHeads", "MLP", "activation"]

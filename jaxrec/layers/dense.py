@@ -99,13 +99,8 @@ class Dense(nnx.Module):
     if self.precision.is_delayed:  # never fused (fuses() is False)
       y = delayed_dense(x2, self.kernel[...], self.fp8_meta[...], impl=self.precision.fwd.impl,
                         interpret=self.interpret)
-      if tap is not None:
-        y = y + tap[...].astype(y.dtype)
-    elif tap is not None:  # the Probe's backward pass: dy is taken before the bias and the epilogue
+    elif tap is not None:  # the Probe's backward pass: the GEMM unfused, the epilogue after the tap below
       y = planned_dense(x2, self.kernel[...], self.precision, interpret=self.interpret)
-      y = y + tap[...].astype(y.dtype)
-      if norm is not None or activation is not None:
-        y = epilogue_reference(y.astype(jnp.float32), norm=norm, activation=activation).astype(y.dtype)
     elif fp8_kernel is not None:
       c = self.precision.fwd
       y = fp8_gemm_nt_prequantized(x2, fp8_kernel[...], self.fp8_scale[...], n=self.out_features, recipe=c.recipe,
@@ -114,6 +109,10 @@ class Dense(nnx.Module):
     else:
       y = planned_dense(x2, self.kernel[...], self.precision, norm=norm, activation=activation,
                         interpret=self.interpret)
+    if tap is not None:  # dy is taken before the bias and the epilogue
+      y = y + tap[...].astype(y.dtype)
+      if norm is not None or activation is not None:
+        y = epilogue_reference(y.astype(jnp.float32), norm=norm, activation=activation).astype(y.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y.reshape(*lead, self.out_features)

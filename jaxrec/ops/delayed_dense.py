@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.ops.fp8_dense import IMPLS, check_backend
-from jaxrec.ops.fp8_scaling import E4M3, E5M2, fp8_max
+from jaxrec.ops.fp8_scaling import E4M3, E5M2, cast_fp8, scale_from_amax
 from kernels_pallas.fp8_gemm_sm90 import fp8_gemm
 
 AMAX_HISTORY = 1024  # TransformerEngine's DelayedScaling default amax_history_len
@@ -58,13 +58,7 @@ def init_history(length: int = AMAX_HISTORY) -> jax.Array:
 def delayed_scale(history: jax.Array, current_amax: jax.Array, dtype) -> jax.Array:
   """Dequantization scale [] from one history row [H] (the current amax while the row is empty)."""
   amax = jnp.max(history)
-  amax = jnp.where(amax > 0, amax, current_amax.astype(jnp.float32))
-  return jnp.where(amax > 0, amax / fp8_max(dtype), 1.0)
-
-
-def _cast(v: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-  m = fp8_max(dtype)
-  return jnp.clip(v.astype(jnp.float32) / scale, -m, m).astype(dtype)
+  return scale_from_amax(jnp.where(amax > 0, amax, current_amax.astype(jnp.float32)), dtype)
 
 
 def _amax(v: jax.Array) -> jax.Array:
@@ -101,7 +95,7 @@ def delayed_dense(x: jax.Array, w: jax.Array, history: jax.Array, *, impl: str =
 def _quantize_forward(x, w, history):
   ax, aw = _amax(x), _amax(w)
   sx, sw = delayed_scale(history[0], ax, E4M3), delayed_scale(history[1], aw, E4M3)
-  return _cast(x, sx, E4M3), sx, _cast(w, sw, E4M3), sw, ax, aw
+  return cast_fp8(x, sx, E4M3), sx, cast_fp8(w, sw, E4M3), sw, ax, aw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -122,7 +116,7 @@ def _bwd(impl, interpret, res, dy):
   qx, sx, qw, sw, ax, aw, history, x_like, w_like = res
   ady = _amax(dy)
   sdy = delayed_scale(history[2], ady, E5M2)
-  qdy = _cast(dy, sdy, E5M2)
+  qdy = cast_fp8(dy, sdy, E5M2)
   dx = _gemm_nt(qdy, qw, sdy, sw, x_like.dtype, impl, interpret)        # dy @ w.T, contracts N
   dw = _gemm_nt(qx.T, qdy.T, sx, sdy, w_like.dtype, impl, interpret)    # x.T @ dy, contracts M
   new_history = jnp.concatenate([jnp.stack([ax, aw, ady])[:, None], history[:, :-1]], axis=1)

@@ -33,12 +33,14 @@ def fp8_max(dtype) -> float:
   return float(jnp.finfo(dtype).max)
 
 
-def _scale(amax: jax.Array, dtype) -> jax.Array:
+def scale_from_amax(amax: jax.Array, dtype) -> jax.Array:
+  """Dequantization scale amax / fmax of `dtype` (1 where amax is 0), f32, amax's shape."""
   amax = amax.astype(jnp.float32)
   return jnp.where(amax > 0, amax / fp8_max(dtype), 1.0)
 
 
-def _cast(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+def cast_fp8(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  """x / scale clipped to the range of `dtype` (casting out-of-range values would give NaN), cast."""
   m = fp8_max(dtype)
   return jnp.clip(x.astype(jnp.float32) / scale, -m, m).astype(dtype)
 
@@ -46,34 +48,34 @@ def _cast(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:
 def quantize_lhs(a: jax.Array, dtype, recipe: Recipe) -> tuple[jax.Array, jax.Array]:
   """a [M, K] -> (q [M, K'] fp8, scale): scale [] / [M, 1] / [M, K'/128] for tensor / row / block."""
   if recipe == "tensor":
-    s = _scale(jnp.max(jnp.abs(a)), dtype)
+    s = scale_from_amax(jnp.max(jnp.abs(a)), dtype)
   elif recipe == "row":
-    s = _scale(jnp.max(jnp.abs(a), axis=1, keepdims=True), dtype)
+    s = scale_from_amax(jnp.max(jnp.abs(a), axis=1, keepdims=True), dtype)
   elif recipe == "block":
     a = _pad_k(a, axis=1)
     m, k = a.shape
-    s = _scale(jnp.max(jnp.abs(a.reshape(m, k // BLOCK, BLOCK)), axis=2), dtype)  # [M, KB]
-    return _cast(a, jnp.repeat(s, BLOCK, axis=1), dtype), s
+    s = scale_from_amax(jnp.max(jnp.abs(a.reshape(m, k // BLOCK, BLOCK)), axis=2), dtype)  # [M, KB]
+    return cast_fp8(a, jnp.repeat(s, BLOCK, axis=1), dtype), s
   else:
     raise ValueError(f"unknown FP8 recipe {recipe!r}; choose one of {RECIPES}")
-  return _cast(a, s, dtype), s
+  return cast_fp8(a, s, dtype), s
 
 
 def quantize_rhs(b: jax.Array, dtype, recipe: Recipe) -> tuple[jax.Array, jax.Array]:
   """b [K, N] -> (q [K', N'] fp8, scale): scale [] / [1, N] / [K'/128, N'/128]."""
   if recipe == "tensor":
-    s = _scale(jnp.max(jnp.abs(b)), dtype)
+    s = scale_from_amax(jnp.max(jnp.abs(b)), dtype)
   elif recipe == "row":
-    s = _scale(jnp.max(jnp.abs(b), axis=0, keepdims=True), dtype)
+    s = scale_from_amax(jnp.max(jnp.abs(b), axis=0, keepdims=True), dtype)
   elif recipe == "block":
     b = _pad_k(_pad_k(b, axis=0), axis=1)
     k, n = b.shape
-    s = _scale(jnp.max(jnp.abs(b.reshape(k // BLOCK, BLOCK, n // BLOCK, BLOCK)), axis=(1, 3)), dtype)
+    s = scale_from_amax(jnp.max(jnp.abs(b.reshape(k // BLOCK, BLOCK, n // BLOCK, BLOCK)), axis=(1, 3)), dtype)
     full = jnp.repeat(jnp.repeat(s, BLOCK, axis=0), BLOCK, axis=1)
-    return _cast(b, full, dtype), s
+    return cast_fp8(b, full, dtype), s
   else:
     raise ValueError(f"unknown FP8 recipe {recipe!r}; choose one of {RECIPES}")
-  return _cast(b, s, dtype), s
+  return cast_fp8(b, s, dtype), s
 
 
 def _pad_k(x: jax.Array, axis: int) -> jax.Array:

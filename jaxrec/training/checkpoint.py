@@ -21,7 +21,7 @@ class Checkpointer:
   def __init__(self, workdir: Path, *, max_to_keep: int = 2):
     self.directory = (Path(workdir) / "checkpoints").absolute()
     self.manager = ocp.CheckpointManager(
-        self.directory,
+        self.directory, item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata reads the saved tree
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=True))
 
@@ -36,12 +36,12 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    try:
+    if "fp8" in self.manager.item_metadata(step):
       return self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    except ValueError as e:
-      if abstract.fp8 or "fp8" not in str(e):
-        raise
-    # written before TrainState had `fp8` (2026-12-06); the model has no fp8_delayed site: nothing is missing
+    # written before TrainState had `fp8` (2026-12-06): fine for a model without fp8_delayed sites
+    if abstract.fp8:
+      raise ValueError(f"the checkpoint at step {step} under {self.directory} predates fp8 amax histories, and "
+                       "this model has fp8_delayed sites: it cannot be restored into it")
     rest = {f: getattr(target, f) for f in ("step", "params", "opt_state", "table", "table_acc")}
     return TrainState(**self.manager.restore(step, args=ocp.args.StandardRestore(rest)), fp8={})
 

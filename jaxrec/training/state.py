@@ -47,18 +47,13 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, jax.Array, dict]
   return graphdef, pure, table, nnx.to_pure_dict(fp8_state)
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-  return out
-
-
 def merge_model(graphdef: nnx.GraphDef, params: dict, table: jax.Array, fp8: dict | None = None) -> nnx.Module:
   """The module from its parts (`split_model`'s); fp8 may be left out for a model without
   fp8_delayed sites."""
-  full = {**params, "embedding": {"table": table}}
-  return nnx.merge(graphdef, nnx.State(_deep_merge(full, fp8) if fp8 else full))
+  parts = [nnx.State({**params, "embedding": {"table": table}})]
+  if fp8:
+    parts.append(nnx.State(fp8))
+  return nnx.merge(graphdef, *parts)
 
 
 def merge_state(graphdef: nnx.GraphDef, state: "TrainState") -> nnx.Module:
