@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--iters", type=int, default=20, help="timed calls per variant (median reported)")
   p.add_argument("--out", type=Path, default=None, help="also write bench.csv and bench.png here")
   a = p.parse_args(argv)
+  if a.iters < 1:
+    p.error(f"--iters must be >= 1, got {a.iters}")
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
   smoke = a.smoke or not on_gpu
   if not on_gpu:

@@ -32,6 +32,7 @@ from serve.registry import NoRunsError, Registry, discover_runs, engine_configs
 from serve.workers import Bridge, GracefulServer, listen, run_workers, start_workers
 
 PROG = "python -m serve"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,10 @@ class ServeConfig:
   770 requests/s of 200 candidates; serve.workers)"""
 
   def __post_init__(self):
+    if not 0 <= self.port <= 65535:
+      raise ValueError(f"port must be in [0, 65535] (0 = any free port), got {self.port}")
+    if self.log_level not in LOG_LEVELS:
+      raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
     if not 1 <= self.workers <= 64:
       raise ValueError(f"workers must be in [1, 64], got {self.workers}")
 
@@ -98,14 +103,21 @@ def main(argv: list[str] | None = None) -> int:
   gc.freeze()
   if cfg.workers > 1:
     return _serve_with_workers(cfg, registry, token)
+  try:
+    sock = listen(cfg.host, cfg.port)
+  except OSError as e:
+    registry.close(drain=False)
+    print(f"{PROG}: error: cannot listen on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
+    return 2
   app = create_app(registry, cfg.http, admin_token=token)
-  server = GracefulServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, loop=cfg.loop,
-                                         access_log=False, timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
-  print(f"serving {registry.names} on http://{cfg.host}:{cfg.port} (admin "
+  server = GracefulServer(uvicorn.Config(app, log_level=cfg.log_level, loop=cfg.loop, access_log=False,
+                                         timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+  print(f"serving {registry.names} on http://{cfg.host}:{sock.getsockname()[1]} (admin "
         f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True)
   try:
-    server.run()
+    server.run(sockets=[sock])
   finally:
+    sock.close()
     registry.close(drain=True, timeout=cfg.drain_timeout_s)
     print("drained and stopped", file=sys.stderr, flush=True)
   return 0 if server.started else 1

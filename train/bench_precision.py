@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrec.config import config_from_dict, parse_config
+from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import open_train_eval
 from jaxrec.layers.dense import gemm_sites, prequantize_fp8_weights
@@ -51,8 +51,7 @@ from jaxrec.models import build_model
 from jaxrec.precision.plan import GEMMS, PrecisionPlan
 from jaxrec.progress import progress
 from jaxrec.training import sharding
-from jaxrec.training.loop import RankerConfig
-from jaxrec.training.restore import restore_ranker
+from jaxrec.training.restore import read_run_config, restore_ranker
 from jaxrec.training.state import merge_state, plan_train_state
 from jaxrec.training.step import batch_shardings, dense_optimizer, make_train_step
 
@@ -127,10 +126,7 @@ def _click_log_loss(p: np.ndarray, batch) -> float:
 
 def run(args: Args) -> dict:
   run_dir = Path(args.run)
-  cfg_path = run_dir / "config.json"
-  if not cfg_path.exists():
-    raise FileNotFoundError(f"{run_dir} has no config.json: pass --run the workdir of python -m train.probe")
-  cfg = config_from_dict(RankerConfig, json.loads(cfg_path.read_text()))
+  cfg = read_run_config(run_dir, hint="pass --run the workdir of python -m train.probe")
   if cfg.model.kind != "dcnv2":
     raise ValueError(f"the run's model is {cfg.model.kind!r}; precision plans apply to dcnv2 rankers")
   plans = variant_plans(args, run_dir)

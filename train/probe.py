@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrec.config import config_from_dict, config_to_dict, parse_config
+from jaxrec.config import config_to_dict, parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig, open_train_eval
 from jaxrec.layers.dense import capture_gemm_operands, dense_modules, gemm_sites
@@ -37,7 +37,7 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.losses import weighted_bce
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
-from jaxrec.training.restore import restore_ranker
+from jaxrec.training.restore import read_run_config, restore_ranker
 from jaxrec.training.state import merge_state
 from jaxrec.training.step import OptimConfig
 
@@ -81,10 +81,7 @@ class Args:
 
 def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:
   """(config, trained model, eval source) of a finished run."""
-  cfg_path = run_dir / "config.json"
-  if not cfg_path.exists():
-    raise FileNotFoundError(f"{run_dir} has no config.json: not a training run's workdir")
-  cfg = config_from_dict(RankerConfig, json.loads(cfg_path.read_text()))
+  cfg = read_run_config(run_dir)
   _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   graphdef, state, _ = restore_ranker(cfg, eval_src.schema, run_dir, sharding.make_mesh(1), row_multiple=1)
   return cfg, merge_state(graphdef, state), eval_src

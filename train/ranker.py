@@ -19,6 +19,7 @@ from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
 from jaxrec.models import ModelConfig
+from jaxrec.precision.plan import PlanError
 from jaxrec.precision.probe import ProbeConfig
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
 from jaxrec.training.step import OptimConfig
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                       aliases=ALIASES)
   try:
     summary = train_and_evaluate(args.ranker_config(), args.workdir)
-  except (DataFormatError, DataSpecError, WorkdirConflictError) as e:
+  except (DataFormatError, DataSpecError, WorkdirConflictError, PlanError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   keys = ("steps", "eval_ne", "oracle_ne", "ne_over_oracle", "eval_auc", "eval_calibration", "examples_per_sec")

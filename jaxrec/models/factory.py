@@ -28,8 +28,7 @@ class ModelConfig:
   logreg: LogRegConfig = LogRegConfig()
 
   def __post_init__(self):
-    if self.precision_plan.startswith("uniform:"):
-      parse_precision_plan(self.precision_plan)  # a bad spec fails when the config is made
+    parse_precision_plan(self.precision_plan)  # a bad spec or plan file fails when the config is made
 
 
 def parse_precision_plan(spec: str) -> PrecisionPlan | None:

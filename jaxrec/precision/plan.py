@@ -96,6 +96,14 @@ class SitePrecision:
     return any(self.gemm(g).is_fp8 for g in GEMMS)
 
 
+class PlanError(ValueError):
+  """A precision plan that cannot apply: a bad file, or sites the model does not have."""
+
+
+class PlanFileError(PlanError):
+  """A precision plan file that is missing, unreadable or malformed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PrecisionPlan:
   sites: dict[str, SitePrecision] = dataclasses.field(default_factory=dict)
@@ -113,10 +121,10 @@ class PrecisionPlan:
     return cls(default=SitePrecision.uniform(numerics, impl))
 
   def check_sites(self, known: list[str] | tuple[str, ...]) -> None:
-    """Raises ValueError naming plan sites that the model does not have (a stale or foreign plan)."""
+    """Raises PlanError naming plan sites that the model does not have (a stale or foreign plan)."""
     unknown = sorted(set(self.sites) - set(known))
     if unknown:
-      raise ValueError(f"precision plan names GEMM sites the model does not have: {unknown}; "
+      raise PlanError(f"precision plan names GEMM sites the model does not have: {unknown}; "
                        f"the model's sites are {sorted(known)}")
 
   def to_json(self) -> dict:
@@ -136,6 +144,17 @@ class PrecisionPlan:
 
   @classmethod
   def load(cls, path: str | Path) -> "PrecisionPlan":
-    """Reads a plan JSON (precision_plan.json's "plan" entry or a bare plan)."""
-    d = json.loads(Path(path).read_text())
-    return cls.from_json(d.get("plan", d))
+    """Reads a plan JSON (precision_plan.json's "plan" entry or a bare plan); PlanFileError (a
+    ValueError) when the file is missing, is not JSON, or does not hold a plan."""
+    p = Path(path)
+    try:
+      d = json.loads(p.read_text())
+    except FileNotFoundError:
+      raise PlanFileError(f"precision plan {p}: no such file (give train.probe's precision_plan.json, "
+                          "or uniform:NUMERICS)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise PlanFileError(f"precision plan {p}: not a readable JSON file ({e})") from None
+    try:
+      return cls.from_json(d.get("plan", d))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+      raise PlanFileError(f"precision plan {p}: not a precision plan ({type(e).__name__}: {e})") from None

@@ -5,6 +5,9 @@
 
     checkpoints/<step>/   orbax checkpoints of the TrainState
     config.json           the full config (a resumed run must match it, `train.steps` aside)
+    trained_plan.json     a copy of the precision plan file the model trained under (if
+                          --model.precision_plan names a file), so the run restores and serves
+                          after that file moves
     schema.json           the feature schema the model was built for
     metrics.jsonl         one JSON object per log or eval event
     summary.json          final eval metrics, steps, examples/s
@@ -30,6 +33,7 @@ from jaxrec.data.pipeline import BatchSource, train_iterator
 from jaxrec.data.sources import DataConfig, open_train_eval
 from jaxrec.metrics import MetricAccumulator
 from jaxrec.models import ModelConfig, build_model
+from jaxrec.precision.plan import PrecisionPlan
 from jaxrec.plotting import plot_training_curves
 from jaxrec.progress import progress
 from jaxrec.training import sharding
@@ -81,7 +85,9 @@ class WorkdirConflictError(ValueError):
   """The workdir holds a run whose config differs from the one asked to resume it."""
 
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json", "probe_stats.npz")
+TRAINED_PLAN = "trained_plan.json"
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json", "probe_stats.npz",
+             TRAINED_PLAN)
 
 
 def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILES,
@@ -111,6 +117,24 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
   saved.write_text(json.dumps(mine, indent=2) + "\n")
 
 
+def pin_precision_plan(spec: str, workdir: Path) -> None:
+  """Copies the plan file `spec` names (a --model.precision_plan that is neither empty nor
+  uniform:...) into the run as trained_plan.json, which restoring prefers (restore.read_run_config).
+  Resuming a run whose copy differs from the file now at `spec` is a WorkdirConflictError: the
+  checkpoints were trained under the copy."""
+  if not spec or spec.startswith("uniform:"):
+    return
+  plan = PrecisionPlan.load(spec)
+  pinned = workdir / TRAINED_PLAN
+  if pinned.exists() and pinned.resolve() == Path(spec).resolve():
+    return
+  if pinned.exists() and (workdir / "checkpoints").exists() and PrecisionPlan.load(pinned) != plan:
+    raise WorkdirConflictError(
+        f"{workdir} holds a run trained under a different precision plan than {spec} now holds; put the "
+        f"run's plan back there (its copy is {pinned}), pass --fresh to start over, or use another --workdir")
+  plan.save(pinned)
+
+
 def evaluate(eval_step, state: TrainState, source: BatchSource, schema: Schema, batch_size: int,
              batch_sh: Batch) -> dict[str, float]:
   """Runs the whole eval stream; returns metrics keyed "<task>/<metric>"."""
@@ -131,6 +155,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
   workdir = Path(workdir)
   prepare_workdir(cfg, workdir)
+  pin_precision_plan(cfg.model.precision_plan, workdir)
   train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")

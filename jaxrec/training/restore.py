@@ -18,19 +18,34 @@ from jaxrec.config import config_from_dict
 from jaxrec.data.batch import Schema
 from jaxrec.models import build_model
 from jaxrec.training.checkpoint import Checkpointer
-from jaxrec.training.loop import RankerConfig
+from jaxrec.training.loop import TRAINED_PLAN, RankerConfig
 from jaxrec.training.state import TrainState, plan_train_state
 from jaxrec.training.step import dense_optimizer
 
 
-def read_run(workdir: str | Path) -> tuple[RankerConfig, Schema]:
-  """The run's config.json and schema.json; FileNotFoundError naming the one that is missing."""
+def read_run_config(workdir: str | Path, *, hint: str = "not a training run's workdir") -> RankerConfig:
+  """The run's config.json (FileNotFoundError with `hint` when missing). A run trained under a
+  plan file gets its own copy of it (trained_plan.json) as model.precision_plan, so it restores
+  after the file it was trained from moves or changes."""
   wd = Path(workdir)
-  for name in ("config.json", "schema.json"):
-    if not (wd / name).exists():
-      raise FileNotFoundError(f"{wd} has no {name}: not a training run's workdir")
-  return (config_from_dict(RankerConfig, json.loads((wd / "config.json").read_text())),
-          Schema.from_json(json.loads((wd / "schema.json").read_text())))
+  path = wd / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{wd} has no config.json: {hint}")
+  d = json.loads(path.read_text())
+  model = d.get("model")
+  spec = model.get("precision_plan", "") if isinstance(model, dict) else ""
+  if isinstance(spec, str) and spec and not spec.startswith("uniform:") and (wd / TRAINED_PLAN).exists():
+    model["precision_plan"] = str(wd / TRAINED_PLAN)
+  return config_from_dict(RankerConfig, d)
+
+
+def read_run(workdir: str | Path) -> tuple[RankerConfig, Schema]:
+  """The run's config (read_run_config) and schema.json; FileNotFoundError naming the one that is missing."""
+  wd = Path(workdir)
+  cfg = read_run_config(wd)
+  if not (wd / "schema.json").exists():
+    raise FileNotFoundError(f"{wd} has no schema.json: not a training run's workdir")
+  return cfg, Schema.from_json(json.loads((wd / "schema.json").read_text()))
 
 
 def restore_ranker(cfg: RankerConfig, schema: Schema, workdir: str | Path, mesh: Mesh, *, row_multiple: int,
@@ -48,4 +63,4 @@ def restore_ranker(cfg: RankerConfig, schema: Schema, workdir: str | Path, mesh:
   return graphdef, state, state_sh
 
 
-__all__ = ["read_run", "restore_ranker"]
+__all__ = ["read_run", "read_run_config", "restore_ranker"]

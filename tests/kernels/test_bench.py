@@ -24,3 +24,12 @@ def test_smoke_bench_runs_checks_and_writes(tmp_path, capsys):
 def test_full_sweep_covers_the_issue_shapes():
   shapes = bench.full_sweep()
   assert len(shapes) == 19 and (8192, 8192, 8192) in shapes and (65536, 1024, 4096) in shapes
+
+
+def test_bad_iters_is_a_usage_error(capsys):
+  import pytest
+  from kernels_pallas import bench_quantize
+  for mod in (bench, bench_quantize):
+    with pytest.raises(SystemExit) as e:
+      mod.main(["--iters", "0"])
+    assert e.value.code == 2 and "--iters must be >= 1" in capsys.readouterr().err

@@ -237,3 +237,21 @@ def test_workers_stop_when_the_engine_process_dies(run_root):
 def test_bad_worker_count_is_a_clear_error():
   out = subprocess.run([sys.executable, "-m", "serve", "--workers", "0"], capture_output=True, text=True, timeout=60)
   assert out.returncode == 2 and "workers must be in [1, 64]" in out.stderr and "Traceback" not in out.stderr
+  out = subprocess.run([sys.executable, "-m", "serve", "--port", "99999"], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 2 and "port must be in [0, 65535]" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_a_clear_error(run_root, workers):
+  taken = socket.socket()
+  taken.bind(("127.0.0.1", 0))
+  taken.listen(1)
+  try:
+    port = str(taken.getsockname()[1])
+    out = subprocess.run([sys.executable, "-m", "serve", "--workdir", str(run_root), "--port", port,
+                          "--workers", workers, "--engine.buckets", "8", "--engine.max_rows", "8",
+                          "--engine.max_candidates", "8"], capture_output=True, text=True, timeout=180)
+  finally:
+    taken.close()
+  assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+  assert "Traceback" not in out.stderr and "serving" not in out.stderr

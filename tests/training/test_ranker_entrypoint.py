@@ -144,3 +144,35 @@ def test_delayed_scaling_histories_are_checkpointed_and_resume_exactly(tmp_path)
   assert_trees_equal(fa, fb)
   hist = _leaves(fa["fp8"])
   assert hist and all(h.shape == (3, 1024) and np.all(h[:, :8] > 0) and not np.any(h[:, 8:]) for h in hist.values())
+
+
+def test_a_run_keeps_its_plan_file_and_plan_errors_are_clear(tmp_path, capsys):
+  """A run trained under a plan file restores after the file is gone (its copy, trained_plan.json);
+  resuming under a changed file is a conflict; a missing, malformed or foreign plan is a clear error."""
+  from jaxrec.precision.plan import PrecisionPlan, SitePrecision
+  from jaxrec.training.restore import read_run
+  plan = PrecisionPlan(sites={"top.layers.0": SitePrecision.uniform("fp8_row")})
+  path = tmp_path / "plan.json"
+  plan.save(path)
+  wd = tmp_path / "run"
+  common = ["--workdir", str(wd), "--model.precision_plan", str(path), "--train.checkpoint_every", "4"] + SMOKE
+  assert ranker.main(common + ["--train.steps", "4"]) == 0
+  assert PrecisionPlan.load(wd / "trained_plan.json") == plan
+  PrecisionPlan.uniform("fp8_tensor").save(path)  # the file changes under the run
+  assert ranker.main(common + ["--train.steps", "8"]) == 2
+  assert "different precision plan" in capsys.readouterr().err
+  path.unlink()
+  cfg, _ = read_run(wd)
+  assert PrecisionPlan.load(cfg.model.precision_plan) == plan
+  capsys.readouterr()
+  with pytest.raises(SystemExit):  # the config is refused before any data is read
+    ranker.main(common + ["--train.steps", "8"])
+  assert "no such file" in capsys.readouterr().err
+  path.write_text("{not json")
+  with pytest.raises(SystemExit):
+    ranker.main(common + ["--train.steps", "8"])
+  assert "not a readable JSON file" in capsys.readouterr().err
+  PrecisionPlan(sites={"top.layers.7": SitePrecision.uniform("bf16")}).save(path)
+  assert ranker.main(["--workdir", str(tmp_path / "other"), "--model.precision_plan", str(path),
+                      "--train.steps", "2"] + SMOKE) == 2
+  assert "does not have: ['top.layers.7']" in capsys.readouterr().err
