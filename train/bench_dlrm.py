@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--steps", type=int, default=None, help="steps per timed loop (default 30, small 3)")
   p.add_argument("--repeats", type=int, default=3, help="timed loops; the median is reported")
   a = p.parse_args(argv)
-  batch = a.batch or (1024 if a.small else 65536)
-  rows = a.rows or (1000 if a.small else 200_000)
-  steps = a.steps or (3 if a.small else 30)
+  for name in ("batch", "rows", "steps", "repeats"):
+    if getattr(a, name) is not None and getattr(a, name) < 1:
+      p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+  batch = a.batch if a.batch is not None else (1024 if a.small else 65536)
+  rows = a.rows if a.rows is not None else (1000 if a.small else 200_000)
+  steps = a.steps if a.steps is not None else (3 if a.small else 30)
 
   schema = Schema(dense=tuple(f"I{i}" for i in range(NUM_DENSE)),
                   sparse=tuple(SparseFeature(f"C{i}", rows) for i in range(NUM_SPARSE)), labels=("click",))

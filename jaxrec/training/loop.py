@@ -93,10 +93,17 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "sche
 def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILES,
                     config_file: str = "config.json", what: str = "a run") -> None:
   """Creates `workdir`, clears it for `cfg.fresh`, refuses to resume a run whose data / model /
-  optim config differs (fields added since it was saved count as their defaults), saves `cfg`.
+  optim config differs (fields added since it was saved count as their defaults) or to write into
+  another kind of run's workdir (checkpoints without `config_file`), saves `cfg`.
 
   `cfg` is any config dataclass with `fresh`, `data`, `model` and `optim` fields."""
   workdir.mkdir(parents=True, exist_ok=True)
+  if (workdir / "checkpoints").exists() and not (workdir / config_file).exists():
+    # every run writes its config before its first checkpoint: these belong to another kind of run
+    # (a user model's workdir given to a ranker, or the reverse), which even --fresh must not delete
+    raise WorkdirConflictError(
+        f"{workdir} holds checkpoints but no {config_file}, so it is not {what}'s workdir (another kind of "
+        "run lives there); use another --workdir")
   if cfg.fresh:
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     for name in run_files:

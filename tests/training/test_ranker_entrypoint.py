@@ -176,3 +176,20 @@ def test_a_run_keeps_its_plan_file_and_plan_errors_are_clear(tmp_path, capsys):
   assert ranker.main(["--workdir", str(tmp_path / "other"), "--model.precision_plan", str(path),
                       "--train.steps", "2"] + SMOKE) == 2
   assert "does not have: ['top.layers.7']" in capsys.readouterr().err
+
+
+def test_a_ranker_and_a_user_model_never_share_a_workdir(tmp_path, capsys):
+  """Each refuses (even with --fresh) a workdir holding the other's checkpoints, and leaves it as it was."""
+  from train import user_model
+  wd = tmp_path / "run"
+  (wd / "checkpoints" / "4").mkdir(parents=True)
+  (wd / "config.json").write_text("{}")
+  (wd / "schema.json").write_text('{"ranker": true}')
+  assert user_model.main(["--workdir", str(wd), "--fresh", "--train.steps", "2", "--no-train.progress"]) == 2
+  assert "holds checkpoints but no user_model.json" in capsys.readouterr().err
+  assert (wd / "checkpoints" / "4").exists() and (wd / "schema.json").read_text() == '{"ranker": true}'
+  assert not (wd / "user_model.json").exists()
+  (wd / "config.json").rename(wd / "user_model.json")
+  assert ranker.main(["--workdir", str(wd), "--fresh", "--train.steps", "2"] + SMOKE) == 2
+  assert "holds checkpoints but no config.json" in capsys.readouterr().err
+  assert (wd / "checkpoints" / "4").exists() and not (wd / "config.json").exists()
