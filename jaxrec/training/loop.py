@@ -124,17 +124,19 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
   saved.write_text(json.dumps(mine, indent=2) + "\n")
 
 
-def pin_precision_plan(spec: str, workdir: Path) -> None:
-  """Copies the plan file `spec` names (a --model.precision_plan that is neither empty nor
-  uniform:...) into the run as trained_plan.json, which restoring prefers (restore.read_run_config).
+def plan_file(spec: str) -> PrecisionPlan | None:
+  """The plan in the file a --model.precision_plan names; None for "" and uniform:..."""
+  return None if not spec or spec.startswith("uniform:") else PrecisionPlan.load(spec)
+
+
+def pin_precision_plan(spec: str, plan: PrecisionPlan | None, workdir: Path) -> None:
+  """Writes `plan` (plan_file(spec), read before --fresh cleared the workdir, which may have held
+  the file) into the run as trained_plan.json, which restoring prefers (restore.read_run_config).
   Resuming a run whose copy differs from the file now at `spec` is a WorkdirConflictError: the
   checkpoints were trained under the copy."""
-  if not spec or spec.startswith("uniform:"):
+  if plan is None:
     return
-  plan = PrecisionPlan.load(spec)
   pinned = workdir / TRAINED_PLAN
-  if pinned.exists() and pinned.resolve() == Path(spec).resolve():
-    return
   if pinned.exists() and (workdir / "checkpoints").exists() and PrecisionPlan.load(pinned) != plan:
     raise WorkdirConflictError(
         f"{workdir} holds a run trained under a different precision plan than {spec} now holds; put the "
@@ -161,8 +163,9 @@ def append_jsonl(path: Path, record: dict) -> None:
 def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
   workdir = Path(workdir)
+  plan = plan_file(cfg.model.precision_plan)
   prepare_workdir(cfg, workdir)
-  pin_precision_plan(cfg.model.precision_plan, workdir)
+  pin_precision_plan(cfg.model.precision_plan, plan, workdir)
   train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")

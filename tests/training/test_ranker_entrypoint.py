@@ -164,6 +164,9 @@ def test_a_run_keeps_its_plan_file_and_plan_errors_are_clear(tmp_path, capsys):
   path.unlink()
   cfg, _ = read_run(wd)
   assert PrecisionPlan.load(cfg.model.precision_plan) == plan
+  pinned = ["--workdir", str(wd), "--model.precision_plan", str(wd / "trained_plan.json")] + SMOKE
+  assert ranker.main(pinned + ["--train.steps", "2", "--fresh"]) == 0  # --fresh does not lose the plan it trains under
+  assert PrecisionPlan.load(wd / "trained_plan.json") == plan
   capsys.readouterr()
   with pytest.raises(SystemExit):  # the config is refused before any data is read
     ranker.main(common + ["--train.steps", "8"])
