@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# pytest-xdist processes (each test file runs whole in one, so module fixtures are built once);
+# 2 = the CI machine's cores. TEST_JOBS=0 runs everything in this process.
+TEST_JOBS ?= 2
 
 GPU_WHEELS := grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 fastapi==0.163.2 uvicorn==0.54.0 \
   starlette==1.10.0 pydantic==2.14.3 pydantic-core==2.50.4 typing-inspection==0.4.5 annotated-types==0.8.0 \
@@ -54,11 +57,11 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	@# pytest exits 5 when it collects nothing: treat that as a failure, never a pass.
-	@set +e; $(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; \
+	@set +e; $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-all: $(STAMP)
-	@set +e; $(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
+	@set +e; $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not gpu" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
