@@ -92,6 +92,12 @@ class ReplayConfig:
       raise ValueError(f"max_requests must be >= 0, got {self.max_requests}")
     if 0 not in self.ttls_s:
       raise ValueError("ttls_s must include 0 (the no-cache reference the NE change is measured against)")
+    if any(t < 0 for t in self.soap_ttls_s) or self.headline_ttl_s < 0 or self.failover_ttl_s < 0:
+      raise ValueError("soap_ttls_s, headline_ttl_s and failover_ttl_s must be >= 0")
+    if any(not 0.0 <= r <= 1.0 for r in self.failure_rates):
+      raise ValueError(f"failure_rates must be in [0, 1], got {self.failure_rates}")
+    if self.stabilize_m < 1 or self.eval_batch_size < 1:
+      raise ValueError(f"stabilize_m and eval_batch_size must be >= 1, got {self.stabilize_m}, {self.eval_batch_size}")
 
   def policies(self) -> list[tuple[str, ReplayPolicy]]:
     """(name, policy) of every replay: the TTL sweep, then each failure rate without and with failover."""

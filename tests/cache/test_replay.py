@@ -94,6 +94,12 @@ def test_bad_streams_raise():
     ReplayPolicy(failure_rate=1.5)
   with pytest.raises(ValueError, match="must include 0"):
     ReplayConfig(ttls_s=(60,))
+  with pytest.raises(ValueError, match="failure_rates must be in"):
+    ReplayConfig(failure_rates=(0.05, 2.0))
+  with pytest.raises(ValueError, match="stabilize_m and eval_batch_size"):
+    ReplayConfig(stabilize_m=0)
+  with pytest.raises(ValueError, match="soap_ttls_s, headline_ttl_s and failover_ttl_s"):
+    ReplayConfig(soap_ttls_s=(0, -60))
 
 
 def test_doctest():
