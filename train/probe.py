@@ -30,7 +30,7 @@ from jaxrec.data.sources import DataConfig, open_train_eval
 from jaxrec.layers.dense import capture_gemm_operands, dense_modules, gemm_sites
 from jaxrec.models import DCNv2Config, ModelConfig
 from jaxrec.precision import dispatch
-from jaxrec.precision.error_model import Gaussian, MatrixNormal, mere_for_site, mere_on_operands
+from jaxrec.precision.error_model import Gaussian, MatrixNormal, get_candidates, mere_for_site, mere_on_operands
 from jaxrec.precision.probe import ProbeConfig, ProbeState
 from jaxrec.precision.report import SETTINGS, plot_mere_heatmap, write_report
 from jaxrec.progress import progress
@@ -77,6 +77,11 @@ class Args:
       raise ValueError(f"--samples and --rows must be >= 2, got {self.samples}, {self.rows}")
     if not self.candidates:
       raise ValueError("--candidates must name at least one numerics")
+    get_candidates(self.candidates)  # unknown or repeated names fail before any training
+    if not self.bound > 0:
+      raise ValueError(f"--bound must be > 0, got {self.bound}")
+    if self.plan_batch < 0:
+      raise ValueError(f"--plan_batch must be >= 0 (0 = --data.batch_size), got {self.plan_batch}")
 
 
 def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:

@@ -133,6 +133,19 @@ def test_mere_study_needs_runs_and_known_metrics(tmp_path, capsys):
   assert "--gemms" in capsys.readouterr().err
   assert mere_study.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
   assert "probe_stats.npz" in capsys.readouterr().err
+  for bad, says in ((["--samples", "0"], "--samples and --rows"), (["--candidates", "fp9"], "unknown candidate")):
+    with pytest.raises(SystemExit):
+      mere_study.main(["--runs", str(tmp_path)] + bad)
+    assert says in capsys.readouterr().err
+
+
+def test_probe_refuses_bad_options_before_training(tmp_path, capsys):
+  for bad, says in ((["--bound", "-1"], "--bound must be > 0"), (["--candidates", "foo"], "unknown candidate"),
+                    (["--candidates", "bf16,bf16"], "must be unique"), (["--plan_batch", "-2"], "--plan_batch")):
+    with pytest.raises(SystemExit):
+      probe.main(["--workdir", str(tmp_path / "p")] + bad)
+    assert says in capsys.readouterr().err
+  assert not (tmp_path / "p").exists()
 
 
 def test_bench_precision_times_each_variant_and_checks_outputs(probed, tmp_path, capsys):
