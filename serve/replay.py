@@ -22,6 +22,7 @@ from pathlib import Path
 from jaxrec.cache.replay_study import ReplayConfig, run_replay_study
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
+from jaxrec.training.loop import WorkdirConflictError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m serve.replay", description=__doc__.split("\n\n")[0])
   try:
     out = run_replay_study(args.study_config(), args.workdir)
-  except (DataSpecError, DataFormatError, FileNotFoundError) as e:
+  except (DataSpecError, DataFormatError, FileNotFoundError, WorkdirConflictError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print((Path(args.workdir) / "replay.md").read_text())

@@ -51,6 +51,7 @@ from jaxrec.models import build_model
 from jaxrec.precision.plan import GEMMS, PrecisionPlan
 from jaxrec.progress import progress
 from jaxrec.training import sharding
+from jaxrec.training.loop import make_workdir
 from jaxrec.training.restore import read_run_config, restore_ranker
 from jaxrec.training.state import merge_state, plan_train_state
 from jaxrec.training.step import batch_shardings, dense_optimizer, make_train_step
@@ -233,14 +234,14 @@ def format_table(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.bench_precision", description=__doc__.split("\n\n")[0])
+  dest = Path(args.out)
   try:
+    make_workdir(dest)  # before minutes of timing, not after
     out = run(args)
   except (DataFormatError, DataSpecError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   table = format_table(out)
-  dest = Path(args.out)
-  dest.mkdir(parents=True, exist_ok=True)
   (dest / "bench_precision.json").write_text(json.dumps(out, indent=2) + "\n")
   (dest / "bench_precision.md").write_text("# bench_precision\n\n" + table + "\n")
   print(table)

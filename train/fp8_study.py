@@ -27,7 +27,7 @@ from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
 from jaxrec.models import DCNv2Config, ModelConfig
-from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
+from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, make_workdir, train_and_evaluate
 from jaxrec.training.step import OptimConfig
 from train import probe as probe_entry
 
@@ -66,7 +66,7 @@ def runs(args: Args, plan_path: str) -> dict[str, ModelConfig]:
 
 def run(args: Args) -> dict:
   wd = Path(args.workdir)
-  wd.mkdir(parents=True, exist_ok=True)
+  make_workdir(wd)
   plan_path = args.plan
   if not plan_path:
     pdir = wd / "probe"

@@ -29,6 +29,7 @@ from jaxrec.config import parse_config
 from jaxrec.layers.dense import gemm_sites
 from jaxrec.precision.error_model import GEMMS, METRICS, get_candidates
 from jaxrec.precision.probe import ProbeState
+from jaxrec.training.loop import make_workdir
 from train import probe as probe_entry
 
 
@@ -99,7 +100,7 @@ def study_run(args: Args, run_dir: Path) -> dict:
 def run(args: Args) -> dict:
   results = {r: study_run(args, Path(r)) for r in args.runs}
   outdir = Path(args.out)
-  outdir.mkdir(parents=True, exist_ok=True)
+  make_workdir(outdir)
   (outdir / "mere_study.json").write_text(json.dumps({"config": dataclasses.asdict(args), "runs": results},
                                                      indent=2) + "\n")
   lines = ["| run | metric | GEMM | learned / N(0,1) (geo-mean) | real / N(0,1) (geo-mean) | learned > N(0,1) | "

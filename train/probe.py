@@ -36,7 +36,7 @@ from jaxrec.precision.report import SETTINGS, plot_mere_heatmap, write_report
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.losses import weighted_bce
-from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
+from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, make_workdir, train_and_evaluate
 from jaxrec.training.restore import read_run_config, restore_ranker
 from jaxrec.training.state import merge_state
 from jaxrec.training.step import OptimConfig
@@ -137,7 +137,7 @@ def measure(args: Args, sites, stats: ProbeState, model, eval_src, metric: str =
 
 def run(args: Args) -> dict:
   workdir = Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  make_workdir(workdir)
   if args.from_run:
     run_dir = Path(args.from_run)
     summary_path = run_dir / "summary.json"

@@ -43,6 +43,7 @@ from jaxrec.data.pipeline import pad_batch
 from jaxrec.metrics import MetricAccumulator
 from jaxrec.progress import progress
 from jaxrec.training import sharding
+from jaxrec.training.loop import make_workdir
 from jaxrec.training.restore import read_run, restore_ranker
 from jaxrec.training.step import batch_shardings, make_eval_step
 from jaxrec.training.user_model import load_user_model
@@ -237,7 +238,7 @@ def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
   """Runs every source's replays; writes replay.json, replay.md and the PNGs into `workdir`."""
   from jaxrec.cache import replay_report
   wd = Path(workdir)
-  wd.mkdir(parents=True, exist_ok=True)
+  make_workdir(wd)
   t0 = time.time()
   results: dict = {"config": config_to_dict(cfg), "date": datetime.date.today().isoformat(), "sources": {},
                    "skipped": {}}

@@ -82,12 +82,27 @@ class RankerConfig:
 
 
 class WorkdirConflictError(ValueError):
-  """The workdir holds a run whose config differs from the one asked to resume it."""
+  """The workdir cannot take this run: it holds a run whose config differs from the one asked to
+  resume it, or another kind of run, or it is not a directory that can be created and written."""
 
 
 TRAINED_PLAN = "trained_plan.json"
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json", "probe_stats.npz",
              TRAINED_PLAN)
+
+
+def make_workdir(path: str | Path) -> Path:
+  """Creates the output directory `path` (and its parents) and checks it is writable;
+  WorkdirConflictError saying why when it cannot be (a file in the way, no permission, ...)."""
+  path = Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.touch()
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirConflictError(f"cannot use {path} as an output directory: {e.strerror or e}") from None
+  return path
 
 
 def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILES,
@@ -97,7 +112,7 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
   another kind of run's workdir (checkpoints without `config_file`), saves `cfg`.
 
   `cfg` is any config dataclass with `fresh`, `data`, `model` and `optim` fields."""
-  workdir.mkdir(parents=True, exist_ok=True)
+  make_workdir(workdir)
   if (workdir / "checkpoints").exists() and not (workdir / config_file).exists():
     # every run writes its config before its first checkpoint: these belong to another kind of run
     # (a user model's workdir given to a ranker, or the reverse), which even --fresh must not delete

@@ -43,7 +43,7 @@ from jaxrec.models import DCNv2Config, ModelConfig, build_model
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.domain_eval import DomainMetrics
-from jaxrec.training.loop import LoopConfig, RankerConfig, train_and_evaluate
+from jaxrec.training.loop import LoopConfig, RankerConfig, make_workdir, train_and_evaluate
 from jaxrec.training.restore import restore_ranker
 from jaxrec.training.state import plan_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
@@ -272,7 +272,7 @@ def markdown_table(rows: list[dict], conflict_domain: int) -> str:
 def run_sum_study(cfg: SumStudyConfig, workdir: str | Path) -> dict:
   """Runs the study (module docstring); returns what sum_study.json holds."""
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  make_workdir(workdir)
   t0 = time.perf_counter()
   seconds = {}
   tower_cfg = dataclasses.replace(cfg.tower, data=dataclasses.replace(cfg.tower.data, world=cfg.world),
