@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
   # the server: keep it out of the collector's full passes, which otherwise stall the event loop
   # for ~0.2 s every few seconds under load (a p99 tail of 230 ms measured at concurrency 8).
   gc.freeze()
-  if cfg.workers > 1:
-    return _serve_with_workers(cfg, registry, token)
-  try:
+  try:  # bound before "serving ..." is announced, by one process or many (serve.workers.listen)
     sock = listen(cfg.host, cfg.port)
   except OSError as e:
     registry.close(drain=False)
     print(f"{PROG}: error: cannot listen on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
     return 2
+  if cfg.workers > 1:
+    return _serve_with_workers(cfg, registry, token, sock)
   app = create_app(registry, cfg.http, admin_token=token)
   server = GracefulServer(uvicorn.Config(app, log_level=cfg.log_level, loop=cfg.loop, access_log=False,
                                          timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
@@ -123,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
   return 0 if server.started else 1
 
 
-def _serve_with_workers(cfg: ServeConfig, registry: Registry, token: str | None) -> int:
-  try:
-    sock = listen(cfg.host, cfg.port)
-  except OSError as e:
-    registry.close(drain=False)
-    print(f"{PROG}: error: cannot listen on {cfg.host}:{cfg.port}: {e}", file=sys.stderr)
-    return 2
+def _serve_with_workers(cfg: ServeConfig, registry: Registry, token: str | None, sock) -> int:
   bridge = Bridge(registry, cfg.workers)
   rc = 1
   try:

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxrec.config import parse_config
 from jaxrec.layers.dense import gemm_sites
-from jaxrec.precision.error_model import GEMMS, METRICS, get_candidates
+from jaxrec.precision.error_model import GEMMS, METRICS
 from jaxrec.precision.probe import ProbeState
 from jaxrec.training.loop import make_workdir
 from train import probe as probe_entry
@@ -59,11 +59,7 @@ class Args:
     bad = [g for g in self.gemms if g not in GEMMS]
     if bad or not self.gemms:
       raise ValueError(f"--gemms: choose one or more of {', '.join(GEMMS)}, got {list(self.gemms)}")
-    if self.samples < 2 or self.rows < 2:
-      raise ValueError(f"--samples and --rows must be >= 2, got {self.samples}, {self.rows}")
-    if not self.candidates:
-      raise ValueError("--candidates must name at least one numerics")
-    get_candidates(self.candidates)
+    probe_entry.check_sampling(self.candidates, self.samples, self.rows)
 
 
 def summarise(table: list[dict]) -> dict:

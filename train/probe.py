@@ -44,6 +44,16 @@ from jaxrec.training.step import OptimConfig
 MODS = DCNv2Config(use_bias=False, norm="block", activation="hard_swish", top_mlp=(256, 256))
 
 
+def check_sampling(candidates: tuple[str, ...], samples: int, rows: int) -> None:
+  """ValueError for error-model options that cannot work, raised when the config is made (before
+  any training): fewer than 2 samples or rows, no candidate, unknown or repeated candidates."""
+  if samples < 2 or rows < 2:
+    raise ValueError(f"--samples and --rows must be >= 2, got {samples}, {rows}")
+  if not candidates:
+    raise ValueError("--candidates must name at least one numerics")
+  get_candidates(candidates)
+
+
 @dataclasses.dataclass(frozen=True)
 class Args:
   workdir: str = "runs/probe"
@@ -73,11 +83,7 @@ class Args:
   """start the training run over"""
 
   def __post_init__(self):
-    if self.samples < 2 or self.rows < 2:
-      raise ValueError(f"--samples and --rows must be >= 2, got {self.samples}, {self.rows}")
-    if not self.candidates:
-      raise ValueError("--candidates must name at least one numerics")
-    get_candidates(self.candidates)  # unknown or repeated names fail before any training
+    check_sampling(self.candidates, self.samples, self.rows)
     if not self.bound > 0:
       raise ValueError(f"--bound must be > 0, got {self.bound}")
     if self.plan_batch < 0:

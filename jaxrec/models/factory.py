@@ -31,6 +31,11 @@ class ModelConfig:
     parse_precision_plan(self.precision_plan)  # a bad spec or plan file fails when the config is made
 
 
+def is_plan_file(spec: str) -> bool:
+  """Whether a ModelConfig.precision_plan names a plan JSON file (not "" and not uniform:...)."""
+  return bool(spec) and not spec.startswith("uniform:")
+
+
 def parse_precision_plan(spec: str) -> PrecisionPlan | None:
   """ModelConfig.precision_plan -> the plan: None for "", PrecisionPlan.uniform for
   "uniform:NUMERICS[:IMPL]", else PrecisionPlan.load(spec) (a JSON file).
@@ -38,15 +43,15 @@ def parse_precision_plan(spec: str) -> PrecisionPlan | None:
   >>> parse_precision_plan("uniform:fp8_row").site("top.layers.0").wgrad
   GemmChoice(numerics='fp8_row', impl='xla')
   """
-  if not spec:
-    return None
+  if is_plan_file(spec):
+    return PrecisionPlan.load(spec)
   if spec.startswith("uniform:"):
     parts = spec.split(":")[1:]
     if len(parts) not in (1, 2) or parts[0] not in NUMERICS or (len(parts) == 2 and parts[1] not in IMPLS):
       raise ValueError(f"model.precision_plan {spec!r}: expected uniform:NUMERICS or uniform:NUMERICS:IMPL "
                        f"with NUMERICS in {NUMERICS} and IMPL in {IMPLS}")
     return PrecisionPlan.uniform(*parts)
-  return PrecisionPlan.load(spec)
+  return None
 
 
 def build_model(schema: Schema, cfg: ModelConfig, *, row_multiple: int = 1,

@@ -32,7 +32,7 @@ from jaxrec.data.batch import Batch, Schema
 from jaxrec.data.pipeline import BatchSource, train_iterator
 from jaxrec.data.sources import DataConfig, open_train_eval
 from jaxrec.metrics import MetricAccumulator
-from jaxrec.models import ModelConfig, build_model
+from jaxrec.models import ModelConfig, build_model, is_plan_file, parse_precision_plan
 from jaxrec.precision.plan import PrecisionPlan
 from jaxrec.plotting import plot_training_curves
 from jaxrec.progress import progress
@@ -139,17 +139,13 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
   saved.write_text(json.dumps(mine, indent=2) + "\n")
 
 
-def plan_file(spec: str) -> PrecisionPlan | None:
-  """The plan in the file a --model.precision_plan names; None for "" and uniform:..."""
-  return None if not spec or spec.startswith("uniform:") else PrecisionPlan.load(spec)
-
-
 def pin_precision_plan(spec: str, plan: PrecisionPlan | None, workdir: Path) -> None:
-  """Writes `plan` (plan_file(spec), read before --fresh cleared the workdir, which may have held
-  the file) into the run as trained_plan.json, which restoring prefers (restore.read_run_config).
+  """Writes `plan` (the one in the plan file `spec` names, read before --fresh cleared the workdir,
+  which may have held that file) into the run as trained_plan.json, which restoring prefers
+  (restore.read_run_config).
   Resuming a run whose copy differs from the file now at `spec` is a WorkdirConflictError: the
   checkpoints were trained under the copy."""
-  if plan is None:
+  if not is_plan_file(spec):
     return
   pinned = workdir / TRAINED_PLAN
   if pinned.exists() and (workdir / "checkpoints").exists() and PrecisionPlan.load(pinned) != plan:
@@ -178,7 +174,7 @@ def append_jsonl(path: Path, record: dict) -> None:
 def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
   workdir = Path(workdir)
-  plan = plan_file(cfg.model.precision_plan)
+  plan = parse_precision_plan(cfg.model.precision_plan)
   prepare_workdir(cfg, workdir)
   pin_precision_plan(cfg.model.precision_plan, plan, workdir)
   train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)

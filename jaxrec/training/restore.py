@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from jaxrec.config import config_from_dict
 from jaxrec.data.batch import Schema
-from jaxrec.models import build_model
+from jaxrec.models import build_model, is_plan_file
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.loop import TRAINED_PLAN, RankerConfig
 from jaxrec.training.state import TrainState, plan_train_state
@@ -32,10 +32,8 @@ def read_run_config(workdir: str | Path, *, hint: str = "not a training run's wo
   if not path.exists():
     raise FileNotFoundError(f"{wd} has no config.json: {hint}")
   d = json.loads(path.read_text())
-  model = d.get("model")
-  spec = model.get("precision_plan", "") if isinstance(model, dict) else ""
-  if isinstance(spec, str) and spec and not spec.startswith("uniform:") and (wd / TRAINED_PLAN).exists():
-    model["precision_plan"] = str(wd / TRAINED_PLAN)
+  if is_plan_file(d.get("model", {}).get("precision_plan", "")) and (wd / TRAINED_PLAN).exists():
+    d["model"]["precision_plan"] = str(wd / TRAINED_PLAN)
   return config_from_dict(RankerConfig, d)
 
 
