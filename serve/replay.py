@@ -3,13 +3,15 @@
     python -m train.sum_study --workdir runs/sum_study          # once: a user model + SUM rankers
     python -m serve.replay --workdir runs/replay
     python -m serve.replay --workdir runs/replay --sources adsworld --ttls_s 0,60,300
+    python -m serve.replay --workdir runs/replay_gap4 --sources adsworld --requests.gap_short_mean_s 4
     python -m serve.replay --help            # every config field, its type and default
 
 Reports user-model inferences saved, downstream NE (ads world) and served-embedding staleness
 against the direct TTL, and fallbacks with and without the failover tier under injected failure
 rates, for the ads world (with a SUM ranker) and the access patterns of Taobao UserBehavior and
-MovieLens (../shared/data; skipped with a note when absent). Writes WORKDIR/replay.json,
-replay.md, replay_ttl.png, replay_staleness.png and replay_failover.png. See
+MovieLens (../shared/data; skipped with a note when absent). --requests.* replays the ads world
+under another request process (within-session gaps, session lengths), same users and sessions.
+Writes WORKDIR/replay.json, replay.md, replay_ttl.png, replay_staleness.png and replay_failover.png. See
 jaxrec.cache.replay_study. The defaults took about 4 minutes on the 2-core CPU (2026-11-23).
 """
 

@@ -49,6 +49,12 @@ def markdown(results: dict, cfg) -> str:
     lines += [head, ""]
     if "ranker" in res:
       lines += [f"Ranker `{res['ranker']}`, user model `{res['user_model']}`.", ""]
+    proc = res.get("request_process")
+    if proc:
+      vals = proc["values"]
+      desc = ", ".join(f"{k} {vals[k]:g}" + (" (changed for this replay)" if k in proc["changed"] else "")
+                       for k in vals)
+      lines += [f"Request process: {desc}.", ""]
     gaps = res["consecutive_within"]
     lines += [f"A user's consecutive requests within 60 s: {_pct(gaps['60'])}, within 600 s: {_pct(gaps['600'])}.",
               ""]

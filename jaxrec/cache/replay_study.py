@@ -19,6 +19,12 @@ replay_failover.png). Streams (`ReplayConfig.sources`):
 
 Only requests at or after `warmup_s` (from the stream's first request) count; the warm-up fills
 the cache as a long-running server's would be.
+
+`ReplayConfig.requests` replays the ads world under another request process (`RequestProcess`:
+the within-session gaps and session lengths) with the same users, ads, labels and session starts.
+ERCache's access statistic (52% of a user's consecutive requests within 1 minute, 76% within 10)
+fixes the gap distribution's two quantiles but not how requests cluster inside them, which decides
+how many of the short gaps a TTL counted from the last *inference* covers; this sweeps that.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 from jaxrec.cache.ercache import Source
 from jaxrec.cache.replay import AccessStream, ReplayPolicy, Trace, replay, summarize
 from jaxrec.config import config_to_dict
-from jaxrec.data.adsworld import AdsWorld
+from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.paths import require_data
@@ -49,6 +55,35 @@ from jaxrec.training.step import batch_shardings, make_eval_step
 from jaxrec.training.user_model import load_user_model
 
 SOURCES = ("adsworld", "taobao", "movielens")
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestProcess:
+  """The ads world's request process for a replay; a field left at None keeps the value of the
+  world the ranker was trained on (AdsWorldConfig documents each). Sessions start at the same
+  times, on the same domains and devices; only when their requests arrive (and, for
+  session_mean_requests, how many there are) changes."""
+
+  gap_short_mean_s: float | None = None
+  """mean of the short (scrolling) within-session gaps; none: the ranker's world's (12 s by default)"""
+  gap_short_weight: float | None = None
+  """share of within-session gaps that are short; none: the world's (0.62 by default)"""
+  gap_medium_median_s: float | None = None
+  """median of the medium (log-normal) within-session gaps; none: the world's (185 s by default)"""
+  gap_medium_sigma: float | None = None
+  """log-space sigma of the medium gaps; none: the world's (1.0 by default)"""
+  session_mean_requests: float | None = None
+  """mean requests per session; none: the world's (4.2 by default)"""
+
+  def overrides(self) -> dict:
+    """{AdsWorldConfig field: value} of the fields set."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+  def apply(self, world: AdsWorldConfig) -> AdsWorldConfig:
+    """`world` with this request process (ValueError, from AdsWorldConfig's checks, on a bad value)."""
+    if self.gap_medium_sigma is not None and self.gap_medium_sigma < 0:
+      raise ValueError(f"requests.gap_medium_sigma must be >= 0, got {self.gap_medium_sigma}")
+    return dataclasses.replace(world, **self.overrides())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +117,9 @@ class ReplayConfig:
   seed: int = 0
   eval_batch_size: int = 8192
   progress: bool = True
+  requests: RequestProcess = RequestProcess()
+  """the ads world's request process, where it should differ from the ranker's world (e.g.
+  --requests.gap_short_mean_s 4: users scroll faster inside a session)"""
 
   def __post_init__(self):
     bad = [s for s in self.sources if s not in SOURCES]
@@ -99,6 +137,7 @@ class ReplayConfig:
       raise ValueError(f"failure_rates must be in [0, 1], got {self.failure_rates}")
     if self.stabilize_m < 1 or self.eval_batch_size < 1:
       raise ValueError(f"stabilize_m and eval_batch_size must be >= 1, got {self.stabilize_m}, {self.eval_batch_size}")
+    self.requests.apply(AdsWorldConfig())  # the request process's values are checked now, not after training
 
   def policies(self) -> list[tuple[str, ReplayPolicy]]:
     """(name, policy) of every replay: the TTL sweep, then each failure rate without and with failover."""
@@ -136,9 +175,12 @@ def movielens_stream() -> AccessStream:
 
 
 class SumRanker:
-  """A SUM downstream ranker restored from its workdir, and the user tower its config names."""
+  """A SUM downstream ranker restored from its workdir, and the user tower its config names.
 
-  def __init__(self, workdir: str | Path):
+  `world` is the ads world the user model was trained on, with `requests` (if given) as its
+  request process."""
+
+  def __init__(self, workdir: str | Path, requests: RequestProcess = RequestProcess()):
     hint = "train one with: python -m train.sum_study --workdir runs/sum_study"
     try:
       self.cfg, self.schema = read_run(workdir)
@@ -149,7 +191,7 @@ class SumRanker:
       raise DataSpecError(f"ranker {str(workdir)!r} was trained without --data.user_model: it reads no user "
                           f"embedding, so there is nothing to cache; {hint}")
     self.tower = load_user_model(self.cfg.data.user_model)
-    self.world = AdsWorld(self.tower.world_config)
+    self.world = AdsWorld(requests.apply(self.tower.world_config))
     mesh = sharding.make_mesh(self.cfg.train.num_devices)
     graphdef, self.state, state_sh = restore_ranker(self.cfg, self.schema, workdir, mesh,
                                                     row_multiple=mesh.devices.size)
@@ -244,7 +286,7 @@ def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
                    "skipped": {}}
   for source in cfg.sources:
     if source == "adsworld":
-      ranker = SumRanker(cfg.ranker)
+      ranker = SumRanker(cfg.ranker, cfg.requests)
       stream, fresh, req = _adsworld_stream(ranker, cfg)
       measured = req.timestamp_s >= cfg.warmup_s
       base, row_req = _measured_examples(ranker, cfg, req, measured)
@@ -258,6 +300,8 @@ def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
                                         "measured_rows": int(base.dense.shape[0]), "runs": runs,
                                         "no_user_model_metrics": zeros, "ranker": str(cfg.ranker),
                                         "user_model": str(ranker.cfg.data.user_model),
+                                        "request_process": _request_process(ranker.world.cfg,
+                                                                            cfg.requests.overrides()),
                                         "consecutive_within": _gap_shares(stream)}
     else:
       try:
@@ -279,6 +323,12 @@ def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
   return results
 
 
+def _request_process(world: AdsWorldConfig, changed: dict) -> dict:
+  """The replayed world's request-process fields, and which of them the replay changed."""
+  names = [f.name for f in dataclasses.fields(RequestProcess)]
+  return {"values": {n: getattr(world, n) for n in names}, "changed": sorted(changed)}
+
+
 def _gap_shares(stream: AccessStream) -> dict:
   """Shares of a user's consecutive requests within 60 s and 600 s (ERCache's access statistic)."""
   u, t = np.asarray(stream.user_id), np.asarray(stream.time_s)
@@ -289,4 +339,5 @@ def _gap_shares(stream: AccessStream) -> dict:
           "600": float(np.mean(gaps < 600)) if gaps.size else float("nan")}
 
 
-__all__ = ["ReplayConfig", "SOURCES", "SumRanker", "movielens_stream", "run_replay_study", "taobao_stream"]
+__all__ = ["ReplayConfig", "RequestProcess", "SOURCES", "SumRanker", "movielens_stream", "run_replay_study",
+           "taobao_stream"]

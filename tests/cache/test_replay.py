@@ -1,5 +1,6 @@
 """ERCache replay: the scan against a Python model of the tiers, and the study end to end."""
 
+import dataclasses
 import doctest
 import json
 
@@ -9,7 +10,7 @@ import pytest
 from jaxrec.cache import replay as replay_mod
 from jaxrec.cache.ercache import Source
 from jaxrec.cache.replay import AccessStream, ReplayPolicy, failures, replay, summarize
-from jaxrec.cache.replay_study import ReplayConfig, run_replay_study
+from jaxrec.cache.replay_study import ReplayConfig, RequestProcess, run_replay_study
 from jaxrec.data.adsworld import AdsWorldConfig
 from jaxrec.training.sum_study import run_sum_study
 from serve import replay as replay_cli
@@ -156,3 +157,36 @@ def test_study_on_real_access_logs(data_dir, sum_runs, tmp_path):
 def test_cli_errors_clearly(tmp_path, capsys):
   assert replay_cli.main(["--workdir", str(tmp_path / "out"), "--ranker", str(tmp_path / "nope")]) == 2
   assert "not a training run's workdir" in capsys.readouterr().err
+
+
+def test_study_under_another_request_process(sum_runs, tmp_path):
+  """--requests.* replays the same world with other within-session gaps: here every within-session
+  gap is a 2 s scroll, so more consecutive requests fall within 60 s and more inferences are saved."""
+  base = dataclasses.replace(small_config(sum_runs), ttls_s=(0, 60), soap_ttls_s=(), failure_rates=())
+  fast = dataclasses.replace(base, requests=RequestProcess(gap_short_mean_s=2.0, gap_short_weight=1.0))
+  runs = {name: run_replay_study(cfg, tmp_path / name)["sources"]["adsworld"]
+          for name, cfg in (("base", base), ("fast", fast))}
+  assert runs["base"]["request_process"]["changed"] == []
+  assert runs["fast"]["request_process"]["changed"] == ["gap_short_mean_s", "gap_short_weight"]
+  assert runs["fast"]["request_process"]["values"]["gap_short_mean_s"] == 2.0
+  assert runs["fast"]["consecutive_within"]["60"] > runs["base"]["consecutive_within"]["60"] + 0.05
+  saved = {k: r["runs"]["ttl=60"]["inferences_saved"] for k, r in runs.items()}
+  assert saved["fast"] > saved["base"] + 0.05
+  assert np.isfinite(runs["fast"]["runs"]["ttl=60"]["metrics"]["click/ne"])
+  md = (tmp_path / "fast" / "replay.md").read_text()
+  assert "gap_short_mean_s 2 (changed for this replay)" in md and "gap_medium_median_s 185," in md
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--requests.gap_short_weight", "1.5"], "gap_short_weight must be in"),
+    (["--requests.gap_short_mean_s", "0"], "gap_short_mean_s must be > 0"),
+    (["--requests.session_mean_requests", "0.5"], "session_mean_requests must be >= 1"),
+    (["--requests.gap_medium_sigma", "-1"], "gap_medium_sigma must be >= 0"),
+])
+def test_bad_request_process_is_a_config_error(tmp_path, capsys, argv, match):
+  with pytest.raises(SystemExit) as e:
+    replay_cli.main(["--workdir", str(tmp_path / "out"), *argv])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "invalid config" in err and match in err
+  assert not (tmp_path / "out").exists()
