@@ -9,7 +9,9 @@ cov(vec W) = V kron U), estimated by the flip-flop algorithm (Dutilleul 1999):
     U <- sum_s (W_s - M) V^-1 (W_s - M)^T / (S N),   V <- sum_s (W_s - M)^T U^-1 (W_s - M) / (S K)
 alternated to convergence, normalised so trace(U) = K (the factors are identifiable only up to
 U c, V / c). `MatrixNormalEMA` tracks the factors of a weight that changes during training with an
-exponential moving average of single-sample flip-flop updates.
+exponential moving average of single-sample flip-flop updates, each scaled to the deviation it saw
+(trace(U) trace(V) = ||W - M||^2, the matrix-normal's E||W - M||^2), so the sampled spread is the
+weight's own movement and no prior outlives the data.
 """
 
 from __future__ import annotations
@@ -73,30 +75,53 @@ def flip_flop(samples: jax.Array, *, iters: int = 30, ridge: float = 1e-6) -> tu
   return m, u, v
 
 
+def _shape_inverse(a: jax.Array, ridge: float) -> jax.Array:
+  """Symmetric inverse of `a` / mean(diag(a)) + ridge I: the flip-flop uses the other factor's shape
+  only; a zero factor (no deviation seen yet) counts as the identity. For a matrix-normal d,
+  E[d A d^T] = U trace(V A) is proportional to U for every A, so the ridge costs no bias, only the
+  weighting's efficiency; it keeps the inverse well conditioned when the factor comes from fewer
+  deviations than it has rows (rank-deficient), where a tiny ridge gave indefinite estimates."""
+  level = jnp.trace(a) / a.shape[0]
+  shape = jnp.where(level > 0, a / jnp.where(level > 0, level, 1.0), jnp.eye(a.shape[0], dtype=a.dtype))
+  inv = jnp.linalg.inv(shape + ridge * jnp.eye(a.shape[0], dtype=a.dtype))
+  return (inv + inv.T) / 2
+
+
 @struct.dataclass
 class MatrixNormalEMA:
-  """EMA estimates of a weight's matrix-normal factors as training changes it."""
+  """EMA estimates of a weight's matrix-normal factors as training changes it.
+
+  `mean` is the EMA of the weight; U, V describe how it moves around that mean. Until a deviation
+  has been seen V is 0 (samples are the mean itself); the first deviation sets U, V, later ones
+  are averaged in with weight 1 - decay."""
   mean: jax.Array  # [K, N]
-  u: jax.Array  # [K, K]
-  v: jax.Array  # [N, N]
+  u: jax.Array  # [K, K], trace K
+  v: jax.Array  # [N, N], carries the scale: trace(U) trace(V) = E||W - M||^2
   decay: float = struct.field(pytree_node=False, default=0.9)
 
   @classmethod
   def init(cls, w: jax.Array, decay: float = 0.9) -> "MatrixNormalEMA":
     k, n = w.shape
-    return cls(jnp.zeros((k, n), jnp.float32), jnp.eye(k, dtype=jnp.float32), jnp.eye(n, dtype=jnp.float32), decay)
+    return cls(jnp.zeros((k, n), jnp.float32), jnp.eye(k, dtype=jnp.float32), jnp.zeros((n, n), jnp.float32), decay)
 
-  def update(self, w: jax.Array, *, ridge: float = 1e-6) -> "MatrixNormalEMA":
-    """A stochastic flip-flop step: the new weight's deviation d from the EMA mean gives
-    u = d V^-1 d^T / N and v = d^T U^-1 d / K against the current EMA factors (one sample cannot
-    identify both factors on its own), which are then averaged in. In expectation the fixed point
-    is the batch flip-flop's: E[d V^-1 d^T] / N = U when V is right."""
+  def update(self, w: jax.Array, *, ridge: float = 0.1) -> "MatrixNormalEMA":
+    """A stochastic flip-flop step: the new weight's deviation d from the EMA mean gives the shapes
+    u ~ d V^-1 d^T and v ~ d^T U^-1 d against the current factors (one sample cannot identify both
+    on its own; in expectation the fixed point is the batch flip-flop's), scaled so trace(u) = K and
+    trace(u) trace(v) = ||d||^2; they are then averaged in (or taken as they are, the first time)."""
     k, n = w.shape
     w = w.astype(jnp.float32)
     d = w - self.mean
-    u_new = d @ jnp.linalg.inv(self.v + ridge * jnp.eye(n)) @ d.T / n
-    v_new = d.T @ jnp.linalg.inv(self.u + ridge * jnp.eye(k)) @ d / k
-    u_new, v_new = _normalise(u_new, v_new)
+    u_new = d @ _shape_inverse(self.v, ridge) @ d.T
+    v_new = d.T @ _shape_inverse(self.u, ridge) @ d
+    u_new, v_new = (u_new + u_new.T) / 2, (v_new + v_new.T) / 2
+    energy = jnp.sum(d * d)
+    tu, tv = jnp.trace(u_new), jnp.trace(v_new)
+    moved = (energy > 0) & (tu > 0) & (tv > 0)
+    u_new = jnp.where(moved, u_new * (k / jnp.where(moved, tu, 1.0)), self.u)
+    v_new = jnp.where(moved, v_new * (energy / k / jnp.where(moved, tv, 1.0)), self.v)
+    first = jnp.trace(self.v) <= 0
     a = self.decay
-    u, v = _normalise(a * self.u + (1 - a) * u_new, a * self.v + (1 - a) * v_new)
+    u = jnp.where(first, u_new, a * self.u + (1 - a) * u_new)
+    v = jnp.where(first, v_new, a * self.v + (1 - a) * v_new)
     return MatrixNormalEMA(a * self.mean + (1 - a) * w, u, v, self.decay)
