@@ -205,10 +205,13 @@ class MatrixNormal:
 
 
 def cholesky_factor(cov: jax.Array, *, jitter: float = 1e-6, max_jitter: float = 1e-2) -> jax.Array:
-  """Lower L [F, F] with L L^T = cov + eps * mean(diag(cov)) * I, eps from jitter up x10 until finite."""
+  """Lower L [F, F] with L L^T = cov + eps * mean(diag(cov)) * I, eps from jitter up x10 until finite.
+  A zero covariance (no spread seen, e.g. a weight factor after a single Probe update) gives L = 0."""
   cov = jnp.asarray(cov, jnp.float32)
   cov = (cov + cov.T) / 2
   f = cov.shape[0]
+  if not bool(jnp.any(cov != 0)):
+    return jnp.zeros_like(cov)
   level = jnp.maximum(jnp.mean(jnp.diag(cov)), _TINY)
   eps = jitter
   while eps <= max_jitter * (1 + 1e-6):

@@ -96,3 +96,17 @@ def test_config_checks():
     ProbeConfig(every=-1)
   with pytest.raises(ValueError):
     ProbeConfig(weight_decay=1.0)
+
+
+def test_after_one_update_the_learned_weights_are_the_weight():
+  """One Probe update has seen no weight movement: the matrix-normal has no spread (V = 0), its
+  samples are the weight itself, and the error model still scores the site (a run probed once)."""
+  from jaxrec.precision.error_model import Gaussian, MatrixNormal, mere_for_site, sample_matrix_normal
+  st = ProbeState.init(SITES).update(next(batches(0)), weights(0), max_rows=8, grads=grads(0))
+  mn = MatrixNormal.from_ema(st.weights["a"])
+  assert float(jnp.abs(mn.v).max()) == 0.0
+  samples = sample_matrix_normal(jax.random.key(0), mn, 3)
+  np.testing.assert_array_equal(np.asarray(samples), np.broadcast_to(np.asarray(weights(0)["a"]), (3, 6, 4)))
+  est = mere_for_site(jax.random.key(1), Gaussian.from_welford(st.acts["a"]), mn, Gaussian.from_welford(st.grads["a"]),
+                      candidates=["bf16", "fp8_tensor"], num_samples=4, batch=16)
+  assert all(0 < e.mean < 0.2 for c in est.values() for e in c.values())
