@@ -13,7 +13,8 @@ because LoKA's claim ("learned > N(0, 1), and closer to real") should not hinge 
 
 Writes mere_study.json (every estimate) and mere_study.md (one summary row per run, metric and GEMM:
 geometric mean of learned / N(0, 1) and real / N(0, 1), how many (site, candidate) pairs have
-learned > N(0, 1), and how many have learned closer to real than N(0, 1) is) to --out.
+learned > N(0, 1), real > N(0, 1), both, and how many have learned closer to real than N(0, 1) is)
+to --out.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def summarise(table: list[dict]) -> dict:
   closer = sum(abs(r["learned"] - r["real"]) < abs(r["standard"] - r["real"]) for r in table)
   return {"pairs": len(table), "geo_learned_over_standard": float(np.exp(np.log(lr).mean())),
           "geo_real_over_standard": float(np.exp(np.log(rr).mean())),
-          "learned_above_standard": int((lr > 1).sum()), "learned_closer_to_real": int(closer)}
+          "learned_above_standard": int((lr > 1).sum()), "real_above_standard": int((rr > 1).sum()),
+          "both_above_standard": int(((lr > 1) & (rr > 1)).sum()), "learned_closer_to_real": int(closer)}
 
 
 def study_run(args: Args, run_dir: Path) -> dict:
@@ -100,7 +102,7 @@ def run(args: Args) -> dict:
   (outdir / "mere_study.json").write_text(json.dumps({"config": dataclasses.asdict(args), "runs": results},
                                                      indent=2) + "\n")
   lines = ["| run | metric | GEMM | learned / N(0,1) (geo-mean) | real / N(0,1) (geo-mean) | learned > N(0,1) | "
-           "learned closer to real |", "|---|---|---|---|---|---|---|"]
+           "real > N(0,1) | both | learned closer to real |", "|---|---|---|---|---|---|---|---|---|"]
   for r, res in results.items():
     for metric, by_gemm in res["metrics"].items():
       for g, v in by_gemm.items():
@@ -108,6 +110,7 @@ def run(args: Args) -> dict:
         dy_note = "" if g == "fwd" or res["dy_probed"] else " (dy not probed: N(0,1))"
         lines.append(f"| {r} | {metric} | {g}{dy_note} | {s['geo_learned_over_standard']:.3f} | "
                      f"{s['geo_real_over_standard']:.3f} | {s['learned_above_standard']} of {s['pairs']} | "
+                     f"{s['real_above_standard']} | {s['both_above_standard']} | "
                      f"{s['learned_closer_to_real']} of {s['pairs']} |")
   (outdir / "mere_study.md").write_text("\n".join(lines) + "\n")
   return results

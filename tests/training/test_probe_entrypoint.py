@@ -118,6 +118,20 @@ def test_mere_study_scores_claim_one_under_every_metric(probed, tmp_path):
     assert a["standard"] <= b["standard"] + 1e-6
   md = (out / "mere_study.md").read_text()
   assert f"| {probed} | elementwise_mean | fwd |" in md and f"| {probed} | elementwise_median | wgrad |" in md
+  assert "| real > N(0,1) | both |" in md
+
+
+def test_mere_study_summary_counts():
+  from train import mere_study
+  table = [{"learned": 2.0, "standard": 1.0, "real": 3.0},   # both above, learned closer
+           {"learned": 2.0, "standard": 1.0, "real": 0.5},   # learned above only, N(0,1) closer
+           {"learned": 0.5, "standard": 1.0, "real": 2.0},   # real above only
+           {"learned": 0.5, "standard": 1.0, "real": 0.4}]   # neither, learned closer
+  s = mere_study.summarise(table)
+  assert (s["pairs"], s["learned_above_standard"], s["real_above_standard"], s["both_above_standard"],
+          s["learned_closer_to_real"]) == (4, 2, 2, 1, 2)
+  assert s["geo_learned_over_standard"] == pytest.approx(1.0) and s["geo_real_over_standard"] == pytest.approx(
+      (3.0 * 0.5 * 2.0 * 0.4) ** 0.25)
 
 
 def test_mere_study_needs_runs_and_known_metrics(tmp_path, capsys):
