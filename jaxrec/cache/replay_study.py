@@ -81,8 +81,6 @@ class RequestProcess:
 
   def apply(self, world: AdsWorldConfig) -> AdsWorldConfig:
     """`world` with this request process (ValueError, from AdsWorldConfig's checks, on a bad value)."""
-    if self.gap_medium_sigma is not None and self.gap_medium_sigma < 0:
-      raise ValueError(f"requests.gap_medium_sigma must be >= 0, got {self.gap_medium_sigma}")
     return dataclasses.replace(world, **self.overrides())
 
 

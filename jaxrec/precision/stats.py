@@ -76,15 +76,14 @@ def flip_flop(samples: jax.Array, *, iters: int = 30, ridge: float = 1e-6) -> tu
 
 
 def _shape_inverse(a: jax.Array, ridge: float) -> jax.Array:
-  """Symmetric inverse of `a` / mean(diag(a)) + ridge I: the flip-flop uses the other factor's shape
+  """Inverse of `a` / mean(diag(a)) + ridge I: the flip-flop uses the other factor's shape
   only; a zero factor (no deviation seen yet) counts as the identity. For a matrix-normal d,
   E[d A d^T] = U trace(V A) is proportional to U for every A, so the ridge costs no bias, only the
   weighting's efficiency; it keeps the inverse well conditioned when the factor comes from fewer
   deviations than it has rows (rank-deficient), where a tiny ridge gave indefinite estimates."""
   level = jnp.trace(a) / a.shape[0]
   shape = jnp.where(level > 0, a / jnp.where(level > 0, level, 1.0), jnp.eye(a.shape[0], dtype=a.dtype))
-  inv = jnp.linalg.inv(shape + ridge * jnp.eye(a.shape[0], dtype=a.dtype))
-  return (inv + inv.T) / 2
+  return jnp.linalg.inv(shape + ridge * jnp.eye(a.shape[0], dtype=a.dtype))
 
 
 @struct.dataclass
@@ -114,6 +113,7 @@ class MatrixNormalEMA:
     d = w - self.mean
     u_new = d @ _shape_inverse(self.v, ridge) @ d.T
     v_new = d.T @ _shape_inverse(self.u, ridge) @ d
+    # = d sym(A) d^T: drops the rounding asymmetry of the inverse and the products
     u_new, v_new = (u_new + u_new.T) / 2, (v_new + v_new.T) / 2
     energy = jnp.sum(d * d)
     tu, tv = jnp.trace(u_new), jnp.trace(v_new)

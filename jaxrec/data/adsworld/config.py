@@ -215,6 +215,8 @@ class AdsWorldConfig:
                  "diurnal_amplitude"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"AdsWorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+    if self.gap_medium_sigma < 0:
+      raise ValueError(f"AdsWorldConfig.gap_medium_sigma must be >= 0, got {self.gap_medium_sigma}")
     if self.session_mean_requests < 1.0:
       raise ValueError(f"AdsWorldConfig.session_mean_requests must be >= 1, got {self.session_mean_requests}")
     if self.candidate_refresh_max_s < self.candidate_refresh_min_s:
