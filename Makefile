@@ -49,6 +49,7 @@ $(VENV)/bin/python:
 	$$PYBIN -m venv $(VENV)
 
 $(STAMP): $(VENV)/bin/python pyproject.toml
+	@echo "installing the pinned dependencies ($$(date -u +%T) UTC)"
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
@@ -57,7 +58,10 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	@# pytest exits 5 when it collects nothing: treat that as a failure, never a pass.
-	@set +e; $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; \
+	@# The 15 slowest tests are listed at the end: where CI time goes, without a rerun.
+	@echo "pytest starts ($$(date -u +%T) UTC)"
+	@set +e; $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS); \
+	rc=$$?; echo "pytest ended ($$(date -u +%T) UTC)"; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-all: $(STAMP)

@@ -1,6 +1,8 @@
 """Shared fixtures: where the real datasets are (tests that need them carry `@pytest.mark.realdata`)."""
 
+import faulthandler
 import os
+import sys
 
 # 8 host devices, so the data-parallel / sharded-embedding tests can build meshes of 1 and 8
 # devices in one process. Must be set before jax is imported anywhere.
@@ -16,6 +18,47 @@ import pytest
 # inside optax itself (TypePromotionError in optax/tree_utils/_tree_math.py).
 
 from jaxrec.data.paths import default_data_dir
+
+# Per-test limits. pytest-timeout fails a test after `timeout` s (pyproject.toml; SLOW_TIMEOUT_S for slow
+# tests); a native-code hang does not return to Python, so the watchdog below prints every thread's stack
+# to the real stderr (shown by xdist too) once, a minute before that. Once: faulthandler reads the frames
+# of threads that may be running, which is safe only while they wait (as hung ones do); dumping again and
+# again into a running test crashed its process.
+SLOW_TIMEOUT_S = 3600
+STACKS_BEFORE_TIMEOUT_S = 60
+_stacks_file = None  # the real stderr, taken while pytest's output capture is suspended
+
+
+def pytest_configure(config):
+  global _stacks_file
+  _stacks_file = os.fdopen(os.dup(sys.stderr.fileno()), "w")
+
+
+def pytest_unconfigure(config):
+  faulthandler.cancel_dump_traceback_later()
+  if _stacks_file is not None:
+    _stacks_file.close()
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+      item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  marker, given = item.get_closest_marker("timeout"), item.config.getoption("timeout", None)
+  if marker is not None and marker.args:
+    limit = float(marker.args[0])
+  else:
+    limit = float(given if given is not None else item.config.getini("timeout"))
+  if limit > 0:
+    faulthandler.dump_traceback_later(max(limit - STACKS_BEFORE_TIMEOUT_S, 1.0), file=_stacks_file)
+  try:
+    yield
+  finally:
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
