@@ -333,15 +333,27 @@ def worker_main(args: WorkerArgs, sock: socket.socket) -> None:
   """A worker process: connect to the engine process, then serve HTTP on the inherited socket."""
   os.setpgrp()  # a terminal's Ctrl-C reaches only the engine process, which forwards one SIGTERM
   from serve.app import create_app  # imported here: the environment (JAX_PLATFORMS=cpu) is set
+  from serve.engine import EngineClosed
 
   server: GracefulServer | None = None
+  engine_gone = threading.Event()
 
-  def lost():  # the engine process went away: stop taking requests
+  def lost():  # the engine process went away: stop taking requests, or never start
+    engine_gone.set()
     if server is not None:
       server.should_exit = True
 
-  link = EngineLink(args.address, args.authkey, on_lost=lost)
-  registry = RemoteRegistry(link, link.call("hello"))
+  def gone() -> None:
+    print(f"serve worker {args.index}: the engine process went away while this worker started; exiting",
+          file=sys.stderr, flush=True)
+    sys.exit(1)
+
+  try:
+    link = EngineLink(args.address, args.authkey, on_lost=lost)
+    hello = link.call("hello")
+  except (OSError, EOFError, EngineClosed):
+    gone()
+  registry = RemoteRegistry(link, hello)
   metrics = HttpMetrics()
 
   def source():
@@ -359,6 +371,8 @@ def worker_main(args: WorkerArgs, sock: socket.socket) -> None:
   gc.freeze()
   server = GracefulServer(uvicorn.Config(app, log_level=args.log_level, loop=args.loop, access_log=False,
                                          timeout_graceful_shutdown=int(args.drain_timeout_s)))
+  if engine_gone.is_set():  # lost() ran before `server` was set (after, it set should_exit itself)
+    gone()
   server.run(sockets=[sock])
 
 

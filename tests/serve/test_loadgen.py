@@ -2,13 +2,16 @@
 stops gracefully on SIGTERM."""
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -37,9 +40,34 @@ def start_server(args: list[str], timeout_s: float = 120) -> tuple[subprocess.Po
         return proc, url, port
     except OSError:
       if proc.poll() is not None or time.monotonic() > deadline:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.communicate()[1]}")
+        pytest.fail(f"server did not start: {kill_server(proc)}")
       time.sleep(0.2)
+
+
+def child_pids(pid: int) -> list[int]:
+  """The processes whose parent is `pid` (Linux /proc; empty elsewhere)."""
+  out = []
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    with contextlib.suppress(OSError, ValueError, IndexError):
+      if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:  # fields after "(comm)": state, ppid
+        out.append(int(stat.parent.name))
+  return out
+
+
+def kill_server(proc: subprocess.Popen, timeout_s: float = 60) -> str:
+  """SIGKILLs a `start_server` process and returns its stderr. Its HTTP worker processes hold the same
+  pipe, so the read ends only once they have exited too (they stop when the engine process dies):
+  if they outlive it by `timeout_s`, they are killed and the test fails instead of waiting forever."""
+  workers = child_pids(proc.pid)
+  proc.kill()
+  try:
+    return proc.communicate(timeout=timeout_s)[1]
+  except subprocess.TimeoutExpired:
+    for pid in workers:
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    pytest.fail(f"worker processes {workers} were still running {timeout_s:.0f} s after their server was killed")
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +79,7 @@ def server(tmp_path_factory):
                                "--engine.max_queue", "8"])
   yield proc, url
   if proc.poll() is None:
-    proc.kill()
-    proc.communicate()
+    kill_server(proc)
 
 
 def test_closed_loop_report_and_out_file(server, tmp_path, capsys):

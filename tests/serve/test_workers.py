@@ -25,9 +25,10 @@ from serve.engine import EngineClosed, Overloaded
 from serve.metrics import HttpMetrics
 from serve.registry import Registry, UnknownModel
 from serve.request import RankRequest, RequestError
-from serve.workers import Bridge, EngineLink, RemoteRegistry
+from serve.app import HttpConfig
+from serve.workers import Bridge, EngineLink, RemoteRegistry, listen, start_workers
 from tests.serve.test_engine import SMALL, SMOKE
-from tests.serve.test_loadgen import start_server
+from tests.serve.test_loadgen import kill_server, start_server
 from train import ranker
 
 TOKEN = "s3cret"
@@ -146,6 +147,38 @@ def test_engine_refusals_reach_the_worker_as_such(registry, monkeypatch):
     bridge.close()
 
 
+class _GoneAfterHello(Bridge):
+  """A bridge whose engine process 'dies' just after answering a worker's hello, while the worker
+  is still building its app (before its HTTP server exists)."""
+
+  def _call(self, out, rid, method, args):
+    if method != "hello":
+      return super()._call(out, rid, method, args)
+    [conn] = self._conns
+    conn.send(("done", rid, self._do_hello(), None))  # the answer is in the socket (no other sender yet) ...
+    self.close()  # ... and right behind it, the end of the connection
+
+
+def test_a_worker_exits_when_its_engine_goes_away_while_it_starts(registry, capfd):
+  """The worker used to miss this (its lost-engine callback found no server yet to stop) and then
+  served forever, holding the port and its parent's stderr pipe: a killed server never ended."""
+  bridge, sock = _GoneAfterHello(registry, num_workers=1), listen("127.0.0.1", 0)
+  try:
+    [proc] = start_workers(bridge, sock, 1, http=HttpConfig(), admin_token=None, log_level="warning",
+                           loop="asyncio", drain_timeout_s=5.0)
+    proc.join(90)
+    kept_serving = proc.is_alive()
+    if kept_serving:
+      proc.kill()
+      proc.join(10)
+  finally:
+    sock.close()
+    bridge.close()
+  assert not kept_serving, "the worker kept serving after its engine process went away"
+  assert proc.exitcode == 1
+  assert "the engine process went away while this worker started" in capfd.readouterr().err
+
+
 # ---- end to end
 
 
@@ -174,8 +207,7 @@ def server(run_root):
   proc, url, port = _start(run_root, "--admin_token", TOKEN)
   yield proc, url
   if proc.poll() is None:
-    proc.kill()
-    proc.communicate()
+    kill_server(proc)
 
 
 def test_workers_serve_rank_errors_metrics_and_reload(server, registry):
@@ -223,8 +255,7 @@ def test_sigterm_drains_workers_then_engines(server):
 
 def test_workers_stop_when_the_engine_process_dies(run_root):
   proc, url, port = _start(run_root)
-  proc.kill()  # no chance to forward a signal
-  proc.communicate()
+  kill_server(proc, timeout_s=30)  # no chance to forward a signal; fails if the workers outlive it
   deadline = time.monotonic() + 30
   while time.monotonic() < deadline:
     with socket.socket() as s:
