@@ -38,7 +38,7 @@ def test_hanging_tests_fail_with_stacks(tmp_path):
   text = out.stdout + out.stderr
   assert out.returncode == 1, text
   assert "2 failed, 1 passed" in text, text
-  assert out.stdout.count("Failed: Timeout (>2.0s) from pytest-timeout") == 2, text
+  assert out.stdout.count("E     Failed: Timeout (>2.0s) from pytest-timeout.") == 2, text  # the two tracebacks
   assert "test_hangs.py::test_python_hang" in out.stdout and "test_hangs.py::test_native_wait" in out.stdout, text
   # faulthandler's dump (the guard for native hangs) reaches the real stderr while the test still runs
   assert "Timeout (0:00:01)!" in out.stderr and 'in test_native_wait' in out.stderr, out.stderr
