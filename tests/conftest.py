@@ -46,19 +46,16 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-  marker, given = item.get_closest_marker("timeout"), item.config.getoption("timeout", None)
-  if marker is not None and marker.args:
-    limit = float(marker.args[0])
-  else:
-    limit = float(given if given is not None else item.config.getini("timeout"))
-  if limit > 0:
-    faulthandler.dump_traceback_later(max(limit - STACKS_BEFORE_TIMEOUT_S, 1.0), file=_stacks_file)
-  try:
-    yield
-  finally:
-    faulthandler.cancel_dump_traceback_later()
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item, settings):
+  """Arms the stack dump beside pytest-timeout's own timer (None: pytest-timeout still sets that), from
+  the limit it resolved (marker, --timeout, PYTEST_TIMEOUT or the ini value)."""
+  faulthandler.dump_traceback_later(max(settings.timeout - STACKS_BEFORE_TIMEOUT_S, 1.0), file=_stacks_file)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item):
+  faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
