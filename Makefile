@@ -11,7 +11,7 @@ TEST_JOBS ?= 2
 
 GPU_WHEELS := grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 fastapi==0.163.2 uvicorn==0.54.0 \
   starlette==1.10.0 pydantic==2.14.3 pydantic-core==2.50.4 typing-inspection==0.4.5 annotated-types==0.8.0 \
-  httptools==0.7.1
+  httptools==0.7.1 opentelemetry-api==1.45.3
 SHARED_BENCH ?= ../shared/bench
 
 .PHONY: help setup test test-all demo bench-dlrm gpu-prep clean
@@ -41,7 +41,7 @@ $(VENV)/bin/python:
 	  done; \
 	fi; \
 	if [ -z "$$PYBIN" ]; then \
-	  echo "error: jaxrec needs Python 3.12 or newer, and none was found on PATH (python3.12, python3.13, python3) or under pyenv." >&2; \
+	  echo "error: jaxrec needs Python 3.12 or newer, and none was found on PATH (python3.12, python3.13, python3.14, python3) or under pyenv." >&2; \
 	  echo "       Install Python 3.12 (e.g. 'pyenv install 3.12' or your OS package) and run make again." >&2; \
 	  exit 1; \
 	fi; \

@@ -14,7 +14,7 @@
 #   serve      a short ranker run, python -m serve (--workers 1, then 8) + serve.loadgen,
 #              serve_anchor.py all, serve.bench_engine                                       (~5 min box)
 # Logs and result files land in $OUT (at most 8 files come back: one log per part plus a few CSV /
-# JSON / MD); copy the numbers into docs/BENCHMARKS.md with this command and the date.
+# MD, and skipped.log when a part is skipped); copy the numbers into docs/BENCHMARKS.md with this command and the date.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -29,6 +29,9 @@ setup_env() {  # once, when the first part runs: the wheels the image lacks
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
       || { echo "wheel install failed" >&2; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
+    # every module the parts import, checked once: a missing one is named here, not mid-part
+    $PY -c "import grain, fastapi, uvicorn, httptools, pydantic, aiohttp, serve.app, train.probe" \
+      || echo "preflight: an import failed (above); add its wheel to GPU_WHEELS in the Makefile" >&2
   else
     export PYTHONPATH=$PWD
     echo "no .gpu/whl: run 'make gpu-prep' on the CPU machine and carry .gpu (grain, fastapi, uvicorn are missing there)" >&2

@@ -2,7 +2,7 @@
 
     python -m serve                                   # runs/demo (after `make demo`) on 127.0.0.1:8000
     python -m serve --workdir runs --port 8001        # every ranker run under runs/, named by path
-    python -m serve --engine.buckets 64,256 --engine.max_queue 64 --admin_token s3cret
+    python -m serve --engine.buckets 64,256 --engine.max_rows 256 --engine.max_candidates 256 --engine.max_queue 64 --admin_token s3cret
     python -m serve --workdir runs --engine_per_model ttl.json    # per-model overrides, see serve.registry
     python -m serve --workers 4                       # 4 HTTP worker processes before one engine process
     python -m serve --help                            # every config field, its type and default
