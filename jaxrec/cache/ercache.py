@@ -164,7 +164,7 @@ def _direct_read(state: ERCacheState, user_ids: Keys, now):
   """(hit [B], embedding [B, D], age [B], version [B]) from the direct tier, TTL applied."""
   t = state.direct
   slot, present = probe(t, *user_ids)
-  age = now - t.write_time[slot]
+  age = jnp.maximum(now - t.write_time[slot], 0)  # a write stamped after `now` (clock read before a racing write)
   hit = present & (age < state.config.direct_ttl_s)
   return hit, t.values[slot], age, t.version[slot]
 
@@ -173,7 +173,7 @@ def _failover_read(state: ERCacheState, user_ids: Keys, now):
   """(hit [B], stabilized embedding f32 [B, D], age [B], version [B]) from the failover ring."""
   t = state.failover
   slot, present = probe(t, *user_ids)
-  age = now - t.write_time[slot]
+  age = jnp.maximum(now - t.write_time[slot], 0)
   hit = present & (age < state.config.failover_ttl_s)
   return hit, ring_mean(t.values[slot], t.writes[slot], state.config.stabilize_m), age, t.version[slot]
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-EMPTY = -1  # write_time of a free slot
+EMPTY = -(2**31)  # write_time of a free slot: int32 min, so that any time a clock gives (-1 too) is a write
 
 
 @struct.dataclass
@@ -38,7 +38,7 @@ class HashTable:
   key_hi: jax.Array  # u32 [C]
   key_lo: jax.Array  # u32 [C]
   values: jax.Array  # [C, D]
-  write_time: jax.Array  # i32 [C], EMPTY when free
+  write_time: jax.Array  # i32 [C], EMPTY (int32 min) when free; times written must be > EMPTY
   version: jax.Array  # i32 [C]
   writes: jax.Array  # i32 [C], writes of the slot's key since it was (re)started there
   max_probes: int = struct.field(pytree_node=False, default=8)

@@ -337,3 +337,24 @@ def test_tiers_are_updated_in_place():
   state = ercache.write(state, keys, emb, 0, 1, valid)
   state, _ = ercache.latest(state, keys, 1, valid)
   assert [x.unsafe_buffer_pointer() for x in (state.direct.values, state.failover.values)] == pointers
+
+
+def test_evictions_are_counted_per_tier():
+  """A small direct tier evicts, a large failover tier does not: each counter its own tier's."""
+  state = ERCacheState.create(_cfg(5, 10, 1, cap=(2, 16)))
+  keys, valid, _, emb = _device_batch([(k, True, True, np.ones(D, np.float32)) for k in range(5)])
+  state = ercache.write(state, keys, emb, 0, 1, valid)
+  c = read_counters(state)
+  assert (c["direct_evictions"], c["failover_evictions"]) == (3, 0)
+
+
+def test_a_write_stamped_after_the_lookup_clock_serves_age_zero():
+  """A refresh written (clock t + 1) between a request's clock read (t) and its lookup is served
+  with age 0, not -1 (the 'no embedding' marker)."""
+  state = ERCacheState.create(CONFIGS[1], FALLBACK)
+  keys, valid, _, emb = _device_batch([(1, True, True, np.ones(D, np.float32))])
+  state = ercache.write(state, keys, emb, 101, 1, valid)
+  state, direct = ercache.lookup(state, keys, 100, valid)
+  state, stale = ercache.failover(state, keys, 100, valid)
+  assert (Source(int(direct.source[0])), int(direct.age[0])) == (Source.DIRECT, 0)
+  assert (Source(int(stale.source[0])), int(stale.age[0])) == (Source.FAILOVER, 0)

@@ -18,7 +18,8 @@ OPS = st.lists(st.tuples(st.sampled_from(["insert", "lookup"]), st.lists(st.one_
 
 
 def _vals(keys, step):
-  return jnp.asarray([[float(k % 1000), float(step)] for k in keys], jnp.float32)
+  """Rows that differ between duplicates of a batch too (so which of them wins is checked)."""
+  return jnp.asarray([[float(k % 1000), float(16 * step + i)] for i, k in enumerate(keys)], jnp.float32)
 
 
 @settings(max_examples=40, deadline=None)
@@ -130,3 +131,34 @@ def test_ring_width_must_divide_the_row():
   t = HashTable.create(capacity=4, dim=6, max_probes=4)
   with pytest.raises(ValueError, match="ring=4"):
     insert(t, *split_keys([1]), jnp.ones((1, 2)), jnp.int32(0), jnp.int32(0), ring=4)
+
+
+def test_keys_differing_only_in_one_half_or_equal_to_sentinels_never_share_a_row():
+  """int64 ids are not truncated: ids equal in their low (or high) 32 bits, 0, -1 and the int64
+  extremes are distinct keys; a duplicate within a batch ends with its last row."""
+  ks = [0, -1, 1, 2 ** 32, 2 ** 32 + 1, -(2 ** 32) + 1, 1 << 31, -(1 << 31), -(2 ** 63), 2 ** 63 - 1, 7, 7]
+  t = HashTable.create(capacity=16, dim=1, max_probes=16)
+  vals = jnp.arange(len(ks), dtype=jnp.float32)[:, None]
+  t, s = insert(t, *split_keys(ks), vals, jnp.int32(3), jnp.int32(0))
+  assert (int(s["inserted"]), int(s["updated"]), int(s["evicted"])) == (11, 1, 0)
+  found, rows, _ = lookup(t, *split_keys(ks), jnp.int32(3), jnp.int32(0))
+  assert np.asarray(found).all()
+  assert np.asarray(rows)[:, 0].tolist() == list(range(len(ks) - 2)) + [11, 11]
+
+
+def test_a_small_probe_window_still_holds_a_quarter_full_table():
+  """The hash spreads keys over the table: 64 keys (sequential ids and ids apart only in their
+  high half) fit in 256 slots with windows of 8, none evicted."""
+  ks = list(range(32)) + [i << 32 for i in range(1, 33)]
+  t = HashTable.create(capacity=256, dim=1, max_probes=8)
+  t, s = insert(t, *split_keys(ks), jnp.ones((64, 1)), jnp.int32(0), jnp.int32(0))
+  assert (int(s["inserted"]), int(s["evicted"])) == (64, 0)
+
+
+@pytest.mark.parametrize("now", [-1, 0])
+def test_any_clock_time_is_a_write(now):
+  """A write at any time (-1 included) is found: the free-slot marker is no time a clock gives."""
+  t = HashTable.create(capacity=4, dim=1, max_probes=4)
+  t, _ = insert(t, *split_keys([9, 10]), jnp.ones((2, 1)), jnp.int32(now), jnp.int32(0))
+  found, _, age = lookup(t, *split_keys([9, 10]), jnp.int32(now), jnp.int32(0))
+  assert np.asarray(found).tolist() == [True, True] and np.asarray(age).tolist() == [0, 0]
