@@ -7,7 +7,8 @@ here bit for bit (kernels_pallas imports nothing from jaxrec):
     "row"    scale [M]: amax over each row / fmax
     "block"  scale [M, K'/128]: amax over each 1 x 128 block of a row / fmax, with K zero-padded
              to K' = 128 * ceil(K / 128); q is [M, K'] (the padding quantizes to 0)
-scale = amax / fmax, or 1 where amax is 0 (a zero row or block quantizes to zeros); fmax is 448
+scale = amax / fmax, or 1 where amax is 0 (a zero row or block quantizes to zeros), and at least
+SCALE_MIN (the smallest normal f32, so a tiny amax never gives a scale that flushes to 0); fmax is 448
 for float8_e4m3fn and 57344 for float8_e5m2. The clip is required: casting an out-of-range value
 to float8_e4m3fn gives NaN. quantize_lhs returns the row scale as [M, 1]; here it is [M], the
 layout fp8_gemm_sm90.fp8_gemm takes (`scale[:, 0]` converts). Inputs are assumed finite.
@@ -68,6 +69,7 @@ FP8_TYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
 IN_TYPES = (jnp.bfloat16, jnp.float32)
 SMEM_BYTES = 200 * 1024  # of the 227 KiB an H100 block may use; the rest for Mosaic's own scratch
 F32 = jnp.float32
+SCALE_MIN = float(np.finfo(np.float32).tiny)  # jaxrec.ops.fp8_scaling.SCALE_MIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +184,7 @@ def _quantize_call(x: jax.Array, recipe: str, dtype, bm: int, unroll: int, inter
         return jnp.max(jnp.abs(v), axis=1)
 
       def scale_of(amax):  # a multiply, not amax / fmax: see _inv_fmax
-        return jnp.where(amax > 0, amax * inv_fmax, 1.0)
+        return jnp.where(amax > 0, jnp.maximum(amax * inv_fmax, SCALE_MIN), 1.0)
 
       def store_q(j, v, scale):
         s = plgpu.layout_cast(lax.broadcast_in_dim(scale, (r, BLOCK), [0]), layout)
@@ -266,7 +268,7 @@ def fp8_quantize_reference(x: jax.Array, *, recipe: str = "row",
 
   def scale_of(amax):
     amax = amax.astype(F32)
-    return jnp.where(amax > 0, amax * inv_fmax, 1.0)
+    return jnp.where(amax > 0, jnp.maximum(amax * inv_fmax, SCALE_MIN), 1.0)
 
   def cast(v, s_full):  # s_full: the scales broadcast to v's shape
     # the barrier keeps XLA:CPU from rewriting v / broadcast(s) into v * broadcast(1 / s)

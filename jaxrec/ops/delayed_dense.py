@@ -56,8 +56,12 @@ def init_history(length: int = AMAX_HISTORY) -> jax.Array:
 
 
 def delayed_scale(history: jax.Array, current_amax: jax.Array, dtype) -> jax.Array:
-  """Dequantization scale [] from one history row [H] (the current amax while the row is empty)."""
-  amax = jnp.max(history)
+  """Dequantization scale [] from one history row [H] (the current amax while the row is empty).
+
+  Non-finite entries (a step whose operand overflowed) are ignored, as TransformerEngine and
+  flax's fp8_ops keep the previous scale for them: one inf amax would otherwise set the scale to
+  inf, and every value to 0 / NaN, for the next H steps."""
+  amax = jnp.max(jnp.where(jnp.isfinite(history), history, 0.0))
   return scale_from_amax(jnp.where(amax > 0, amax, current_amax.astype(jnp.float32)), dtype)
 
 

@@ -12,7 +12,9 @@ in f32, and the scales are applied to the result. Recipes differ in how many sca
               scales vary along K, so the K blocks are multiplied and scaled separately, then summed
 
 K is zero-padded to a multiple of 128 for "block" (zeros change no sum). Scale = amax / fmax,
-or 1 where the amax is 0.
+or 1 where the amax is 0, and at least the smallest normal f32 (SCALE_MIN): below amax ~ 5e-36
+(e4m3; 7e-34 for e5m2) amax / fmax would be subnormal, which XLA:CPU (and any flush-to-zero
+backend) reads as 0, so x / scale gave 0 / 0 = NaN for the zeros of that row or block.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ RECIPES: tuple[str, ...] = ("tensor", "row", "block")
 BLOCK = 128
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
+SCALE_MIN = float(jnp.finfo(jnp.float32).tiny)  # 2^-126: a scale never flushes to zero
 
 
 def fp8_max(dtype) -> float:
@@ -34,9 +37,10 @@ def fp8_max(dtype) -> float:
 
 
 def scale_from_amax(amax: jax.Array, dtype) -> jax.Array:
-  """Dequantization scale amax / fmax of `dtype` (1 where amax is 0), f32, amax's shape."""
+  """Dequantization scale amax / fmax of `dtype` (1 where amax is 0; at least SCALE_MIN), f32,
+  amax's shape."""
   amax = amax.astype(jnp.float32)
-  return jnp.where(amax > 0, amax / fp8_max(dtype), 1.0)
+  return jnp.where(amax > 0, jnp.maximum(amax / fp8_max(dtype), SCALE_MIN), 1.0)
 
 
 def cast_fp8(x: jax.Array, scale: jax.Array, dtype) -> jax.Array:

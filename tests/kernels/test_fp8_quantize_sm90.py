@@ -217,3 +217,21 @@ def test_compiled_on_gpu_matches_reference_bitwise(recipe, in_dtype):
   with jax.default_device(jax.devices("cpu")[0]):  # the definition, evaluated by XLA:CPU
     want = fp8_quantize_reference(jax.device_put(x, jax.devices("cpu")[0]), recipe=recipe)
   assert same(got, want)
+
+
+@pytest.mark.parametrize("recipe", ["row", "block"])
+def test_tiny_amax_rows_quantize_without_nan(recipe):
+  """A row (or block) whose amax is below fmax * smallest normal f32 (~5e-36 for e4m3, 7e-34 for
+  e5m2) has a subnormal amax / fmax, which XLA:CPU flushes to 0: the scale is clamped to the
+  smallest normal, so its zeros stay 0 (not 0 / 0 = NaN) and the kernel agrees bit for bit."""
+  x = np.zeros((8, 200), np.float32)
+  x[0, 0], x[1, :] = 1e-37, 3e-36
+  x[2, 5], x[3, 130] = 1e-40, -2e-35  # subnormal input; a second block
+  x[4:] = np.random.default_rng(0).normal(size=(4, 200))
+  x = jnp.asarray(x)
+  for dtype in (E4M3, E5M2):
+    want = fp8_quantize_reference(x, recipe=recipe, dtype=dtype)
+    assert not np.isnan(np.asarray(want[0], np.float32)).any()
+    assert np.all(np.asarray(want[1]) > 0)
+    assert same(want, lhs_reference(x, dtype, recipe))
+    assert same(fp8_quantize(x, recipe=recipe, dtype=dtype, interpret=not on_gpu), want)

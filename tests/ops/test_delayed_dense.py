@@ -125,3 +125,21 @@ def test_pallas_step_lowers_for_sm90_without_a_gpu(dtype):
                                                  ((m, n), dtype))]
   text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
+
+
+def test_a_non_finite_step_does_not_poison_the_history():
+  """An overflowing step (inf in dy, or in x) records a non-finite amax; the scale ignores it, as
+  TransformerEngine and flax's fp8_ops do, instead of being inf (all values 0, outputs NaN) for the
+  next H steps."""
+  x, w, c = _x((16, 24), 1), _x((24, 8), 2), _x((16, 8), 3)
+  grad = jax.grad(lambda x, w, h, c: jnp.sum(delayed_dense(x, w, h) * c), (0, 1, 2))
+  h = init_history(4)
+  _, _, h = grad(x, w, h, c)
+  _, _, h = grad(x.at[0, 0].set(jnp.inf), w, h, c.at[0, 0].set(jnp.inf))  # the overflowing step
+  assert not bool(jnp.all(jnp.isfinite(h[:, 0])))  # recorded as seen
+  y = delayed_dense(x, w, h)
+  dx, dw, _ = grad(x, w, h, c)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in (y, dx, dw))
+  assert _rel(y, x @ w) < 0.08 and _rel(dx, c @ w.T) < 0.15 and _rel(dw, x.T @ c) < 0.15
+  assert float(delayed_scale(jnp.array([jnp.inf, 2.0, jnp.nan]), jnp.float32(5.0), E4M3)) == pytest.approx(
+      2.0 / fp8_max(E4M3))

@@ -311,3 +311,38 @@ def test_compiled_on_gpu_matches_xla():
     for g, v, a, b, a_dtype, b_dtype in zip(got, want, (x, c, x.T), (w, w.T, c), (E4M3, E5M2, E4M3),
                                             (E4M3, E4M3, E5M2)):
       assert agree(g, v, a, b, recipe, a_dtype, b_dtype)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tiny_operands_give_no_nan(recipe):
+  """amax / fmax below the smallest normal f32 flushes to 0 on XLA:CPU: without a floor on the
+  scale, the zeros of such a row or block became 0 / 0 = NaN (an output gradient of 1e-36 in one
+  column made dw NaN)."""
+  x = jnp.asarray([[1e-37, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]], jnp.float32)
+  w = jnp.ones((4, 3), jnp.float32)
+  y = np.asarray(scaled_matmul(x, w, recipe=recipe))
+  assert np.all(np.isfinite(y)) and np.allclose(y[1], 10.0, rtol=2 ** -3)
+  assert np.all(np.abs(y[0]) <= 2e-37)
+  xs, ws = realistic((8, 16), 30), realistic((16, 4), 31, 0)
+  c = jnp.zeros((8, 4)).at[:, 0].set(1e-36)  # d loss / d y: tiny in one column, zero elsewhere
+  dx, dw = jax.grad(lambda x, w: jnp.sum(fp8_dense(x, w, recipe=recipe) * c), argnums=(0, 1))(xs, ws)
+  assert np.all(np.isfinite(dx)) and np.all(np.isfinite(dw))
+  np.testing.assert_allclose(dw[:, 0], np.asarray(xs).T @ np.asarray(c[:, 0]), rtol=0.2, atol=1e-38)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_zero_rows_and_blocks_give_zeros_not_nan(recipe):
+  """All-zero rows (padding rows of a batch) and whole zero 128-blocks quantize with scale 1 to
+  zeros: forward and both gradients stay finite and exact there."""
+  x = np.array(realistic((6, 300), 32))
+  x[[1, 4]] = 0.0          # padding rows
+  x[0, 128:256] = 0.0      # a zero 1 x 128 block
+  w = np.array(realistic((300, 140), 33, 0))
+  w[:, 3] = 0.0            # a dead output column
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  c = realistic((6, 140), 34, 0).at[2].set(0.0)
+  y = fp8_dense(x, w, recipe=recipe)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(fp8_dense(x, w, recipe=recipe) * c), argnums=(0, 1))(x, w)
+  assert all(np.all(np.isfinite(v)) for v in (y, dx, dw))
+  assert np.all(np.asarray(y)[[1, 4]] == 0) and np.all(np.asarray(y)[:, 3] == 0)
+  assert within(y, x, w, recipe, E4M3, E4M3)
