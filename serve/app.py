@@ -19,7 +19,8 @@ of the offending value (e.g. "candidates[3].features.ad_price") or null:
     415 unsupported_media_type  a Content-Type other than application/json (none is taken as JSON)
     413 too_large          the body is over HttpConfig.max_body_bytes
     422 invalid_request    wrong types, unknown or missing fields, NaN/Infinity, ids out of range,
-                           too many candidates (pydantic's checks and the engine's RequestError alike)
+                           too many candidates (pydantic's checks and the engine's RequestError alike),
+                           or feature values so extreme that the model's scores are not finite
     404 unknown_model      no model of that name is served
     401 / 403              admin endpoints: wrong or missing token / no token configured ("admin disabled")
     409 swap_failed        /admin/reload: the new checkpoint cannot replace the served one (kept)
@@ -39,6 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -270,6 +272,17 @@ class _Front:
 # ---- the app
 
 
+def _first_non_finite(resp: RankResponse) -> int | None:
+  """The first candidate with a NaN or infinite score, or None."""
+  bad = None
+  for s in resp.scores.values():
+    m = ~np.isfinite(s)
+    if m.any():
+      i = int(np.argmax(m))
+      bad = i if bad is None else min(bad, i)
+  return bad
+
+
 def _reply(name: str, resp: RankResponse, item_ids: list[int]) -> bytes:
   cols = {t: s.tolist() for t, s in resp.scores.items()}
   objectives = list(cols)
@@ -342,6 +355,11 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
       return _error(503, "overloaded", str(e), headers=retry)
     except RequestError as e:
       return _engine_error(e)
+    bad = _first_non_finite(resp)
+    if bad is not None:  # JSON has no NaN / Infinity: answering them would break strict clients
+      return _error(422, "invalid_request", f"candidates[{bad}].features: the model's scores for this candidate are "
+                    "not finite (NaN or infinite); its feature values are likely far outside the training range",
+                    f"candidates[{bad}].features")
     if resp.user_embedding is not None and resp.user_embedding.age_s >= 0:
       metrics.observe_user_embedding(body.model, resp.user_embedding.age_s)
     return Response(_reply(body.model, resp, [c.item_id for c in body.candidates]), media_type="application/json")

@@ -329,10 +329,17 @@ class Engine:
       ranker = self._active.ranker
       if ranker.workdir is None:
         raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
-      new = load_ranker(ranker.workdir)
+      try:
+        new = load_ranker(ranker.workdir)
+      except Exception as e:  # noqa: BLE001 - unreadable, partial or deleted checkpoint, bad config: keep serving
+        raise SwapError(f"cannot load the newest checkpoint of {ranker.workdir}: {type(e).__name__}: {e}") from None
       if self.users is None:
         return {"version": self.swap(new), "user_model_version": None}
-      tower = load_user_model(self.users.embedder.tower.workdir)
+      try:
+        tower = load_user_model(self.users.embedder.tower.workdir)
+      except Exception as e:  # noqa: BLE001 - as above, for the user model
+        raise SwapError(f"cannot load the newest user model of {self.users.embedder.tower.workdir}: "
+                        f"{type(e).__name__}: {e}") from None
       self._check_swappable(new)  # before the user model is swapped, so that a bad ranker swaps nothing
       if tower.step != self.users.version:
         try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -68,10 +69,19 @@ class SoapConfig:
   max_wait_s: float = 0.002  # how long the worker waits for more users to fill a batch
   queue_size: int = 1024  # requests waiting for the worker; beyond it refreshes are dropped
   min_bucket: int = 8  # batches are padded to powers of two from this (one compile per bucket)
+  max_abs: float = math.inf  # an embedding with a value beyond this (or NaN / inf) is not written
 
   def __post_init__(self):
-    if self.max_batch < 1 or self.queue_size < 1 or self.min_bucket < 1 or self.max_wait_s < 0:
+    if self.max_batch < 1 or self.queue_size < 1 or self.min_bucket < 1 or self.max_wait_s < 0 or not self.max_abs > 0:
       raise ValueError(f"bad SoapConfig {self}")
+
+
+def usable(emb, max_abs: float = math.inf) -> np.ndarray:
+  """bool [N]: rows of embeddings [N, D] that may be cached and served: every value finite and
+  |value| <= max_abs. A request's features far outside the training data can drive a user model to
+  such values; cached, they would be served to that user's later requests until they expire."""
+  e = np.asarray(emb, np.float32)
+  return np.isfinite(e).all(axis=-1) & (np.abs(e) <= max_abs).all(axis=-1)
 
 
 def bucket(n: int, min_bucket: int) -> int:
@@ -273,9 +283,21 @@ class SoapCache:
       self._count(refresh_failures=n, refresh_failed_batches=1)
       return
     keys, valid = _padded_keys(ids, size)
+    # a NaN / inf or far out-of-range embedding (a request's extreme user features) would be served
+    # to every later request of that user until it expires: those users are not written, as if the
+    # call had failed for them
+    ok = usable(emb, self.config.max_abs)
+    bad = int((~ok[:n]).sum())
+    if bad:
+      log.warning("user model returned %d of %d embeddings non-finite or beyond |%g|; not cached", bad, n,
+                  self.config.max_abs)
+      self.last_error = (f"embeddings non-finite or beyond |{self.config.max_abs:g}| for users "
+                         f"{ids[~ok[:n]][:8].tolist()}")
+      self._count(refresh_failures=bad)
+      valid = jnp.asarray(np.asarray(valid) & ok)
     with self._lock:
       self._state = ercache.write(self._state, keys, emb, self._clock(), version, valid)
-    self._count(refresh_written=ids.shape[0])
+    self._count(refresh_written=n - bad)
 
   # -- bookkeeping
 

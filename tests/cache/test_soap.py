@@ -1,5 +1,6 @@
 """SOAP: the request path never waits for the user model; the worker refreshes, stabilizes, drains."""
 
+import dataclasses
 import threading
 import time
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrec.cache import ERCacheConfig, ERCacheState, SoapCache, SoapConfig, Source
-from jaxrec.cache.soap import bucket
+from jaxrec.cache.soap import bucket, usable
 
 D = 4
 CFG = ERCacheConfig(dim=D, direct_ttl_s=10, failover_ttl_s=1000, direct_capacity=64, failover_capacity=128,
@@ -172,3 +173,32 @@ def test_buckets_and_config():
   with pytest.raises(RuntimeError, match="already started"):
     with _soap(embed(0)) as soap:
       soap.start()
+
+
+def test_a_non_finite_or_out_of_range_embedding_is_never_written():
+  """A user model returning NaN / inf, or values beyond max_abs, for some users (extreme request
+  features) must not poison the cache: those users are counted as failures and keep their previous
+  tier; the others are written."""
+  def odd(ids):
+    out = embed(0)(ids)
+    out[ids == 1] = np.nan
+    out[ids == 3, 0] = np.inf
+    out[ids == 4, 2] = -1e6
+    return out
+
+  with _soap(odd, config=dataclasses.replace(SOAP, max_abs=1e3)) as soap:
+    assert _sources(soap.serve([1, 2, 3, 4, 5])) == ["FALLBACK"] * 5
+    assert soap.wait_idle(5)
+    served = soap.serve([1, 2, 3, 4, 5])
+    assert _sources(served) == ["FALLBACK", "DIRECT", "FALLBACK", "FALLBACK", "DIRECT"]
+    assert np.isfinite(np.asarray(served.embedding)).all() and np.abs(np.asarray(served.embedding)).max() == 5
+    c = soap.counters()
+    assert c["refresh_failures"] == 3 and c["refresh_written"] == 2 and "beyond |1000|" in soap.last_error
+
+
+def test_usable_rows():
+  e = np.array([[0, 1], [np.nan, 0], [0, -np.inf], [100, -100], [0, 100.5]], np.float32)
+  assert usable(e).tolist() == [True, False, False, True, True]
+  assert usable(e, 100).tolist() == [True, False, False, True, False]
+  with pytest.raises(ValueError, match="bad SoapConfig"):
+    SoapConfig(max_abs=0)

@@ -426,3 +426,55 @@ def test_sync_failing_or_slow_user_model_serves_failover_or_fallback(sync_engine
   assert eng.rank(known, timeout=30).user_embedding.source == "fresh"
   assert eng.stats()["failed_batches"] == 0
   assert compiles == [], f"compiled after start, on threads {compiles}"
+
+
+def _extreme(req):
+  """`req` with a user (tower) feature far outside the training data: the tower's embedding is finite
+  but beyond max_abs_embedding (or NaN)."""
+  return RankRequest({**req.features, "hist_log_impressions": 1e30}, req.candidates, user_id=req.user_id)
+
+
+def test_extreme_user_features_never_poison_the_cache(engine, reference, clock):
+  rng = np.random.default_rng(8)
+  req = sum_request(engine, 15, 3, rng)  # a user no other test of the module's engine has sent
+  soap = engine.users.soap
+  failures = soap.counters()["refresh_failures"]
+  assert engine.rank(_extreme(req), timeout=30).user_embedding.source == "fallback"
+  assert soap.wait_idle(30)
+  assert soap.counters()["refresh_failures"] == failures + 1 and "beyond |100|" in soap.last_error
+  clock.t += 1
+  assert engine.rank(req, timeout=30).user_embedding.source == "fallback"  # nothing was cached
+  assert soap.wait_idle(30)
+  clock.t += 1
+  good = engine.rank(req, timeout=30)
+  assert (good.user_embedding.source, good.user_embedding.age_s) == ("direct", 1)
+  assert_scores(good, reference(req)[0])
+
+
+def test_sync_extreme_user_features_are_neither_served_nor_cached(sync_engine, reference, sync_clock):
+  eng, _ = sync_engine
+  rng = np.random.default_rng(9)
+  req = sum_request(eng, 80, 2, rng)
+  before = eng.stats()["user_embedding"]["sync_unusable"]
+  bad = eng.rank(_extreme(req), timeout=30)
+  assert bad.user_embedding.source == "fallback" and np.isfinite(np.asarray(bad.scores["click"])).all()
+  assert eng.stats()["user_embedding"]["sync_unusable"] == before + 1
+  sync_clock.t += 1
+  good = eng.rank(req, timeout=30)
+  assert good.user_embedding.source == "fresh"  # not a direct hit on anything the extreme request left
+  assert_scores(good, reference(req)[0])
+
+
+def test_a_user_whose_features_were_dropped_fails_alone_not_the_whole_refresh(engine, reference, clock):
+  """The refresh worker's user model over users of whom one has no kept features (more than
+  max_users_kept waiting): that user's row is NaN (not written), the others are embedded."""
+  rng = np.random.default_rng(10)
+  req = sum_request(engine, 16, 2, rng)
+  engine.rank(req, timeout=30)  # keeps user 16's features
+  assert engine.users.soap.wait_idle(30)
+  users = engine.users
+  ids = np.array([16, 987_654] + [16] * 6, np.int64)  # 8: a compiled refresh bucket
+  emb = np.asarray(users._user_model(users.embedder, ids))
+  assert np.isnan(emb[1]).all() and np.isfinite(np.delete(emb, 1, axis=0)).all()
+  np.testing.assert_allclose(emb[0], reference.embedding(req.features), rtol=0, atol=1e-5)
+  assert np.isnan(np.asarray(users._user_model(users.embedder, np.array([987_654], np.int64)))).all()

@@ -367,3 +367,52 @@ def test_cli_clear_error_on_a_folder_without_runs(tmp_path, capsys):
   assert err.startswith("python -m serve: error: ") and "holds no ranker run" in err
   assert serve_main.main(["--workdir", str(tmp_path / "missing")]) == 2
   assert "is not a directory" in capsys.readouterr().err
+
+
+def test_non_finite_scores_are_a_422_never_nan_in_the_json(client, example):
+  """A finite but extreme feature value (within float32) can make the model's scores NaN: the reply
+  must not carry the NaN literal (not JSON: strict clients fail to parse the whole reply)."""
+  body = json.loads(json.dumps(example))
+  body["candidates"][1]["features"]["ad_price"] = 1e30
+  r = client.post("/v1/rank", json=body)
+  assert r.status_code == 422, r.text
+  json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+  err = r.json()["error"]
+  assert err["field"] == "candidates[1].features" and "not finite" in err["message"]
+  assert client.post("/v1/rank", json=example).status_code == 200
+
+
+def test_reload_of_an_unreadable_checkpoint_is_409_and_keeps_serving(run_dir, example, tmp_path):
+  wd = tmp_path / "run"
+  shutil.copytree(run_dir, wd)
+  reg = Registry.open({"tiny": wd}, SMALL)
+  try:
+    with TestClient(create_app(reg, HttpConfig(), admin_token=TOKEN)) as c:
+      before = c.post("/v1/rank", json=example).json()
+      bad = wd / "checkpoints" / "8"  # a newer checkpoint with its array data missing (partial copy, disk error)
+      shutil.copytree(wd / "checkpoints" / "4", bad)
+      shutil.rmtree(bad / "default" / "d")
+      auth = {"authorization": f"Bearer {TOKEN}"}
+      r = c.post("/admin/reload", headers=auth)
+      assert r.status_code == 409, r.text
+      err = r.json()["error"]
+      assert err["type"] == "swap_failed" and "cannot load the newest checkpoint" in err["message"]
+      shutil.rmtree(bad)
+      (wd / "schema.json").write_text("{}")  # valid JSON of the wrong shape
+      r = c.post("/admin/reload", headers=auth)
+      assert r.status_code == 409 and "schema.json" in r.json()["error"]["message"], r.text
+      assert c.post("/v1/rank", json=example).json() == before  # the served checkpoint stayed
+  finally:
+    reg.close()
+
+
+@pytest.mark.parametrize("name, text", [("config.json", '{"model": 5}'), ("config.json", "[]"),
+                                        ("schema.json", "{}"), ("schema.json", '{"dense": [')])
+def test_cli_clear_error_on_a_malformed_run(run_dir, tmp_path, capsys, name, text):
+  wd = tmp_path / "run"
+  shutil.copytree(run_dir, wd)
+  (wd / name).write_text(text)
+  assert serve_main.main(["--workdir", str(wd), "--port", "0"]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and err.splitlines()[-1].startswith("python -m serve: error: cannot load a run: ")
+  assert name in err.splitlines()[-1]
