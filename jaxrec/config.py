@@ -155,9 +155,12 @@ def _parse(tp: Any, text: str) -> Any:
       return text.lower() in _TRUE
     raise _BadValue("bool (true/false/yes/no/1/0)")
   try:
-    return tp(text.strip()) if tp in (int, float) else text
+    value = tp(text.strip()) if tp in (int, float) else text
   except ValueError:
     raise _BadValue(tp.__name__) from None
+  if tp is float and value != value:  # NaN passes every `x < 0` / `x <= 0` check of a __post_init__
+    raise _BadValue("float (a number, not nan)")
+  return value
 
 
 @functools.cache

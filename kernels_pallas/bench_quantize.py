@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
   a = p.parse_args(argv)
   if a.iters < 1:
     p.error(f"--iters must be >= 1, got {a.iters}")
+  if a.out is not None:  # before the sweep, not after it
+    try:
+      a.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      p.error(f"--out {a.out}: cannot create the directory ({e.strerror or e})")
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
   smoke = a.smoke or not on_gpu
   if not on_gpu:

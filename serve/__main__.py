@@ -2,7 +2,7 @@
 
     python -m serve                                   # runs/demo (after `make demo`) on 127.0.0.1:8000
     python -m serve --workdir runs --port 8001        # every ranker run under runs/, named by path
-    python -m serve --engine.buckets 64,256 --engine.max_rows 256 --engine.max_candidates 256 --engine.max_queue 64 --admin_token s3cret
+    python -m serve --engine.buckets 64,256 --engine.max_rows 256 --engine.max_candidates 256 --admin_token s3cret
     python -m serve --workdir runs --engine_per_model ttl.json    # per-model overrides, see serve.registry
     python -m serve --workers 4                       # 4 HTTP worker processes before one engine process
     python -m serve --help                            # every config field, its type and default
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import sys
 from pathlib import Path
@@ -70,6 +71,8 @@ class ServeConfig:
       raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
     if not 1 <= self.workers <= 64:
       raise ValueError(f"workers must be in [1, 64], got {self.workers}")
+    if not 0 <= self.drain_timeout_s <= 86_400:
+      raise ValueError(f"drain_timeout_s must be in [0, 86400] seconds, got {self.drain_timeout_s}")
 
 
 def smoke() -> ServeConfig:
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     return _serve_with_workers(cfg, registry, token, sock)
   app = create_app(registry, cfg.http, admin_token=token)
   server = GracefulServer(uvicorn.Config(app, log_level=cfg.log_level, loop=cfg.loop, access_log=False,
-                                         timeout_graceful_shutdown=int(cfg.drain_timeout_s)))
+                                         timeout_graceful_shutdown=math.ceil(cfg.drain_timeout_s)))
   print(f"serving {registry.names} on http://{cfg.host}:{sock.getsockname()[1]} (admin "
         f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True)
   try:

@@ -26,7 +26,7 @@ from serve.request import RankRequest
 
 def run(workdir: Path, threads: int, candidates: int, seconds: float, cfg: EngineConfig = EngineConfig()) -> dict:
   """{"requests_per_s", "p50_ms", "p99_ms", "requests"} of `threads` callers over `seconds`."""
-  if threads < 1 or candidates < 1 or seconds <= 0:
+  if threads < 1 or candidates < 1 or not seconds > 0:
     raise ValueError("threads, candidates and seconds must be positive")
   eng = open_engine(workdir, cfg).start()
   try:
@@ -54,6 +54,8 @@ def run(workdir: Path, threads: int, candidates: int, seconds: float, cfg: Engin
   finally:
     eng.close()
     gc.unfreeze()
+  if not lat:
+    raise ValueError(f"no request finished within --seconds {seconds}; give it more time")
   ms = np.asarray(lat) * 1e3
   return {"requests": int(ms.size), "requests_per_s": ms.size / wall, "p50_ms": float(np.percentile(ms, 50)),
           "p99_ms": float(np.percentile(ms, 99))}

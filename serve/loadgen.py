@@ -29,9 +29,11 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
+import os
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Literal
 
 import aiohttp
@@ -233,6 +235,11 @@ def summary(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   cfg = parse_config(LoadConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+  if cfg.out:  # checked before the load runs, not after it
+    out = Path(cfg.out)
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+      print(f"{PROG}: error: cannot write --out {cfg.out}: not a file in a writable directory", file=sys.stderr)
+      return 2
   try:
     report = asyncio.run(run_load(cfg))
   except (ValueError, aiohttp.ClientError) as e:
@@ -240,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   print(summary(report))
   if cfg.out:
-    with open(cfg.out, "w") as f:
-      json.dump(report, f, indent=2)
+    try:
+      with open(cfg.out, "w") as f:
+        json.dump(report, f, indent=2)
+    except OSError as e:  # the folder went away or filled up during the run: the summary above stays
+      print(f"{PROG}: error: cannot write --out {cfg.out}: {e}", file=sys.stderr)
+      return 2
   return 0
 
 

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import gc
 import itertools
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -370,7 +371,7 @@ def worker_main(args: WorkerArgs, sock: socket.socket) -> None:
   threading.Thread(target=push, name="metrics-push", daemon=True).start()
   gc.freeze()
   server = GracefulServer(uvicorn.Config(app, log_level=args.log_level, loop=args.loop, access_log=False,
-                                         timeout_graceful_shutdown=int(args.drain_timeout_s)))
+                                         timeout_graceful_shutdown=math.ceil(args.drain_timeout_s)))
   if engine_gone.is_set():  # lost() ran before `server` was set (after, it set should_exit itself)
     gone()
   server.run(sockets=[sock])

@@ -96,9 +96,9 @@ def study_run(args: Args, run_dir: Path) -> dict:
 
 
 def run(args: Args) -> dict:
-  results = {r: study_run(args, Path(r)) for r in args.runs}
   outdir = Path(args.out)
-  make_workdir(outdir)
+  make_workdir(outdir)  # before minutes of error-model sampling, not after
+  results = {r: study_run(args, Path(r)) for r in args.runs}
   (outdir / "mere_study.json").write_text(json.dumps({"config": dataclasses.asdict(args), "runs": results},
                                                      indent=2) + "\n")
   lines = ["| run | metric | GEMM | learned / N(0,1) (geo-mean) | real / N(0,1) (geo-mean) | learned > N(0,1) | "

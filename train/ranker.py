@@ -21,7 +21,8 @@ from jaxrec.data.sources import DataConfig
 from jaxrec.models import ModelConfig
 from jaxrec.precision.plan import PlanError
 from jaxrec.precision.probe import ProbeConfig
-from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, train_and_evaluate
+from jaxrec.training.loop import (LoopConfig, RankerConfig, TrainingDivergedError, WorkdirConflictError,
+                                  train_and_evaluate)
 from jaxrec.training.step import OptimConfig
 
 
@@ -66,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
                       aliases=ALIASES)
   try:
     summary = train_and_evaluate(args.ranker_config(), args.workdir)
-  except (DataFormatError, DataSpecError, WorkdirConflictError, PlanError) as e:
+  except (DataFormatError, DataSpecError, WorkdirConflictError, PlanError, TrainingDivergedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: run the same command again to resume from the newest checkpoint in "
+          f"{args.workdir}/checkpoints", file=sys.stderr)
+    return 130
   keys = ("steps", "eval_ne", "oracle_ne", "ne_over_oracle", "eval_auc", "eval_calibration", "examples_per_sec")
   print("final:", ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
                             for k in keys if k in summary and summary[k] is not None))

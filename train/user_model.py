@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
   except (DataSpecError, WorkdirConflictError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: run the same command again to resume from the newest checkpoint in "
+          f"{args.workdir}/checkpoints", file=sys.stderr)
+    return 130
   keys = ("steps", "eval_click_ne", "oracle_click_ne", "eval_click_auc", "eval_conversion_ne", "examples_per_sec")
   print("final:", ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
                             for k in keys if summary.get(k) is not None))

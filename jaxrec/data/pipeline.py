@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from jaxrec.data.batch import Batch, Schema
+from jaxrec.data.errors import DataSpecError
 from jaxrec.data.examples import Examples
 
 
@@ -72,7 +73,7 @@ class ExamplesSource:
     n = len(self.examples)
     per_epoch = n // batch_size
     if per_epoch == 0:
-      raise ValueError(f"batch size {batch_size} is larger than the {n} training examples of "
+      raise DataSpecError(f"batch size {batch_size} is larger than the {n} training examples of "
                        f"{self.examples.source or 'this source'}; pass a smaller --data.batch_size")
     epoch, pos = divmod(index, per_epoch)
     rows = self._permutation(epoch)[pos * batch_size:(pos + 1) * batch_size]

@@ -147,11 +147,18 @@ class AdsWorldSource:
   def train_batch(self, index: int, batch_size: int) -> Batch:
     return self.world.batch(self.stream, index, batch_size)
 
-  def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+  def _eval_indices(self, batch_size: int) -> list[int]:
     n = -(-self.eval_examples // batch_size)
     slots = max(self.span_examples // batch_size, n)
-    for k in range(n):
-      yield self.world.batch(self.stream, (k * slots) // n, batch_size)
+    return [(k * slots) // n for k in range(n)]
+
+  def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+    for i in self._eval_indices(batch_size):
+      yield self.world.batch(self.stream, i, batch_size)
+
+  def eval_examples_read(self, batch_size: int) -> int:
+    """How far into the stream `eval_batches(batch_size)` reads, in examples."""
+    return (self._eval_indices(batch_size)[-1] + 1) * batch_size
 
 
 def open_examples(spec: DataSpec, cfg: DataConfig) -> Examples:
@@ -202,11 +209,27 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
     train, evl = ExamplesSource(tr_ex, seed=cfg.shuffle_seed), ExamplesSource(ev_ex, seed=cfg.shuffle_seed)
   else:
     train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
+    _check_stream_length(train, train_examples, "--train.steps x --data.batch_size")
+    _check_stream_length(evl, evl.eval_examples_read(cfg.eval_batch_size) if isinstance(evl, AdsWorldSource) else 0,
+                         "the evaluation, spread over the training period,")
   if cfg.user_model:
     from jaxrec.data.user_embedding import with_user_embedding  # imports the model stack: only when asked
     train, evl = with_user_embedding(train, evl, cfg.user_model)
   check_compatible(train, evl, str(train_spec), str(eval_spec))
   return train, evl
+
+
+def _check_stream_length(source: BatchSource, examples: int, what: str) -> None:
+  """DataSpecError, before any training, when an ads-world stream ends before `examples` (it is
+  finite: its requests over the world's horizon)."""
+  if not isinstance(source, AdsWorldSource) or examples <= 0:
+    return
+  held = source.world.num_examples(source.stream)
+  if examples > held:
+    cfg = source.world.cfg
+    raise DataSpecError(f"{what} reads {examples:,} examples of the ads world's {source.stream!r} stream, which "
+                        f"holds {held:,} over its {cfg.horizon_days:g}-day horizon: raise --data.world.horizon_days "
+                        f"(about {cfg.horizon_days * examples / held:.3g} would do) or train fewer steps")
 
 
 def check_compatible(train: BatchSource, evl: BatchSource, train_name: str, eval_name: str) -> None:

@@ -25,6 +25,7 @@ from flax import nnx
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.layers import MLP, CrossNetwork, FusedEmbedding, MultiTaskHeads, pool, table_configs
 from jaxrec.layers.dense import dense_modules
+from jaxrec.layers.mlp import ACTIVATIONS
 from jaxrec.precision.plan import PrecisionPlan
 
 
@@ -62,6 +63,26 @@ class DCNv2Config:
   """how multi-id features pool their rows: sum or mean"""
 
   def __post_init__(self):
+    for name in ("embed_dim", "hash_rows", "max_rows_per_feature"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.dcnv2.{name} must be >= 1, got {getattr(self, name)}")
+    if any(w < 1 for w in self.bottom_mlp + self.top_mlp):
+      raise ValueError(f"model.dcnv2.bottom_mlp and top_mlp widths must be >= 1, got {self.bottom_mlp}, "
+                       f"{self.top_mlp}")
+    if not self.top_mlp:
+      raise ValueError("model.dcnv2.top_mlp needs at least one hidden size")
+    if self.num_cross < 0 or (self.cross_rank is not None and self.cross_rank < 1):
+      raise ValueError(f"model.dcnv2.num_cross must be >= 0 and cross_rank >= 1 (or none), got "
+                       f"{self.num_cross}, {self.cross_rank}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"model.dcnv2.activation must be one of {', '.join(sorted(ACTIVATIONS))}, got "
+                       f"{self.activation!r}")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"model.dcnv2.compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+    if self.combiner not in ("sum", "mean"):
+      raise ValueError(f"model.dcnv2.combiner must be sum or mean, got {self.combiner!r}")
+    if self.embedding_init < 0:
+      raise ValueError(f"model.dcnv2.embedding_init must be >= 0, got {self.embedding_init}")
     if self.norm not in ("none", "layer", "block"):
       raise ValueError(f"model.dcnv2.norm must be none, layer or block, got {self.norm!r}")
     if self.block_norm and self.norm == "layer":

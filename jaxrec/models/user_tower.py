@@ -32,7 +32,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.data.batch import Batch, Schema
+from jaxrec.data.errors import DataSpecError
 from jaxrec.layers import MLP, CrossNetwork, FusedEmbedding, MultiTaskHeads, pool, table_configs
+from jaxrec.layers.mlp import ACTIVATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +69,22 @@ class UserTowerConfig:
         raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
     if not self.user_sparse:
       raise ValueError("model.user_sparse needs at least one feature (e.g. user_id)")
+    if any(w < 1 for w in self.user_mlp + self.mix_bottom_mlp + self.mix_mlp):
+      raise ValueError(f"model.user_mlp, mix_bottom_mlp and mix_mlp widths must be >= 1, got {self.user_mlp}, "
+                       f"{self.mix_bottom_mlp}, {self.mix_mlp}")
+    if not self.mix_mlp:
+      raise ValueError("model.mix_mlp needs at least one hidden size")
+    if self.mix_cross < 0:
+      raise ValueError(f"model.mix_cross must be >= 0, got {self.mix_cross}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"model.activation must be one of {', '.join(sorted(ACTIVATIONS))}, got {self.activation!r}")
 
 
 def _indices(names: tuple[str, ...], available: tuple[str, ...], what: str) -> tuple[int, ...]:
   missing = [n for n in names if n not in available]
   if missing:
-    raise ValueError(f"user tower: {what} feature(s) {missing} are not in the schema ({list(available)})")
+    raise DataSpecError(f"user tower: {what} feature(s) {missing} are not in the data's schema ({list(available)}); "
+                        f"see --model.user_{what}")
   return tuple(available.index(n) for n in names)
 
 

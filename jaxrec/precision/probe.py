@@ -91,7 +91,12 @@ class ProbeState:
 
   @classmethod
   def load(cls, path: str | Path, weight_decay: float = 0.9) -> "ProbeState":
-    z = np.load(path)
+    try:
+      z = np.load(path)
+      if not hasattr(z, "files") or "updates" not in z.files:
+        raise ValueError("no Probe statistics in it")
+    except (OSError, EOFError, ValueError) as e:
+      raise ValueError(f"{path}: not a probe_stats.npz of python -m train.ranker --probe.every N ({e})") from None
     sites = sorted({k.split("/")[1] for k in z.files if k.startswith("act/")})
     acts = {s: Welford(jnp.asarray(z[f"act/{s}/count"]), jnp.asarray(z[f"act/{s}/mean"]),
                        jnp.asarray(z[f"act/{s}/m2"])) for s in sites}

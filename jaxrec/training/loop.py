@@ -81,6 +81,10 @@ class RankerConfig:
   """start over: delete this run's checkpoints, metrics and summary in the workdir first"""
 
 
+class TrainingDivergedError(ValueError):
+  """The training loss became NaN or infinite (a learning rate too high, or bad input values)."""
+
+
 class WorkdirConflictError(ValueError):
   """The workdir cannot take this run: it holds a run whose config differs from the one asked to
   resume it, or another kind of run, or it is not a directory that can be created and written."""
@@ -165,6 +169,22 @@ def evaluate(eval_step, state: TrainState, source: BatchSource, schema: Schema, 
   return acc.result()
 
 
+def drop_records_after(path: Path, step: int) -> None:
+  """Removes the records of steps after `step` from a metrics.jsonl (a resumed run logs them again)."""
+  if not path.exists():
+    return
+  def keep(line: str) -> bool:
+    try:
+      return json.loads(line).get("step", 0) <= step
+    except (ValueError, AttributeError):  # a line the killed run left half-written
+      return False
+
+  lines = path.read_text().splitlines(keepends=True)
+  kept = [ln for ln in lines if ln.strip() and keep(ln)]
+  if len(kept) != len(lines):
+    path.write_text("".join(kept))
+
+
 def append_jsonl(path: Path, record: dict) -> None:
   """Appends one JSON record as a line (metrics.jsonl)."""
   with path.open("a") as f:
@@ -212,56 +232,66 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
           loaded = loaded.replace(grads=jax.device_get(fresh_probe.grads))
         probe_state = place_probe(loaded, mesh)
   metrics_path = workdir / "metrics.jsonl"
+  drop_records_after(metrics_path, start)  # logged by the killed run after its last checkpoint
   steps, bs = cfg.train.steps, cfg.data.batch_size
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
   timed_steps, timed_seconds = 0, 0.0
   t_mark = None  # start of the current timed segment (after the first, compiling step)
   seg_steps = 0
-  with progress(steps - start, f"train {cfg.model.kind}", enabled=cfg.train.progress) as bar:
-    for step in range(start, steps):
-      batch = jax.device_put(next(batches), train_bsh)
-      state, m = train_step(state, batch)
-      losses.append(m["loss"])
-      if probe_every and (step + 1) % probe_every == 0:
-        first = probe_calls < 2  # the first two calls of this process compile / warm up: not timed
-        probe_calls += 1
-        jax.block_until_ready(state)
-        t_probe = time.perf_counter()
-        probe_state = jax.block_until_ready(probe_step(probe_state, state, batch))
-        if not first:
-          probe_seconds += time.perf_counter() - t_probe
-          probe_timed += 1
-        elif t_mark is not None:  # keep the compile out of the training throughput too
-          t_mark += time.perf_counter() - t_probe
-      seg_steps += 1
-      done = step + 1
-      if t_mark is None:  # first step of this process: includes compilation, not timed
-        jax.block_until_ready(state)
-        t_mark, seg_steps = time.perf_counter(), 0
-      boundary_log = done % cfg.train.log_every == 0 or done == steps
-      boundary_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
-      boundary_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
-      if boundary_log or boundary_eval or boundary_ckpt:
-        loss = float(jnp.mean(jnp.stack(losses)))
-        losses = []
-        now = time.perf_counter()
-        timed_steps += seg_steps
-        timed_seconds += now - t_mark
-        rate = bs * timed_steps / timed_seconds if timed_seconds > 0 else None
-        if boundary_log:
-          append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
-        if boundary_eval:
-          res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
-          append_jsonl(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in res.items()}})
-        if boundary_ckpt:
-          ckpt.save(done, state)
-          if probe_every:
-            probe_state.save(probe_path)
-        bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
-        seg_steps = 0
-        t_mark = time.perf_counter()
-      bar.update(1)
+  try:
+    with progress(steps - start, f"train {cfg.model.kind}", enabled=cfg.train.progress) as bar:
+      for step in range(start, steps):
+        batch = jax.device_put(next(batches), train_bsh)
+        state, m = train_step(state, batch)
+        losses.append(m["loss"])
+        if probe_every and (step + 1) % probe_every == 0:
+          first = probe_calls < 2  # the first two calls of this process compile / warm up: not timed
+          probe_calls += 1
+          jax.block_until_ready(state)
+          t_probe = time.perf_counter()
+          probe_state = jax.block_until_ready(probe_step(probe_state, state, batch))
+          if not first:
+            probe_seconds += time.perf_counter() - t_probe
+            probe_timed += 1
+          elif t_mark is not None:  # keep the compile out of the training throughput too
+            t_mark += time.perf_counter() - t_probe
+        seg_steps += 1
+        done = step + 1
+        if t_mark is None:  # first step of this process: includes compilation, not timed
+          jax.block_until_ready(state)
+          t_mark, seg_steps = time.perf_counter(), 0
+        boundary_log = done % cfg.train.log_every == 0 or done == steps
+        boundary_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
+        boundary_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
+        if boundary_log or boundary_eval or boundary_ckpt:
+          loss = float(jnp.mean(jnp.stack(losses)))
+          losses = []
+          if not np.isfinite(loss):  # before a checkpoint of NaN parameters is saved over a good one
+            raise TrainingDivergedError(
+                f"training diverged: the mean loss of steps up to {done} is {loss}; lower --optim.dense_lr / "
+                f"--optim.embedding_lr (the last good checkpoint is kept in {workdir / 'checkpoints'})")
+          now = time.perf_counter()
+          timed_steps += seg_steps
+          timed_seconds += now - t_mark
+          rate = bs * timed_steps / timed_seconds if timed_seconds > 0 else None
+          if boundary_log:
+            append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
+          if boundary_eval:
+            res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
+            append_jsonl(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in res.items()}})
+          if boundary_ckpt:
+            ckpt.save(done, state)
+            if probe_every:
+              probe_state.save(probe_path)
+          bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
+          seg_steps = 0
+          t_mark = time.perf_counter()
+        bar.update(1)
+
+  except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
+    ckpt.close()
+    raise
 
   res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
   final_step = int(state.step)

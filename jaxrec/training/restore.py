@@ -31,10 +31,19 @@ def read_run_config(workdir: str | Path, *, hint: str = "not a training run's wo
   path = wd / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{wd} has no config.json: {hint}")
-  d = json.loads(path.read_text())
-  if is_plan_file(d.get("model", {}).get("precision_plan", "")) and (wd / TRAINED_PLAN).exists():
-    d["model"]["precision_plan"] = str(wd / TRAINED_PLAN)
-  return config_from_dict(RankerConfig, d)
+  try:
+    d = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+  if not isinstance(d, dict) or not isinstance(d.get("model", {}), dict):
+    raise ValueError(f"{path}: not a ranker run's config (expected a JSON object of config sections); {hint}")
+  try:
+    plan = d.get("model", {}).get("precision_plan", "")
+    if isinstance(plan, str) and is_plan_file(plan) and (wd / TRAINED_PLAN).exists():
+      d["model"]["precision_plan"] = str(wd / TRAINED_PLAN)
+    return config_from_dict(RankerConfig, d)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON of another shape
+    raise ValueError(f"{path}: not a valid run config ({type(e).__name__}: {e})") from None
 
 
 def read_run(workdir: str | Path) -> tuple[RankerConfig, Schema]:
@@ -43,7 +52,11 @@ def read_run(workdir: str | Path) -> tuple[RankerConfig, Schema]:
   cfg = read_run_config(wd)
   if not (wd / "schema.json").exists():
     raise FileNotFoundError(f"{wd} has no schema.json: not a training run's workdir")
-  return cfg, Schema.from_json(json.loads((wd / "schema.json").read_text()))
+  path = wd / "schema.json"
+  try:
+    return cfg, Schema.from_json(json.loads(path.read_text()))
+  except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or JSON of another shape
+    raise ValueError(f"{path}: not a valid schema ({type(e).__name__}: {e})") from None
 
 
 def restore_ranker(cfg: RankerConfig, schema: Schema, workdir: str | Path, mesh: Mesh, *, row_multiple: int,

@@ -11,6 +11,7 @@ dense parameters by optax (Adam by default). State buffers are donated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -47,6 +48,9 @@ class OptimConfig:
   """epsilon of the row-wise Adagrad denominator"""
 
   def __post_init__(self):
+    if not (math.isfinite(self.dense_lr) and math.isfinite(self.embedding_lr)):
+      raise ValueError(f"optim.dense_lr and optim.embedding_lr must be finite, got dense_lr={self.dense_lr}, "
+                       f"embedding_lr={self.embedding_lr}")
     if self.dense_lr <= 0 or self.embedding_lr < 0:
       raise ValueError(f"optim.dense_lr must be > 0 and optim.embedding_lr >= 0 (0 freezes the embedding "
                        f"table), got dense_lr={self.dense_lr}, embedding_lr={self.embedding_lr}")

@@ -64,7 +64,7 @@ def test_embedding_reads_only_user_features():
 
 
 def test_unknown_user_feature_is_a_clear_error():
-  with pytest.raises(ValueError, match="not in the schema"):
+  with pytest.raises(ValueError, match="not in the data.s schema"):
     build_user_tower(WORLD.schema, CFG)  # the plain world has no history features
 
 
