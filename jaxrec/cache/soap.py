@@ -213,6 +213,9 @@ class SoapCache:
       self._count(refresh_enqueued=1)
     except queue.Full:
       self._done(refresh_dropped=1)
+      return
+    if self._closed.is_set() and (self._thread is None or not self._thread.is_alive()):
+      self._discard()  # close() ended between the check above and the put: nobody would take it
 
   # -- worker
 

@@ -202,3 +202,15 @@ def test_usable_rows():
   assert usable(e, 100).tolist() == [True, False, False, True, False]
   with pytest.raises(ValueError, match="bad SoapConfig"):
     SoapConfig(max_abs=0)
+
+
+def test_a_refresh_that_races_with_close_is_dropped_not_left_pending():
+  """A request that passed the closed check just before close() ended must not leave a refresh that
+  no worker takes (wait_idle would never return)."""
+  soap = _soap(embed(0)).start(warmup=False)
+  soap.close()
+  passed_check = iter([False])  # the first check (before the put) still saw it open
+  soap._closed.is_set = lambda: next(passed_check, True)
+  soap.enqueue(np.array([5], np.int64), np.array([Source.FALLBACK]))
+  assert soap.wait_idle(2)
+  assert soap.counters()["refresh_dropped"] == 1
