@@ -169,3 +169,12 @@ def test_user_tower_feature_not_in_the_data_is_a_data_spec_error():
   from jaxrec.models.user_tower import _indices
   with pytest.raises(DataSpecError, match=r"sparse feature\(s\) \['bogus'\] are not in the data's schema"):
     _indices(("user_id", "bogus"), ("user_id", "ad_id"), "sparse")
+
+
+def test_user_model_refuses_a_stream_too_short_for_the_run(tmp_path, capsys):
+  from train import user_model
+  rc = user_model.main(["--workdir", str(tmp_path / "u"), "--data.world.horizon_days", "0.5",
+                        "--data.world.drift_knot_s", "3600", "--no-train.progress"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "raise --data.world.horizon_days" in err and "Traceback" not in err
+  assert not (tmp_path / "u" / "checkpoints").exists()

@@ -209,8 +209,8 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
     train, evl = ExamplesSource(tr_ex, seed=cfg.shuffle_seed), ExamplesSource(ev_ex, seed=cfg.shuffle_seed)
   else:
     train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
-    _check_stream_length(train, train_examples, "--train.steps x --data.batch_size")
-    _check_stream_length(evl, evl.eval_examples_read(cfg.eval_batch_size) if isinstance(evl, AdsWorldSource) else 0,
+    check_stream_length(train, train_examples, "--train.steps x --data.batch_size")
+    check_stream_length(evl, evl.eval_examples_read(cfg.eval_batch_size) if isinstance(evl, AdsWorldSource) else 0,
                          "the evaluation, spread over the training period,")
   if cfg.user_model:
     from jaxrec.data.user_embedding import with_user_embedding  # imports the model stack: only when asked
@@ -219,7 +219,7 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
   return train, evl
 
 
-def _check_stream_length(source: BatchSource, examples: int, what: str) -> None:
+def check_stream_length(source: BatchSource, examples: int, what: str) -> None:
   """DataSpecError, before any training, when an ads-world stream ends before `examples` (it is
   finite: its requests over the world's horizon)."""
   if not isinstance(source, AdsWorldSource) or examples <= 0:

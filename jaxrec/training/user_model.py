@@ -38,14 +38,15 @@ from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.data.errors import DataSpecError
 from jaxrec.data.pipeline import train_iterator
-from jaxrec.data.sources import AdsWorldSource, _world  # _world: the one shared world per config
+from jaxrec.data.sources import AdsWorldSource, _world, check_stream_length  # _world: the one shared world per config
 from jaxrec.data.user_history import HistoryConfig, HistorySource, UserHistory, add_history, user_history
 from jaxrec.models.user_tower import UserTowerConfig, build_user_tower
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
-from jaxrec.training.loop import LoopConfig, WorkdirConflictError, append_jsonl, prepare_workdir
+from jaxrec.training.loop import (LoopConfig, TrainingDivergedError, WorkdirConflictError, append_jsonl,
+                                  drop_records_after, prepare_workdir)
 from jaxrec.training.state import TrainState, merge_model, plan_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
@@ -109,6 +110,9 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   prepare_workdir(cfg, workdir, run_files=RUN_FILES, config_file=CONFIG_FILE, what="a user model")
   steps, bs = cfg.train.steps, cfg.data.batch_size
   train_src, eval_src = open_user_sources(cfg.data, steps * bs)
+  check_stream_length(train_src.base, steps * bs, "--train.steps x --data.batch_size")
+  check_stream_length(eval_src.base, eval_src.base.eval_examples_read(cfg.data.eval_batch_size),
+                      "the evaluation, spread over the training period,")
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
 
@@ -132,35 +136,44 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
                               lambda b: jax.device_put(b, eval_bsh))
 
   metrics_path = workdir / "metrics.jsonl"
+  drop_records_after(metrics_path, start)  # logged by a killed run after its last checkpoint
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
   timed_steps, timed_seconds, t_mark = 0, 0.0, None
-  with progress(steps - start, "train user model", enabled=cfg.train.progress) as bar:
-    for step in range(start, steps):
-      state, m = train_step(state, jax.device_put(next(batches), train_bsh))
-      losses.append(m["loss"])
-      done = step + 1
-      if t_mark is None:  # the first step compiles: not timed
-        jax.block_until_ready(state)
-        t_mark = time.perf_counter()
-      else:
-        timed_steps += 1
-      is_log = done % cfg.train.log_every == 0 or done == steps
-      is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
-      is_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
-      if is_log or is_eval or is_ckpt:
-        loss = float(jnp.mean(jnp.stack(losses)))
-        losses = []
-        timed_seconds = time.perf_counter() - t_mark
-        rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
-        if is_log:
-          append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
-        if is_eval:
-          append_jsonl(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in flatten(run_eval(state)).items()}})
-        if is_ckpt:
-          ckpt.save(done, state)
-        bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
-      bar.update(1)
+  try:
+    with progress(steps - start, "train user model", enabled=cfg.train.progress) as bar:
+      for step in range(start, steps):
+        state, m = train_step(state, jax.device_put(next(batches), train_bsh))
+        losses.append(m["loss"])
+        done = step + 1
+        if t_mark is None:  # the first step compiles: not timed
+          jax.block_until_ready(state)
+          t_mark = time.perf_counter()
+        else:
+          timed_steps += 1
+        is_log = done % cfg.train.log_every == 0 or done == steps
+        is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
+        is_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
+        if is_log or is_eval or is_ckpt:
+          loss = float(jnp.mean(jnp.stack(losses)))
+          losses = []
+          if not np.isfinite(loss):  # before a checkpoint of NaN parameters is saved over a good one
+            raise TrainingDivergedError(
+                f"training diverged: the mean loss of steps up to {done} is {loss}; lower --optim.dense_lr / "
+                f"--optim.embedding_lr (the last good checkpoint is kept in {workdir / 'checkpoints'})")
+          timed_seconds = time.perf_counter() - t_mark
+          rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
+          if is_log:
+            append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
+          if is_eval:
+            append_jsonl(metrics_path, {"step": done, **{f"eval/{k}": v for k, v in flatten(run_eval(state)).items()}})
+          if is_ckpt:
+            ckpt.save(done, state)
+          bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
+        bar.update(1)
+  except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
+    ckpt.close()
+    raise
   rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
 
   res = run_eval(state)
