@@ -273,14 +273,9 @@ class _Front:
 
 
 def _first_non_finite(resp: RankResponse) -> int | None:
-  """The first candidate with a NaN or infinite score, or None."""
-  bad = None
-  for s in resp.scores.values():
-    m = ~np.isfinite(s)
-    if m.any():
-      i = int(np.argmax(m))
-      bad = i if bad is None else min(bad, i)
-  return bad
+  """The first candidate with a NaN or infinite score (any objective), or None."""
+  bad = ~np.isfinite(np.stack(list(resp.scores.values()), axis=1)).all(axis=1)
+  return int(np.argmax(bad)) if bad.any() else None
 
 
 def _reply(name: str, resp: RankResponse, item_ids: list[int]) -> bytes:

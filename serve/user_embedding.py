@@ -402,10 +402,11 @@ class UserEmbeddings:
         good = usable(np.asarray(emb)[:k], self.cfg.max_abs_embedding)  # else never written, not served
         ok[:k] = need & good
         self._count(sync_inferences=1)
-        if (need & ~good).any():
+        unusable = int((need & ~good).sum())
+        if unusable:
           self.soap.last_error = (f"embeddings non-finite or beyond |{self.cfg.max_abs_embedding:g}| for "
-                                  f"{int((need & ~good).sum())} requests")
-          self._count(sync_unusable=int((need & ~good).sum()))
+                                  f"{unusable} requests")
+          self._count(sync_unusable=unusable)
       except concurrent.futures.TimeoutError:
         self._count(sync_timeouts=1)
       except Exception as e:  # noqa: BLE001 - a failed user model serves the failover tier, never fails the batch

@@ -22,7 +22,7 @@ from jaxrec.models import ModelConfig
 from jaxrec.precision.plan import PlanError
 from jaxrec.precision.probe import ProbeConfig
 from jaxrec.training.loop import (LoopConfig, RankerConfig, TrainingDivergedError, WorkdirConflictError,
-                                  train_and_evaluate)
+                                  interrupted_message, train_and_evaluate)
 from jaxrec.training.step import OptimConfig
 
 
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print(f"\ninterrupted: run the same command again to resume from the newest checkpoint in "
-          f"{args.workdir}/checkpoints", file=sys.stderr)
+    print(interrupted_message(args.workdir), file=sys.stderr)
     return 130
   keys = ("steps", "eval_ne", "oracle_ne", "ne_over_oracle", "eval_auc", "eval_calibration", "examples_per_sec")
   print("final:", ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"

@@ -18,7 +18,7 @@ import sys
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataSpecError
 from jaxrec.models.user_tower import UserTowerConfig
-from jaxrec.training.loop import LoopConfig, TrainingDivergedError, WorkdirConflictError
+from jaxrec.training.loop import LoopConfig, TrainingDivergedError, WorkdirConflictError, interrupted_message
 from jaxrec.training.step import OptimConfig
 from jaxrec.training.user_model import UserDataConfig, UserModelConfig, train_user_model
 
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print(f"\ninterrupted: run the same command again to resume from the newest checkpoint in "
-          f"{args.workdir}/checkpoints", file=sys.stderr)
+    print(interrupted_message(args.workdir), file=sys.stderr)
     return 130
   keys = ("steps", "eval_click_ne", "oracle_click_ne", "eval_click_auc", "eval_conversion_ne", "examples_per_sec")
   print("final:", ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"

@@ -79,7 +79,8 @@ class SoapConfig:
 def usable(emb, max_abs: float = math.inf) -> np.ndarray:
   """bool [N]: rows of embeddings [N, D] that may be cached and served: every value finite and
   |value| <= max_abs. A request's features far outside the training data can drive a user model to
-  such values; cached, they would be served to that user's later requests until they expire."""
+  such values; cached, they would be served to that user's later requests until they expire. On the
+  host (numpy): a jnp test would compile per bucket shape on the serving threads."""
   e = np.asarray(emb, np.float32)
   return np.isfinite(e).all(axis=-1) & (np.abs(e) <= max_abs).all(axis=-1)
 

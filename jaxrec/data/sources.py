@@ -210,8 +210,9 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
   else:
     train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
     check_stream_length(train, train_examples, "--train.steps x --data.batch_size")
-    check_stream_length(evl, evl.eval_examples_read(cfg.eval_batch_size) if isinstance(evl, AdsWorldSource) else 0,
-                         "the evaluation, spread over the training period,")
+    if isinstance(evl, AdsWorldSource):
+      check_stream_length(evl, evl.eval_examples_read(cfg.eval_batch_size),
+                          "the evaluation, spread over the training period,")
   if cfg.user_model:
     from jaxrec.data.user_embedding import with_user_embedding  # imports the model stack: only when asked
     train, evl = with_user_embedding(train, evl, cfg.user_model)

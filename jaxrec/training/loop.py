@@ -85,6 +85,22 @@ class TrainingDivergedError(ValueError):
   """The training loss became NaN or infinite (a learning rate too high, or bad input values)."""
 
 
+def checked_mean_loss(losses: list[jax.Array], done: int, workdir: Path) -> float:
+  """The mean of the step losses since the last log; TrainingDivergedError if it is not finite (call
+  it before a checkpoint of NaN parameters is saved over a good one)."""
+  loss = float(jnp.mean(jnp.stack(losses)))
+  if not np.isfinite(loss):
+    raise TrainingDivergedError(
+        f"training diverged: the mean loss of steps up to {done} is {loss}; lower --optim.dense_lr / "
+        f"--optim.embedding_lr (the last good checkpoint is kept in {workdir / 'checkpoints'})")
+  return loss
+
+
+def interrupted_message(workdir: str | Path) -> str:
+  """What a training entrypoint prints on Ctrl-C."""
+  return f"\ninterrupted: run the same command again to resume from the newest checkpoint in {workdir}/checkpoints"
+
+
 class WorkdirConflictError(ValueError):
   """The workdir cannot take this run: it holds a run whose config differs from the one asked to
   resume it, or another kind of run, or it is not a directory that can be created and written."""
@@ -265,12 +281,8 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
         boundary_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
         boundary_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
         if boundary_log or boundary_eval or boundary_ckpt:
-          loss = float(jnp.mean(jnp.stack(losses)))
+          loss = checked_mean_loss(losses, done, workdir)
           losses = []
-          if not np.isfinite(loss):  # before a checkpoint of NaN parameters is saved over a good one
-            raise TrainingDivergedError(
-                f"training diverged: the mean loss of steps up to {done} is {loss}; lower --optim.dense_lr / "
-                f"--optim.embedding_lr (the last good checkpoint is kept in {workdir / 'checkpoints'})")
           now = time.perf_counter()
           timed_steps += seg_steps
           timed_seconds += now - t_mark

@@ -31,19 +31,14 @@ def read_run_config(workdir: str | Path, *, hint: str = "not a training run's wo
   path = wd / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{wd} has no config.json: {hint}")
-  try:
+  try:  # a list, a string or sections of the wrong type fail below with AttributeError / TypeError
     d = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-  if not isinstance(d, dict) or not isinstance(d.get("model", {}), dict):
-    raise ValueError(f"{path}: not a ranker run's config (expected a JSON object of config sections); {hint}")
-  try:
     plan = d.get("model", {}).get("precision_plan", "")
     if isinstance(plan, str) and is_plan_file(plan) and (wd / TRAINED_PLAN).exists():
       d["model"]["precision_plan"] = str(wd / TRAINED_PLAN)
     return config_from_dict(RankerConfig, d)
-  except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON of another shape
-    raise ValueError(f"{path}: not a valid run config ({type(e).__name__}: {e})") from None
+  except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, or JSON of another shape
+    raise ValueError(f"{path}: not a valid run config ({type(e).__name__}: {e}); {hint}") from None
 
 
 def read_run(workdir: str | Path) -> tuple[RankerConfig, Schema]:

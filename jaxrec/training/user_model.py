@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -45,7 +44,7 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
-from jaxrec.training.loop import (LoopConfig, TrainingDivergedError, WorkdirConflictError, append_jsonl,
+from jaxrec.training.loop import (LoopConfig, WorkdirConflictError, append_jsonl, checked_mean_loss,
                                   drop_records_after, prepare_workdir)
 from jaxrec.training.state import TrainState, merge_model, plan_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
@@ -155,12 +154,8 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
         is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
         is_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
         if is_log or is_eval or is_ckpt:
-          loss = float(jnp.mean(jnp.stack(losses)))
+          loss = checked_mean_loss(losses, done, workdir)
           losses = []
-          if not np.isfinite(loss):  # before a checkpoint of NaN parameters is saved over a good one
-            raise TrainingDivergedError(
-                f"training diverged: the mean loss of steps up to {done} is {loss}; lower --optim.dense_lr / "
-                f"--optim.embedding_lr (the last good checkpoint is kept in {workdir / 'checkpoints'})")
           timed_seconds = time.perf_counter() - t_mark
           rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
           if is_log:
