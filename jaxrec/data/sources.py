@@ -200,6 +200,10 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
   if train_spec == eval_spec:
     raise DataSpecError(f"--data.train and --data.eval are the same data ({train_spec}); "
                         "evaluating on training rows would overstate quality")
+  if share_rows(train_spec, eval_spec):
+    raise DataSpecError(f"--data.train {train_spec} and --data.eval {eval_spec} share rows (the same data; only "
+                        "its @train and @eval splits are disjoint); evaluating on training rows would overstate "
+                        "quality")
   if cfg.count_features:
     if "adsworld" in (train_spec.format, eval_spec.format):
       raise DataSpecError("--data.count_features needs finite training rows in memory (a file); the ads "
@@ -218,6 +222,15 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
     train, evl = with_user_embedding(train, evl, cfg.user_model)
   check_compatible(train, evl, str(train_spec), str(eval_spec))
   return train, evl
+
+
+def share_rows(a: DataSpec, b: DataSpec) -> bool:
+  """Whether two specs can hold the same rows: one ads-world stream, or one file (however its path is
+  written) unless they are its @train and @eval splits."""
+  if a.format == "adsworld" or b.format == "adsworld":
+    return a.format == b.format and a.path == b.path
+  same_file = resolve_path(a.path).resolve() == resolve_path(b.path).resolve()
+  return same_file and {a.split, b.split} != {"train", "eval"}
 
 
 def check_stream_length(source: BatchSource, examples: int, what: str) -> None:

@@ -33,6 +33,20 @@ def test_eval_defaults_and_same_data_refused():
     open_train_eval(DataConfig(train="adsworld:eval", eval="adsworld:eval"))
 
 
+def test_train_and_eval_sharing_rows_refused(tmp_path):
+  f = tmp_path / "d.libfm"
+  f.write_text("".join(f"{i % 2} {i % 7}:1 {7 + i % 5}:1\n" for i in range(40)))
+  other_spelling = tmp_path / "sub" / ".." / "d.libfm"
+  (tmp_path / "sub").mkdir()
+  for train, evl in [(f"libfm:{f}", f"libfm:{f}@eval"),  # @all holds every @eval row
+                     (f"libfm:{f}@train", f"libfm:{other_spelling}@train"),
+                     (f"libfm:{f}@eval", f"libfm:{f}")]:
+    with pytest.raises(DataSpecError, match="share rows"):
+      open_train_eval(DataConfig(train=train, eval=evl, batch_size=8))
+  tr, ev = open_train_eval(DataConfig(train=f"libfm:{f}@train", eval=f"libfm:{other_spelling}@eval", batch_size=8))
+  assert len(tr) + len(ev) == 40
+
+
 def test_adsworld_train_and_eval_streams_differ():
   cfg = DataConfig(eval_examples=1000, world=AdsWorldConfig())
   train, evl = open_train_eval(cfg)
