@@ -20,6 +20,7 @@ from jaxrec.data.examples import Examples
 from jaxrec.data.readers import (FRAPPE_FIELDS, criteo, pv_to_buy_delays, read_aliccp, read_aliexpress, read_criteo,
                                  read_criteo_csv, read_libfm, read_movielens, read_taobao_events, taobao_examples)
 from jaxrec.data.readers.taobao import BUY, CART, FAV, PV, WINDOW_END, WINDOW_START
+from jaxrec.data.sources import DataConfig, open_train_eval
 
 # Generous bound: the readers take well under a second each here; this only catches blow-ups.
 MAX_PARSE_S = 10.0
@@ -149,7 +150,7 @@ def test_taobao_examples(taobao):
   ex = _timed(taobao_examples, taobao)
   assert len(ex) == 75_872 - 35
   assert ex.schema.labels == ("cart_or_fav", "buy")
-  assert [f.vocab_size for f in ex.schema.sparse[:1]] == [815]
+  assert [f.vocab_size for f in ex.schema.sparse] == [None, None, None, 24]  # raw ids, hashed by the model
   # Brute force: a pv's label is 1 when the same user-item has a cart/fav (buy) at or after it.
   later: dict[tuple[int, int], list[int]] = {}
   for u, i, b, t in zip(taobao.user_id.tolist(), taobao.item_id.tolist(), taobao.behavior.tolist(),
@@ -165,8 +166,8 @@ def test_taobao_examples(taobao):
   np.testing.assert_array_equal(ex.data.labels, np.asarray(want, np.float32))
   np.testing.assert_array_equal(ex.data.timestamp, taobao.timestamp[pv])
   ids = _one_hot_ids(ex)
-  for j, f in enumerate(ex.schema.sparse):
-    assert ids[:, j].max() < f.vocab_size
+  np.testing.assert_array_equal(ids[:, :3], np.stack([taobao.user_id, taobao.item_id, taobao.category_id], 1)[pv])
+  assert ids[:, 3].max() < 24
 
 
 @pytest.mark.realdata
@@ -444,9 +445,26 @@ def test_taobao_made_up_log(tmp_path):
   ex = taobao_examples(ev)
   assert len(ex) == 4  # the pv events, in (user, time) order
   np.testing.assert_array_equal(ex.data.labels, [[0, 0], [1, 1], [0, 1], [1, 0]])
-  np.testing.assert_array_equal(ex.data.sparse[:, :3, 0], [[0, 1, 1], [0, 0, 0], [0, 0, 0], [1, 0, 0]])
+  np.testing.assert_array_equal(ex.data.sparse[:, :3, 0], [[1, 11, 8], [1, 10, 7], [1, 10, 7], [2, 10, 7]])
   np.testing.assert_array_equal(ex.data.sparse[:, 3, 0], [1, 1, 1, 1])  # 01:00 Beijing
-  assert [f.vocab_size for f in ex.schema.sparse] == [2, 3, 2, 24]
+  assert [f.vocab_size for f in ex.schema.sparse] == [None, None, None, 24]
+
+
+def test_taobao_files_of_one_log_agree_on_ids(tmp_path):
+  """A time split into two files: a user, item or category has the same id in both (no per-file remap)."""
+  early = _write(tmp_path / "early.csv", ["5,30,9,pv,%d" % T0, "7,20,8,pv,%d" % (T0 + 1), "7,30,9,buy,%d" % (T0 + 2)])
+  late = _write(tmp_path / "late.csv", ["7,30,9,pv,%d" % (T0 + 9000), "7,30,9,buy,%d" % (T0 + 9001)])
+  cfg = DataConfig(train=f"taobao:{early}", eval=f"taobao:{late}", batch_size=1)
+  tr, ev = open_train_eval(cfg)
+  # per-file remaps would give late.csv's only user, item and category id 0, which early.csv gives user 5
+  np.testing.assert_array_equal(tr.examples.data.sparse[:, :3, 0], [[5, 30, 9], [7, 20, 8]])
+  np.testing.assert_array_equal(ev.examples.data.sparse[:, :3, 0], [[7, 30, 9]])
+
+
+def test_taobao_id_beyond_int32_is_a_clear_error(tmp_path):
+  path = _write(tmp_path / "ub.csv", ["1,10,7,pv,%d" % T0, "1,%d,7,pv,%d" % (2**31, T0)])
+  with pytest.raises(DataFormatError, match=r"ub.csv:2: field item_id: id 2147483648 outside"):
+    read_taobao_events(path)
 
 
 @pytest.mark.parametrize("row, field", [

@@ -75,6 +75,11 @@ def read_taobao_events(path: str | Path) -> TaobaoEvents:
     r, j = np.unravel_index(int(np.argmax(neg)), neg.shape)
     name = ("user_id", "item_id", "category_id", "timestamp")[j]
     raise DataFormatError(str(path), int(r) + 1, name, f"negative value {int(cols[r, j])}")
+  big = cols[:, :3] > np.iinfo(np.int32).max
+  if big.any():
+    r, j = np.unravel_index(int(np.argmax(big)), big.shape)
+    raise DataFormatError(str(path), int(r) + 1, ("user_id", "item_id", "category_id")[j],
+                          f"id {int(cols[r, j])} outside [0, 2**31)")
   keep = (cols[:, 3] >= WINDOW_START) & (cols[:, 3] <= WINDOW_END)
   cols, behavior = cols[keep], behavior[keep]
   if cols.shape[0] == 0:
@@ -104,11 +109,12 @@ def taobao_examples(events: TaobaoEvents) -> Examples:
   """One example per pv event, labelled by what the same user did to the same item afterwards.
 
   labels ("cart_or_fav", "buy"): 1 if the user carted or faved (resp. bought) the item at or after
-  this pv's timestamp, else 0. Ids are remapped to dense vocabularies over all `events`:
+  this pv's timestamp, else 0. Ids are the file's raw ids, hashed by the model (vocab_size None,
+  as Criteo's), so that every file of one log (a time split into two files, say) agrees on them:
 
   Schema:
       dense   ()
-      sparse  user_id, item_id, category_id (sorted-unique remap, vocab = distinct count),
+      sparse  user_id, item_id, category_id (raw ids, vocab_size None: hashed),
               hour (Beijing hour of the pv, vocab 24); max_len 1
       labels  ("cart_or_fav", "buy")
       domain 0, timestamp = the pv's Unix time, weight 1. Rows keep the (user, time) order.
@@ -125,9 +131,8 @@ def taobao_examples(events: TaobaoEvents) -> Examples:
 
   columns, features = [], []
   for name in ("user_id", "item_id", "category_id"):
-    vocab, inverse = np.unique(getattr(events, name), return_inverse=True)
-    columns.append(inverse.reshape(-1)[pv])
-    features.append(SparseFeature(name, int(vocab.size)))
+    columns.append(getattr(events, name)[pv])
+    features.append(SparseFeature(name, None))
   columns.append(((ts[pv] + BEIJING_OFFSET_S) // 3600) % 24)
   features.append(SparseFeature("hour", 24))
 
