@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from jaxrec.data.batch import Batch, Schema
+from jaxrec.data.errors import DataSpecError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +68,18 @@ class Examples:
     return Examples(self.schema, self.rows(idx), self.source)
 
   def split(self, eval_fraction: float = 0.2, seed: int = 0) -> tuple["Examples", "Examples"]:
-    """A seeded random (train, eval) split; the same seed always gives the same rows."""
+    """A seeded random (train, eval) split; the same seed always gives the same rows.
+
+    Raises DataSpecError when either side would be empty (too few rows for `eval_fraction`).
+    """
     if not 0.0 < eval_fraction < 1.0:
       raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
     perm = np.random.default_rng(seed).permutation(len(self))
     n_eval = int(round(len(self) * eval_fraction))
+    if not 0 < n_eval < len(self):
+      empty = "eval" if n_eval == 0 else "train"
+      raise DataSpecError(f"{self.source or 'examples'}: an eval fraction of {eval_fraction:g} of its {len(self)} rows "
+                          f"leaves the {empty} split empty; change --data.eval_fraction or use more rows")
     return self.take(np.sort(perm[n_eval:])), self.take(np.sort(perm[:n_eval]))
 
   def time_split(self, eval_fraction: float = 0.2) -> tuple["Examples", "Examples"]:

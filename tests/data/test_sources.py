@@ -47,6 +47,18 @@ def test_train_and_eval_sharing_rows_refused(tmp_path):
   assert len(tr) + len(ev) == 40
 
 
+def test_split_leaving_a_side_empty_is_refused(tmp_path):
+  """An empty @eval split used to train and then fail with a KeyError for the missing eval metrics."""
+  f = tmp_path / "tiny.libfm"
+  f.write_text("1 1:1 3:1\n0 2:1 4:1\n")
+  with pytest.raises(DataSpecError, match="leaves the eval split empty"):
+    open_train_eval(DataConfig(train=f"libfm:{f}@train", batch_size=1))
+  with pytest.raises(DataSpecError, match="leaves the train split empty"):
+    open_train_eval(DataConfig(train=f"libfm:{f}@train", batch_size=1, eval_fraction=0.8))
+  tr, ev = open_train_eval(DataConfig(train=f"libfm:{f}@train", batch_size=1, eval_fraction=0.5))
+  assert len(tr) == len(ev) == 1
+
+
 def test_adsworld_train_and_eval_streams_differ():
   cfg = DataConfig(eval_examples=1000, world=AdsWorldConfig())
   train, evl = open_train_eval(cfg)
