@@ -204,12 +204,15 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
     raise DataSpecError(f"--data.train {train_spec} and --data.eval {eval_spec} share rows (the same data; only "
                         "its @train and @eval splits are disjoint); evaluating on training rows would overstate "
                         "quality")
-  if cfg.count_features:
-    if "adsworld" in (train_spec.format, eval_spec.format):
-      raise DataSpecError("--data.count_features needs finite training rows in memory (a file); the ads "
-                          "world is a stream: drop --data.count_features")
-    tr_ex, ev_ex = add_count_features(open_examples(train_spec, cfg), open_examples(eval_spec, cfg),
-                                      cfg.count_features, folds=cfg.count_folds, seed=cfg.split_seed)
+  files = "adsworld" not in (train_spec.format, eval_spec.format)
+  if cfg.count_features and not files:
+    raise DataSpecError("--data.count_features needs finite training rows in memory (a file); the ads "
+                        "world is a stream: drop --data.count_features")
+  if files:
+    tr_ex, ev_ex = shared_vocab(open_examples(train_spec, cfg), open_examples(eval_spec, cfg))
+    if cfg.count_features:
+      tr_ex, ev_ex = add_count_features(tr_ex, ev_ex, cfg.count_features, folds=cfg.count_folds,
+                                        seed=cfg.split_seed)
     train, evl = ExamplesSource(tr_ex, seed=cfg.shuffle_seed), ExamplesSource(ev_ex, seed=cfg.shuffle_seed)
   else:
     train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
@@ -222,6 +225,25 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
     train, evl = with_user_embedding(train, evl, cfg.user_model)
   check_compatible(train, evl, str(train_spec), str(eval_spec))
   return train, evl
+
+
+def shared_vocab(a: Examples, b: Examples) -> tuple[Examples, Examples]:
+  """Both splits with each sparse feature's vocab_size raised to the larger of the two.
+
+  Readers size a vocabulary by their own file's ids (max + 1), so an eval file can reach ids its
+  training file does not (Ali-CCP's own train and val files do); they are ids of the same dataset.
+  """
+  size = {f.name: f.vocab_size for f in a.schema.sparse}
+  for f in b.schema.sparse:
+    if f.vocab_size is not None and size.get(f.name) is not None:
+      size[f.name] = max(size[f.name], f.vocab_size)
+
+  def widen(ex: Examples) -> Examples:
+    sparse = tuple(f if f.vocab_size is None or size.get(f.name) is None else
+                   dataclasses.replace(f, vocab_size=size[f.name]) for f in ex.schema.sparse)
+    return Examples(dataclasses.replace(ex.schema, sparse=sparse), ex.data, ex.source)
+
+  return widen(a), widen(b)
 
 
 def share_rows(a: DataSpec, b: DataSpec) -> bool:

@@ -59,6 +59,21 @@ def test_split_leaving_a_side_empty_is_refused(tmp_path):
   assert len(tr) == len(ev) == 1
 
 
+def test_train_and_eval_files_share_one_vocabulary(tmp_path):
+  """Readers size vocabularies by their own file; an eval file that reaches further (as Ali-CCP's own
+  val file does) widens the training vocabulary instead of being refused."""
+  header = "click,purchase,101,205,301,D508"
+  tr = tmp_path / "train.csv"
+  tr.write_text("\n".join([header, "0,0,3,7,1,0.5", "1,0,1,2,1,0.25", "1,1,0,0,1,0.0"]) + "\n")
+  ev = tmp_path / "val.csv"
+  ev.write_text("\n".join([header, "0,0,5,2,1,0.5", "1,1,0,9,1,0.1"]) + "\n")
+  for counts in ((), ("205",)):
+    train, evl = open_train_eval(DataConfig(train=f"aliccp:{tr}", eval=f"aliccp:{ev}", batch_size=2,
+                                            count_features=counts))
+    assert [(f.name, f.vocab_size) for f in train.schema.sparse] == [("101", 6), ("205", 10), ("301", 2)]
+    assert train.schema == evl.schema and len(train) == 3 and len(evl) == 2
+
+
 def test_adsworld_train_and_eval_streams_differ():
   cfg = DataConfig(eval_examples=1000, world=AdsWorldConfig())
   train, evl = open_train_eval(cfg)

@@ -12,7 +12,8 @@ Vocabulary: sparse ids are used as they are (no hashing); each feature's vocab_s
 max id + 1 unless `vocab_sizes` overrides it. Train and eval files must agree, so pass the same
 `vocab_sizes` to every split, e.g. the max over all splits of a first read:
     sizes = {f.name: max(a.vocab_size, b.vocab_size) for a, b in zip(tr.schema.sparse, ev.schema.sparse)}
-An id at or above an override is a DataFormatError naming its line.
+An id at or above an override is a DataFormatError naming its line. (`--data.train` / `--data.eval`
+do this for you: `jaxrec.data.sources.open_train_eval` gives both splits the larger vocabulary.)
 
 Both: dense values as they are (already normalised upstream; must be finite), labels 0/1,
 timestamp = 0-based row number (the files hold no time), weight 1, max_len 1.
