@@ -72,18 +72,23 @@ class Examples:
 
     Raises DataSpecError when either side would be empty (too few rows for `eval_fraction`).
     """
+    n_eval = self._eval_rows(eval_fraction)
+    perm = np.random.default_rng(seed).permutation(len(self))
+    return self.take(np.sort(perm[n_eval:])), self.take(np.sort(perm[:n_eval]))
+
+  def time_split(self, eval_fraction: float = 0.2) -> tuple["Examples", "Examples"]:
+    """(train, eval) with eval the latest `eval_fraction` of rows by timestamp (stable order; rows
+    sharing the boundary timestamp can fall on both sides). DataSpecError as `split`."""
+    n_eval = self._eval_rows(eval_fraction)
+    order = np.argsort(self.data.timestamp, kind="stable")
+    return self.take(order[: len(self) - n_eval]), self.take(order[len(self) - n_eval:])
+
+  def _eval_rows(self, eval_fraction: float) -> int:
     if not 0.0 < eval_fraction < 1.0:
       raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    perm = np.random.default_rng(seed).permutation(len(self))
     n_eval = int(round(len(self) * eval_fraction))
     if not 0 < n_eval < len(self):
       empty = "eval" if n_eval == 0 else "train"
       raise DataSpecError(f"{self.source or 'examples'}: an eval fraction of {eval_fraction:g} of its {len(self)} rows "
                           f"leaves the {empty} split empty; change --data.eval_fraction or use more rows")
-    return self.take(np.sort(perm[n_eval:])), self.take(np.sort(perm[:n_eval]))
-
-  def time_split(self, eval_fraction: float = 0.2) -> tuple["Examples", "Examples"]:
-    """(train, eval) with eval the latest `eval_fraction` of rows by timestamp (stable order)."""
-    order = np.argsort(self.data.timestamp, kind="stable")
-    n_eval = int(round(len(self) * eval_fraction))
-    return self.take(order[: len(self) - n_eval]), self.take(order[len(self) - n_eval:])
+    return n_eval

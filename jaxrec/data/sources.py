@@ -9,9 +9,10 @@
     aliexpress:PATH            AliExpress CSV (click, conversion)
     taobao:PATH                Taobao UserBehavior events (one example per page view; cart_or_fav, buy)
 
-SPLIT is `train` or `eval` for a seeded random split of one file (`DataConfig.eval_fraction`,
-`DataConfig.split_seed`), or `all` (the default). A relative PATH that does not exist is also
-looked up under the shared data folder (`jaxrec.data.paths.default_data_dir()`), so
+SPLIT is `train` or `eval` for a split of one file (`DataConfig.eval_fraction`; seeded random by
+`DataConfig.split_seed`, or by time with `DataConfig.split_by="time"`), or `all` (the default). A
+relative PATH that does not exist is also looked up under the shared data folder
+(`jaxrec.data.paths.default_data_dir()`), so
 `libfm:frappe/frappe.validation.libfm@train` works from the repository root.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch
@@ -50,6 +51,10 @@ class DataConfig:
   """fraction of rows in the @eval split of a file"""
   split_seed: int = 0
   """seed of the train/eval split of a file"""
+  split_by: Literal["random", "time"] = "random"
+  """how a file's @train/@eval split is drawn: "random" (seeded by split_seed) or "time" (@eval = the
+  latest eval_fraction of rows by timestamp; for logs whose labels look ahead, such as taobao, where a
+  random split puts a user's other views of the same item, with the same label, in training)"""
   shuffle_seed: int = 0
   """seed of the per-epoch shuffle of real-data training rows"""
   world: AdsWorldConfig = AdsWorldConfig()
@@ -165,7 +170,10 @@ def open_examples(spec: DataSpec, cfg: DataConfig) -> Examples:
   """The in-memory rows of a file spec (after its @train/@eval split)."""
   examples = _read(spec.format, resolve_path(spec.path))
   if spec.split != "all":
-    train, evl = examples.split(cfg.eval_fraction, cfg.split_seed)
+    if cfg.split_by == "time":
+      train, evl = examples.time_split(cfg.eval_fraction)
+    else:
+      train, evl = examples.split(cfg.eval_fraction, cfg.split_seed)
     examples = train if spec.split == "train" else evl
   return examples
 

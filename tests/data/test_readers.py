@@ -6,6 +6,7 @@ Bad-input tests write tiny made-up files to tmp_path; none of them copies real r
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import math
 import time
@@ -550,3 +551,18 @@ def test_aliexpress_made_up(tmp_path):
 
 def test_docstring_examples():
   assert doctest.testmod(criteo, raise_on_error=True).attempted > 0
+
+
+def test_taobao_time_split_holds_out_the_latest_views(tmp_path):
+  """--data.split_by time: @eval is the latest views of the log, @train the earlier, whatever the
+  users; the default random split mixes them (a user's later views, with the same look-ahead label,
+  land in training)."""
+  rows = [f"{u},{10 + k},7,pv,{T0 + 100 * k + u}" for u in range(1, 6) for k in range(4)]
+  path = _write(tmp_path / "ub.csv", rows)
+  cfg = DataConfig(train=f"taobao:{path}@train", batch_size=1, eval_fraction=0.25, split_by="time")
+  tr, ev = open_train_eval(cfg)
+  assert len(tr) == 15 and len(ev) == 5
+  assert tr.examples.data.timestamp.max() < ev.examples.data.timestamp.min()
+  np.testing.assert_array_equal(np.sort(ev.examples.data.sparse[:, 1, 0]), [13] * 5)  # every user's last view
+  tr, ev = open_train_eval(dataclasses.replace(cfg, split_by="random"))
+  assert tr.examples.data.timestamp.max() > ev.examples.data.timestamp.min()
