@@ -35,7 +35,9 @@ f32 product (MERE <= CHECK_LIMIT, a gross-bug check: a wrong operand reads ~1.4)
 `kernels_pallas.bench.time_us`: one warm-up call, then the median over `iters` calls of the summed
 CUPTI kernel time (device-side; launch gaps excluded). Results go to a JSON cache on disk
 (`TimingCache`, default ~/.cache/jaxrec/dispatch.json) keyed by device kind, jax version, GEMM,
-M x K x N and dtype, one entry per candidate, so later runs measure only what is missing. A
+M x K x N and dtype, one entry per candidate, so later runs measure only what is missing (saves
+merge into the file under a lock, so concurrent runs keep each other's timings; an unreadable or
+malformed file or entry is dropped with a warning and measured again). A
 candidate that raises NotImplementedError for a shape is cached as unsupported (null). Without a
 GPU `autotune` returns None: no timings, "not timed".
 
@@ -87,9 +89,11 @@ best one that meets the bound everywhere (LoKA: Dispatch 1.12x vs 1.08x for the 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -261,6 +265,30 @@ class Timings:
     return self.us.get(shape, {}).get(name)
 
 
+def _valid_us(t) -> bool:
+  """A cached timing: positive finite microseconds, or None (unsupported)."""
+  return t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf"))
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+  """The valid entries of a timing cache file ({} when there is none). A cache only saves work, so
+  a file that is not readable JSON (truncated, foreign) or entries of the wrong form are dropped
+  with a warning, to be measured again, never a reason to fail."""
+  if not path.exists():
+    return {}
+  try:
+    raw = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    warnings.warn(f"dispatch timing cache {path} is unreadable ({e}); timings will be measured again")
+    return {}
+  raw = raw if isinstance(raw, dict) else {None: raw}
+  entries = {k: e for k, e in raw.items() if isinstance(e, dict) and isinstance(e.get("us"), dict)
+             and all(_valid_us(t) for t in e["us"].values())}
+  if len(entries) != len(raw):
+    warnings.warn(f"dispatch timing cache {path}: ignoring malformed entries; they will be measured again")
+  return entries
+
+
 class TimingCache:
   """Dispatch timings as JSON on disk: {key: {"device_kind", "jax", "gemm", "m", "k", "n", "dtype",
   "us": {candidate: microseconds or null}}}, key = "device kind|jax version|gemm|MxKxN|dtype"."""
@@ -268,7 +296,7 @@ class TimingCache:
   def __init__(self, path: str | Path = DEFAULT_CACHE_PATH, *, jax_version: str = jax.__version__):
     self.path = Path(path).expanduser()
     self.jax_version = jax_version
-    self.entries: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+    self.entries: dict[str, dict] = _read_cache(self.path)
 
   def key(self, device_kind: str, shape: GemmShape) -> str:
     return f"{device_kind}|jax-{self.jax_version}|{shape.gemm}|{shape.m}x{shape.k}x{shape.n}|{shape.dtype}"
@@ -282,12 +310,20 @@ class TimingCache:
     entry["us"][name] = us
 
   def save(self) -> None:
-    """Atomic write (temporary file in the same folder, then rename)."""
+    """Merges this cache's entries into the file's current ones (another process may have saved
+    since this one read it) and writes atomically (temporary file in the same folder, then rename),
+    under an exclusive lock on PATH.lock."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-      json.dump(self.entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, self.path)
+    with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      merged = _read_cache(self.path)
+      for key, entry in self.entries.items():
+        merged[key] = {**entry, "us": {**merged.get(key, {}).get("us", {}), **entry["us"]}}
+      self.entries = merged
+      fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+      with os.fdopen(fd, "w") as f:
+        json.dump(self.entries, f, indent=1, sort_keys=True)
+      os.replace(tmp, self.path)
 
   def timings(self, device_kind: str, shapes: Sequence[GemmShape]) -> Timings:
     return Timings(device_kind, {s: self.get(device_kind, s) for s in shapes})

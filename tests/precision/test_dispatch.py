@@ -241,6 +241,48 @@ def test_cache_round_trip_and_key_separation(tmp_path):
   assert (entry["device_kind"], entry["gemm"], entry["m"], entry["dtype"]) == ("NVIDIA H200", "fwd", 64, "bfloat16")
 
 
+def test_corrupt_or_foreign_cache_is_measured_again(tmp_path):
+  """A truncated, foreign or malformed cache file (a crash mid-write by an older version, a file of
+  another tool) only loses its timings: it raised JSONDecodeError / AttributeError, or a cached 0
+  timing divided by zero in the rule."""
+  path = tmp_path / "dispatch.json"
+  a = GemmShape("fwd", 64, 32, 16)
+  good = TimingCache(path, jax_version="0.11.2")
+  good.put("H100", a, BASELINE, 12.5)
+  good.save()
+  text = path.read_text()
+  for bad in (text[: len(text) // 2], "[1, 2]", "\xff\xfe"):
+    path.write_text(bad)
+    with pytest.warns(UserWarning, match="dispatch timing cache"):
+      assert TimingCache(path, jax_version="0.11.2").get("H100", a) == {}
+  entries = json.loads(text)
+  key = next(iter(entries))
+  path.write_text(json.dumps({key: entries[key], "x": [], "y": {"us": None}, "z": {"us": {BASELINE: 0.0}}}))
+  with pytest.warns(UserWarning, match="malformed entries"):
+    back = TimingCache(path, jax_version="0.11.2")
+  assert back.get("H100", a) == {BASELINE: 12.5} and set(back.entries) == {key}
+  path.write_text("{")
+  with pytest.warns(UserWarning, match="unreadable"):
+    t = autotune([a], registry=DEFAULT_REGISTRY.select([]), cache_path=path, timer=CountingTimer(), device_kind="H100")
+  assert t.get(a, BASELINE) > 0 and TimingCache(path).get("H100", a) == {BASELINE: t.get(a, BASELINE)}  # rewritten
+
+
+def test_cache_saves_of_two_processes_keep_both(tmp_path):
+  """Two autotunes sharing a cache (each read it when it started): the second save kept only its
+  own timings, so the first one's were lost and measured again next time."""
+  path = tmp_path / "dispatch.json"
+  a, b = GemmShape("fwd", 64, 32, 16), GemmShape("fwd", 128, 32, 16)
+  first, second = TimingCache(path), TimingCache(path)
+  first.put("H100", a, BASELINE, 1.0)
+  first.put("H100", b, "xla_fp8_row", 3.0)
+  first.save()
+  second.put("H100", b, BASELINE, 2.0)
+  second.save()
+  back = TimingCache(path)
+  assert back.get("H100", a) == {BASELINE: 1.0}
+  assert back.get("H100", b) == {BASELINE: 2.0, "xla_fp8_row": 3.0}
+
+
 class CountingTimer:
   """A stand-in for CUPTI: a fixed time per candidate GEMM function, counting calls."""
 
