@@ -19,6 +19,7 @@ The statistics are an explicit pytree (`ProbeState`), saved next to the run as `
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 
 import jax
@@ -91,17 +92,20 @@ class ProbeState:
 
   @classmethod
   def load(cls, path: str | Path, weight_decay: float = 0.9) -> "ProbeState":
+    """The statistics `save` wrote; ValueError when the file is missing, truncated or incomplete."""
     try:
-      z = np.load(path)
-      if not hasattr(z, "files") or "updates" not in z.files:
-        raise ValueError("no Probe statistics in it")
-    except (OSError, EOFError, ValueError) as e:
+      with open(path, "rb") as f:
+        z = np.load(f)
+        if not hasattr(z, "files") or "updates" not in z.files:
+          raise ValueError("no Probe statistics in it")
+        sites = sorted({k.split("/")[1] for k in z.files if k.startswith("act/")})
+        acts = {s: Welford(jnp.asarray(z[f"act/{s}/count"]), jnp.asarray(z[f"act/{s}/mean"]),
+                           jnp.asarray(z[f"act/{s}/m2"])) for s in sites}
+        weights = {s: MatrixNormalEMA(jnp.asarray(z[f"w/{s}/mean"]), jnp.asarray(z[f"w/{s}/u"]),
+                                      jnp.asarray(z[f"w/{s}/v"]), weight_decay) for s in sites}
+        grads = {s: Welford(jnp.asarray(z[f"dy/{s}/count"]), jnp.asarray(z[f"dy/{s}/mean"]),
+                            jnp.asarray(z[f"dy/{s}/m2"])) for s in sites if f"dy/{s}/count" in z.files}
+        updates = jnp.asarray(z["updates"])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
       raise ValueError(f"{path}: not a probe_stats.npz of python -m train.ranker --probe.every N ({e})") from None
-    sites = sorted({k.split("/")[1] for k in z.files if k.startswith("act/")})
-    acts = {s: Welford(jnp.asarray(z[f"act/{s}/count"]), jnp.asarray(z[f"act/{s}/mean"]),
-                       jnp.asarray(z[f"act/{s}/m2"])) for s in sites}
-    weights = {s: MatrixNormalEMA(jnp.asarray(z[f"w/{s}/mean"]), jnp.asarray(z[f"w/{s}/u"]),
-                                  jnp.asarray(z[f"w/{s}/v"]), weight_decay) for s in sites}
-    grads = {s: Welford(jnp.asarray(z[f"dy/{s}/count"]), jnp.asarray(z[f"dy/{s}/mean"]),
-                        jnp.asarray(z[f"dy/{s}/m2"])) for s in sites if f"dy/{s}/count" in z.files}
-    return cls(acts, weights, jnp.asarray(z["updates"]), grads)
+    return cls(acts, weights, updates, grads)

@@ -110,3 +110,18 @@ def test_after_one_update_the_learned_weights_are_the_weight():
   est = mere_for_site(jax.random.key(1), Gaussian.from_welford(st.acts["a"]), mn, Gaussian.from_welford(st.grads["a"]),
                       candidates=["bf16", "fp8_tensor"], num_samples=4, batch=16)
   assert all(0 < e.mean < 0.2 for c in est.values() for e in c.values())
+
+
+def test_truncated_or_incomplete_statistics_are_a_clear_error(tmp_path):
+  """A probe_stats.npz cut short (a run killed while saving it, a partial copy) or missing arrays
+  raised zipfile.BadZipFile / KeyError (stack traces past train.probe's error handling)."""
+  st = ProbeState.init(SITES).update(next(batches(0)), weights(0), max_rows=16, grads=grads(0))
+  st.save(tmp_path / "p.npz")
+  data = (tmp_path / "p.npz").read_bytes()
+  (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+  z = dict(np.load(tmp_path / "p.npz"))
+  np.savez(tmp_path / "part.npz", **{k: v for k, v in z.items() if k != "w/a/u"})
+  np.save(tmp_path / "array.npy", np.ones(3))
+  for name in ("cut.npz", "part.npz", "array.npy", "none.npz"):
+    with pytest.raises(ValueError, match="not a probe_stats.npz"):
+      ProbeState.load(tmp_path / name)
