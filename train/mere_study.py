@@ -29,7 +29,6 @@ import numpy as np
 from jaxrec.config import parse_config
 from jaxrec.layers.dense import gemm_sites
 from jaxrec.precision.error_model import GEMMS, METRICS
-from jaxrec.precision.probe import ProbeState
 from jaxrec.training.loop import make_workdir
 from train import probe as probe_entry
 
@@ -78,7 +77,7 @@ def study_run(args: Args, run_dir: Path) -> dict:
   stats_path = run_dir / "probe_stats.npz"
   if not stats_path.exists():
     raise FileNotFoundError(f"{run_dir} has no probe_stats.npz: probe it first (python -m train.probe)")
-  stats = ProbeState.load(stats_path)
+  stats = probe_entry.load_stats(stats_path)
   _, model, eval_src = probe_entry.load_run(run_dir)
   sites = gemm_sites(model)
   pargs = probe_entry.Args(from_run=str(run_dir), candidates=args.candidates, samples=args.samples, rows=args.rows,

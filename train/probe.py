@@ -90,6 +90,16 @@ class Args:
       raise ValueError(f"--plan_batch must be >= 0 (0 = --data.batch_size), got {self.plan_batch}")
 
 
+def load_stats(path: Path) -> ProbeState:
+  """A run's probe_stats.npz; ValueError when it holds no Probe update (empty statistics: zero
+  operands, on which every candidate's MERE reads 0 and the plan would take FP8 everywhere)."""
+  stats = ProbeState.load(path)
+  if int(stats.updates) < 1:
+    raise ValueError(f"{path} holds no Probe update: the run stopped (or ended) before its first probe step; "
+                     "train it with --probe.every N for at least N steps")
+  return stats
+
+
 def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:
   """(config, trained model, eval source) of a finished run."""
   cfg = read_run_config(run_dir)
@@ -158,7 +168,7 @@ def run(args: Args) -> dict:
   stats_path = run_dir / "probe_stats.npz"
   if not stats_path.exists():
     raise FileNotFoundError(f"{run_dir} has no probe_stats.npz: train it with --probe.every N (N <= steps)")
-  stats = ProbeState.load(stats_path)
+  stats = load_stats(stats_path)
   cfg, model, eval_src = load_run(run_dir)
   sites = gemm_sites(model)
   missing = sorted({s for s, _, _ in sites} - set(stats.acts))

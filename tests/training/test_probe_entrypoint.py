@@ -68,6 +68,19 @@ def test_missing_statistics_are_a_clear_error(tmp_path, capsys):
   assert "no probe_stats.npz" in capsys.readouterr().err
 
 
+def test_statistics_without_a_probe_update_are_refused(tmp_path, capsys):
+  """A run killed (or ended) before its first probe step leaves empty statistics: their operands
+  are all zero, every candidate's MERE read 0 and the plan took FP8 for every GEMM."""
+  from train import mere_study
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  ProbeState.init([("top.layers.0", 8, 4)]).save(run_dir / "probe_stats.npz")
+  assert probe.main(["--workdir", str(tmp_path / "w"), "--from_run", str(run_dir)]) == 2
+  assert "holds no Probe update" in capsys.readouterr().err
+  assert mere_study.main(["--runs", str(run_dir), "--out", str(tmp_path / "o")]) == 2
+  assert "holds no Probe update" in capsys.readouterr().err
+
+
 def test_probe_off_is_refused(tmp_path, capsys):
   assert probe.main(["--workdir", str(tmp_path / "y"), "--probe.every", "0"]) == 2
   assert "--probe.every" in capsys.readouterr().err
