@@ -50,10 +50,11 @@ def write_report(path: Path, *, run: str, sites: list[tuple[str, int, int]], can
                  rows: list[dict], probe: dict, bound: float, timed: bool, aggregate: dict | None) -> Path:
   """report.md: the plan per site and GEMM, MERE learned vs N(0, 1) vs real per GEMM, the Probe's overhead."""
   lines = [f"# Precision plan for {run}", ""]
-  ov = probe.get("probe_overhead")
+  ov, secs = probe.get("probe_overhead"), probe.get("probe_seconds")  # None: a run without summary.json
   lines += [f"Probe: every {probe.get('probe_every')} steps, {probe.get('probe_updates')} updates, "
-            f"{probe.get('probe_seconds', 0.0):.2f} s timed over {probe.get('probe_timed_updates')} updates, "
-            "overhead " + ("not measured" if ov is None else f"{100 * ov:.2f}% of training step time") + ".", ""]
+            + ("time not recorded" if secs is None else f"{secs:.2f} s") + f" timed over "
+            f"{probe.get('probe_timed_updates')} updates, overhead "
+            + ("not measured" if ov is None else f"{100 * ov:.2f}% of training step time") + ".", ""]
   lines += [f"Rule (jaxrec.precision.dispatch): MERE upper 95% bound < {bound} and, when timed, speedup over "
             f"XLA bf16 > 1.05, fastest wins; else bf16. Timings: {'measured on this device' if timed else 'not timed (no GPU)'}.", ""]
   lines += ["## Plan", "", "| site | K | N | GEMM | choice | MERE [95% CI] | speedup | reason |", "|---|---|---|---|---|---|---|---|"]
@@ -70,7 +71,8 @@ def write_report(path: Path, *, run: str, sites: list[tuple[str, int, int]], can
     for s, _, _ in sites:
       for c in candidates:
         le, st, re = (mere[s][x][c][g]["mean"] for x in SETTINGS)
-        lines.append(f"| {s} | {c} | {le:.4f} | {st:.4f} | {re:.4f} | {le / st:.2f} | {abs(le - re) < abs(st - re)} |")
+        ratio = f"{le / st:.2f}" if st > 0 else "-"  # "f32" is the reference itself: MERE 0
+        lines.append(f"| {s} | {c} | {le:.4f} | {st:.4f} | {re:.4f} | {ratio} | {abs(le - re) < abs(st - re)} |")
   if aggregate:
     lines += ["", "## Aggregate GEMM time (training step: fwd + dgrad + wgrad)", "", "```", str(aggregate), "```"]
   path = Path(path)

@@ -147,6 +147,15 @@ def test_mere_study_summary_counts():
       (3.0 * 0.5 * 2.0 * 0.4) ** 0.25)
 
 
+def test_mere_study_summary_with_the_f32_candidate():
+  """--candidates f32,...: the reference itself has MERE 0 on N(0, 1), which divided by zero."""
+  from train import mere_study
+  s = mere_study.summarise([{"learned": 0.0, "standard": 0.0, "real": 0.0},
+                            {"learned": 2.0, "standard": 1.0, "real": 4.0}])
+  assert (s["pairs"], s["learned_above_standard"], s["learned_closer_to_real"]) == (2, 1, 1)
+  assert s["geo_learned_over_standard"] == pytest.approx(2.0) and s["geo_real_over_standard"] == pytest.approx(4.0)
+
+
 def test_mere_study_needs_runs_and_known_metrics(tmp_path, capsys):
   from train import mere_study
   with pytest.raises(SystemExit):

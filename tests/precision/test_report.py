@@ -1,0 +1,30 @@
+"""report.md of train.probe: written for every run train.probe accepts."""
+
+from jaxrec.precision.error_model import GEMMS
+from jaxrec.precision.report import SETTINGS, write_report
+
+PROBE_KEYS = ("probe_every", "probe_updates", "probe_timed_updates", "probe_seconds", "probe_overhead")
+
+
+def _mere(values: dict[str, float]) -> dict:
+  e = lambda v: {"mean": v, "low": v, "high": v, "confidence": 0.95, "samples": 2}  # noqa: E731
+  return {"s": {st: {c: {g: e(v) for g in GEMMS} for c, v in values.items()} for st in SETTINGS}}
+
+
+def test_report_of_a_run_without_summary_and_with_the_f32_candidate(tmp_path):
+  """--from_run of a run killed after a checkpoint (no summary.json: every probe field None) raised
+  TypeError on the probe time; --candidates f32,... (MERE exactly 0 on N(0, 1)) ZeroDivisionError."""
+  rows = [{"site": "s", "gemm": g, "candidate": "xla_bf16", "speedup": "not timed", "reason": "r",
+           "mere": {"mean": 0.002, "low": 0.001, "high": 0.003}} for g in GEMMS]
+  path = write_report(tmp_path / "report.md", run="r", sites=[("s", 8, 4)], candidates=["f32", "bf16"],
+                      mere=_mere({"f32": 0.0, "bf16": 0.002}), rows=rows, probe=dict.fromkeys(PROBE_KEYS), bound=0.1,
+                      timed=False, aggregate=None)
+  text = path.read_text()
+  assert "time not recorded" in text and "overhead not measured" in text
+  assert "| s | f32 | 0.0000 | 0.0000 | 0.0000 | - |" in text
+  assert "| s | bf16 | 0.0020 | 0.0020 | 0.0020 | 1.00 |" in text
+  probe = dict(zip(PROBE_KEYS, (10, 3, 1, 0.5, 0.01)))
+  text = write_report(tmp_path / "r2.md", run="r", sites=[("s", 8, 4)], candidates=["bf16"],
+                      mere=_mere({"bf16": 0.002}), rows=rows, probe=probe, bound=0.1, timed=False,
+                      aggregate=None).read_text()
+  assert "every 10 steps, 3 updates, 0.50 s timed over 1 updates, overhead 1.00% of training step time." in text
