@@ -8,7 +8,8 @@ Four ads-world training runs with the same seeds, data and steps (in bf16 comput
     mods_plan       the Mods model                               the Probe's precision plan
 
 The plan comes from `--plan PATH` (a precision_plan.json of `python -m train.probe` on the same
-Mods model), else `python -m train.probe` runs first into WORKDIR/probe. Writes fp8_study.json and
+Mods model), else `python -m train.probe` runs first into WORKDIR/probe (its own training steps
+and Probe cadence; this study's --data, --optim and --seed). Writes fp8_study.json and
 fp8_study.md (eval NE, relative NE change against the bf16 run of the same model, AUC,
 examples/s) to --workdir. On CPU the FP8 GEMMs are XLA's fake-quant numerics (the same values the
 Pallas kernels compute), so the quality comparison holds; the speed figures do not (GPU only).
@@ -70,8 +71,9 @@ def run(args: Args) -> dict:
   plan_path = args.plan
   if not plan_path:
     pdir = wd / "probe"
-    if probe_entry.main(["--workdir", str(pdir), "--data.batch_size", str(args.data.batch_size)]) != 0:
-      raise RuntimeError("python -m train.probe failed (see its error above)")
+    # the study's data, optimizer and seed: the plan must come from the Mods model the study trains
+    probe_entry.run(probe_entry.Args(workdir=str(pdir), data=args.data, optim=args.optim, fresh=args.fresh,
+                                     model=ModelConfig(dcnv2=probe_entry.MODS, seed=args.seed)))
     plan_path = str(pdir / "precision_plan.json")
   if not Path(plan_path).exists():
     raise FileNotFoundError(f"no precision plan at {plan_path}")

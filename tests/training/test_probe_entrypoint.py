@@ -102,6 +102,25 @@ def test_fp8_study_runs_the_four_models_with_the_plan(probed, tmp_path):
   assert "| mods_plan |" in (wd / "fp8_study.md").read_text()
 
 
+def test_fp8_study_probes_the_studys_data_and_seed(tmp_path, monkeypatch, capsys):
+  """Without --plan the probe run got only --data.batch_size: it trained on the default data (not
+  --data.train / --data.world ...), optimizer and seed, so the plan came from another model."""
+  from train import fp8_study
+  seen = []
+
+  def fake_run(args):
+    seen.append(args)
+    raise ValueError("stop here")
+
+  monkeypatch.setattr(probe, "run", fake_run)
+  assert fp8_study.main(["--workdir", str(tmp_path / "s"), "--data.batch_size", "128", "--data.eval_examples", "512",
+                         "--data.world.seed", "7", "--optim.dense_lr", "0.003", "--seed", "5"]) == 2
+  (args,) = seen
+  assert (args.data.batch_size, args.data.eval_examples, args.data.world.seed) == (128, 512, 7)
+  assert args.optim.dense_lr == 0.003 and args.model.seed == 5 and args.model.dcnv2 == probe.MODS
+  assert args.workdir == str(tmp_path / "s" / "probe") and "stop here" in capsys.readouterr().err
+
+
 def test_fp8_study_bad_numerics(tmp_path, capsys):
   from train import fp8_study
   with pytest.raises(SystemExit):
