@@ -133,9 +133,14 @@ class PrecisionPlan:
 
   @classmethod
   def from_json(cls, d: dict) -> "PrecisionPlan":
+    """The plan of `to_json`'s {"default": ..., "sites": ...} (either may be left out, not both);
+    ValueError for other keys, so that another JSON file is not read as an all-bf16 plan."""
     def site(s: dict) -> SitePrecision:
       return SitePrecision(**{g: GemmChoice(**s[g]) for g in GEMMS})
 
+    if not isinstance(d, dict) or not d.keys() & {"default", "sites"} or d.keys() - {"default", "sites"}:
+      raise ValueError(f"a precision plan is a JSON object with keys 'default' and 'sites', got "
+                       f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
     return cls(sites={k: site(v) for k, v in d.get("sites", {}).items()},
                default=site(d["default"]) if "default" in d else SitePrecision())
 
