@@ -19,6 +19,7 @@ The statistics are an explicit pytree (`ProbeState`), saved next to the run as `
 from __future__ import annotations
 
 import dataclasses
+import os
 import zipfile
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class ProbeState:
     return ProbeState(new_acts, new_w, self.updates + 1, new_grads)
 
   def save(self, path: str | Path) -> None:
+    """Writes the statistics to `path` (probe_stats.npz), replacing it atomically."""
     arrays = {"updates": np.asarray(self.updates)}
     for s, w in self.acts.items():
       arrays.update({f"act/{s}/count": w.count, f"act/{s}/mean": w.mean, f"act/{s}/m2": w.m2})
@@ -88,7 +90,12 @@ class ProbeState:
       arrays.update({f"w/{s}/mean": e.mean, f"w/{s}/u": e.u, f"w/{s}/v": e.v})
     for s, w in self.grads.items():
       arrays.update({f"dy/{s}/count": w.count, f"dy/{s}/mean": w.mean, f"dy/{s}/m2": w.m2})
-    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    # atomic (temporary file, then rename): a run killed while saving keeps the statistics saved last
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str | Path, weight_decay: float = 0.9) -> "ProbeState":
@@ -106,6 +113,6 @@ class ProbeState:
         grads = {s: Welford(jnp.asarray(z[f"dy/{s}/count"]), jnp.asarray(z[f"dy/{s}/mean"]),
                             jnp.asarray(z[f"dy/{s}/m2"])) for s in sites if f"dy/{s}/count" in z.files}
         updates = jnp.asarray(z["updates"])
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
       raise ValueError(f"{path}: not a probe_stats.npz of python -m train.ranker --probe.every N ({e})") from None
     return cls(acts, weights, updates, grads)

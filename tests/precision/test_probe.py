@@ -1,5 +1,7 @@
 """ProbeState: streaming statistics per GEMM site equal the batch statistics; save/load round trip."""
 
+import zipfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +124,32 @@ def test_truncated_or_incomplete_statistics_are_a_clear_error(tmp_path):
   z = dict(np.load(tmp_path / "p.npz"))
   np.savez(tmp_path / "part.npz", **{k: v for k, v in z.items() if k != "w/a/u"})
   np.save(tmp_path / "array.npy", np.ones(3))
-  for name in ("cut.npz", "part.npz", "array.npy", "none.npz"):
+  with zipfile.ZipFile(tmp_path / "p.npz") as src, zipfile.ZipFile(tmp_path / "empty.npz", "w") as dst:
+    for name in src.namelist():  # one array written only in part (np.savez killed mid-write)
+      dst.writestr(name, b"" if name == "act/a/m2.npy" else src.read(name))
+  for name in ("cut.npz", "part.npz", "array.npy", "empty.npz", "none.npz"):
     with pytest.raises(ValueError, match="not a probe_stats.npz"):
       ProbeState.load(tmp_path / name)
+
+
+def test_a_save_interrupted_midway_keeps_the_previous_statistics(tmp_path, monkeypatch):
+  """The training loop saves probe_stats.npz at every checkpoint; np.savez wrote over the file in
+  place, so a run killed (Ctrl-C) while saving lost the statistics and could not resume them."""
+  st = ProbeState.init(SITES).update(next(batches(0)), weights(0), max_rows=16, grads=grads(0))
+  st.save(tmp_path / "p.npz")
+  later = st.update(next(batches(1)), weights(1), max_rows=16, grads=grads(1))
+  write_array, calls = np.lib.format.write_array, []
+
+  def killed(*a, **k):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return write_array(*a, **k)
+
+  monkeypatch.setattr(np.lib.format, "write_array", killed)
+  with pytest.raises(KeyboardInterrupt):
+    later.save(tmp_path / "p.npz")
+  monkeypatch.undo()
+  back = ProbeState.load(tmp_path / "p.npz")
+  assert int(back.updates) == 1
+  np.testing.assert_array_equal(np.asarray(back.acts["a"].m2), np.asarray(st.acts["a"].m2))
