@@ -54,6 +54,10 @@ def check_sampling(candidates: tuple[str, ...], samples: int, rows: int) -> None
   get_candidates(candidates)
 
 
+TRAINING_FIELDS = ("data", "model", "optim", "train", "probe", "fresh")
+"""Args fields that configure the training run (not used with --from_run)"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Args:
   workdir: str = "runs/probe"
@@ -84,6 +88,12 @@ class Args:
 
   def __post_init__(self):
     check_sampling(self.candidates, self.samples, self.rows)
+    if self.from_run:  # the run's own config.json says how it was trained and which data it evaluates
+      ignored = [f.name for f in dataclasses.fields(self)
+                 if f.name in TRAINING_FIELDS and getattr(self, f.name) != f.default]
+      if ignored:
+        raise ValueError(f"--from_run probes the run as it was trained: --{', --'.join(ignored)} (training options) "
+                         "would be ignored; leave them out")
     if not self.bound > 0:
       raise ValueError(f"--bound must be > 0, got {self.bound}")
     if self.plan_batch < 0:

@@ -201,6 +201,12 @@ def test_probe_refuses_bad_options_before_training(tmp_path, capsys):
       probe.main(["--workdir", str(tmp_path / "p")] + bad)
     assert says in capsys.readouterr().err
   assert not (tmp_path / "p").exists()
+  # --from_run probes the run as trained: training options were accepted and silently ignored
+  for bad in (["--data.eval_examples", "1000"], ["--probe.every", "5"], ["--fresh"]):
+    with pytest.raises(SystemExit):
+      probe.main(["--workdir", str(tmp_path / "p"), "--from_run", str(tmp_path)] + bad)
+    assert "--from_run probes the run as it was trained: --" + bad[0].split(".")[0][2:] in capsys.readouterr().err
+  assert not (tmp_path / "p").exists()
 
 
 def test_bench_precision_times_each_variant_and_checks_outputs(probed, tmp_path, capsys):
