@@ -78,7 +78,8 @@ class Args:
   bound: float = dispatch.DEFAULT_BOUND
   """Dispatch's MERE bound (upper end of the 95% interval)"""
   plan_batch: int = 0
-  """batch M of the GEMMs Dispatch times on a GPU (0 = --data.batch_size)"""
+  """batch M of the GEMMs Dispatch times on a GPU (0 = the run's --data.batch_size over this machine's
+  device count: each device's M under data-parallel training)"""
   timing_cache: str = str(dispatch.DEFAULT_CACHE_PATH)
   """Dispatch's on-disk timing cache (GPU only)"""
   seed: int = 0
@@ -97,7 +98,7 @@ class Args:
     if not self.bound > 0:
       raise ValueError(f"--bound must be > 0, got {self.bound}")
     if self.plan_batch < 0:
-      raise ValueError(f"--plan_batch must be >= 0 (0 = --data.batch_size), got {self.plan_batch}")
+      raise ValueError(f"--plan_batch must be >= 0 (0 = --data.batch_size / devices), got {self.plan_batch}")
 
 
 def load_stats(path: Path) -> ProbeState:
@@ -186,7 +187,7 @@ def run(args: Args) -> dict:
     raise ValueError(f"probe_stats.npz of {run_dir} lacks GEMM sites {missing} of the model")
   mere = measure(args, sites, stats, model, eval_src)
 
-  batch = args.plan_batch or cfg.data.batch_size
+  batch = args.plan_batch or max(1, cfg.data.batch_size // jax.device_count())
   on_gpu = jax.default_backend() == "gpu"
   timings = None
   if on_gpu:
