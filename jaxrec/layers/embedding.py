@@ -72,7 +72,10 @@ def hash_ids(ids: jax.Array) -> jax.Array:
 
 
 class FusedEmbedding(nnx.Module):
-  """One [R, D] table holding every feature's rows. The parameter is `self.table`."""
+  """One [R, D] table holding every feature's rows. The parameter is `self.table`.
+
+  Its first `used_rows` rows are the features'; the rest only pad R to a multiple of `row_multiple`
+  and are never looked up."""
 
   def __init__(self, tables: tuple[TableConfig, ...], *, row_multiple: int = 1,
                init_scale: float | None = None, rngs: nnx.Rngs):
@@ -86,6 +89,7 @@ class FusedEmbedding(nnx.Module):
     offsets = np.cumsum([0] + [t.num_rows for t in tables])
     self.offsets = tuple(int(o) for o in offsets[:-1])
     used = int(offsets[-1])
+    self.used_rows = used
     self.num_rows = -(-used // row_multiple) * row_multiple
     scale = init_scale if init_scale is not None else 1.0 / np.sqrt(self.dim)
     init = jax.random.uniform(rngs.params(), (self.num_rows, self.dim), jnp.float32, -scale, scale)

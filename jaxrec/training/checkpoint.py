@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 
 from jaxrec.training.state import TrainState
 
+FIELDS = ("step", "params", "opt_state", "table", "table_acc")  # what every checkpoint holds; newer ones add fp8
+
 
 class Checkpointer:
 
@@ -31,19 +33,41 @@ class Checkpointer:
   def save(self, step: int, state: TrainState) -> None:
     self.manager.save(step, args=ocp.args.StandardSave(state))
 
-  def restore(self, abstract: TrainState, shardings: TrainState, step: int | None = None) -> TrainState:
+  def restore(self, abstract: TrainState, shardings: TrainState, step: int | None = None, *,
+              table_rows_used: int | None = None) -> TrainState:
+    """The checkpoint at `step` (default the newest), restored into `abstract` with `shardings`.
+
+    table_rows_used: the rows of the embedding table the model's features own
+    (`state.table_rows_used`). The rows past them only pad the table to a multiple of the training
+    devices, so a run trained on another device count saved another row count; given this, such a
+    checkpoint restores, its padding rows dropped or zero rows added. Any other difference in
+    shape is a ValueError naming the arrays (the checkpoint was written for another model).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    if "fp8" in self.manager.item_metadata(step):
-      return self.manager.restore(step, args=ocp.args.StandardRestore(target))
-    # written before TrainState had `fp8` (2026-12-06): fine for a model without fp8_delayed sites
-    if abstract.fp8:
-      raise ValueError(f"the checkpoint at step {step} under {self.directory} predates fp8 amax histories, and "
-                       "this model has fp8_delayed sites: it cannot be restored into it")
-    rest = {f: getattr(target, f) for f in ("step", "params", "opt_state", "table", "table_acc")}
-    return TrainState(**self.manager.restore(step, args=ocp.args.StandardRestore(rest)), fp8={})
+    meta = self.manager.item_metadata(step)
+    fields = FIELDS + ("fp8",)
+    if "fp8" not in meta:
+      # written before TrainState had `fp8` (2026-12-06): fine for a model without fp8_delayed sites
+      if abstract.fp8:
+        raise ValueError(f"the checkpoint at step {step} under {self.directory} predates fp8 amax histories, and "
+                         "this model has fp8_delayed sites: it cannot be restored into it")
+      fields = FIELDS
+    want = {f: getattr(target, f) for f in fields}
+    saved, wanted = _shapes({f: meta[f] for f in fields}), _shapes(want)
+    differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    def padding(k: str) -> bool:  # only the table's padding rows differ
+      return (k in ("table", "table_acc") and table_rows_used is not None and saved[k][1:] == wanted[k][1:]
+              and min(saved[k][0], wanted[k][0]) >= table_rows_used)
+
+    if not all(padding(k) for k in differ):
+      shown = ", ".join(f"{k}: saved {saved.get(k)}, this model {wanted.get(k)}" for k in differ[:3])
+      raise ValueError(f"the checkpoint at step {step} under {self.directory} was written for another model ({shown}"
+                       f"{', ...' if len(differ) > 3 else ''}): it cannot be restored into this one")
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(want, strict=not differ))
+    return TrainState(**{"fp8": {}, **restored})
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -51,3 +75,12 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{"params/top/layers/0/kernel": shape, ...} of a state tree or of a checkpoint's metadata tree
+  (which spells a namedtuple's fields and a list's indices as dict keys)."""
+  def name(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

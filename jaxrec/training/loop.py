@@ -40,7 +40,7 @@ from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.precision.probe import ProbeConfig, ProbeState
 from jaxrec.training.probe_step import init_probe_state, make_probe_step, place as place_probe
-from jaxrec.training.state import TrainState, plan_train_state
+from jaxrec.training.state import TrainState, plan_train_state, table_rows_used
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
 
@@ -222,11 +222,12 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
   n_dev = mesh.devices.size
   tx = dense_optimizer(cfg.optim)
-  graphdef, init, abstract, state_sh = plan_train_state(
-      lambda: build_model(schema, cfg.model, row_multiple=n_dev), tx, mesh)
+  model_fn = lambda: build_model(schema, cfg.model, row_multiple=n_dev)  # noqa: E731
+  graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
 
   ckpt = Checkpointer(workdir, max_to_keep=cfg.train.max_to_keep)
-  state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh)
+  state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
+                                                                   table_rows_used=table_rows_used(model_fn))
   start = int(state.step)
 
   train_bsh = batch_shardings(mesh, train_src.has_truth)

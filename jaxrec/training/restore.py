@@ -19,7 +19,7 @@ from jaxrec.data.batch import Schema
 from jaxrec.models import build_model, is_plan_file
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.loop import TRAINED_PLAN, RankerConfig
-from jaxrec.training.state import TrainState, plan_train_state
+from jaxrec.training.state import TrainState, plan_train_state, table_rows_used
 from jaxrec.training.step import dense_optimizer
 
 
@@ -57,13 +57,13 @@ def read_run(workdir: str | Path) -> tuple[RankerConfig, Schema]:
 def restore_ranker(cfg: RankerConfig, schema: Schema, workdir: str | Path, mesh: Mesh, *, row_multiple: int,
                    step: int | None = None) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, state, state shardings) of the checkpoint at `step` (default the newest), restored
-  onto `mesh`. `row_multiple` must be what the run padded its embedding table's rows to (its
-  training devices)."""
-  graphdef, _, abstract, state_sh = plan_train_state(
-      lambda: build_model(schema, cfg.model, row_multiple=row_multiple), dense_optimizer(cfg.optim), mesh)
+  onto `mesh`, its embedding table's rows padded to a multiple of `row_multiple` (any value: rows
+  past the features' only pad the table, so a run trained on any device count restores)."""
+  model_fn = lambda: build_model(schema, cfg.model, row_multiple=row_multiple)  # noqa: E731
+  graphdef, _, abstract, state_sh = plan_train_state(model_fn, dense_optimizer(cfg.optim), mesh)
   ckpt = Checkpointer(workdir)
   try:
-    state = ckpt.restore(abstract, state_sh, step)
+    state = ckpt.restore(abstract, state_sh, step, table_rows_used=table_rows_used(model_fn))
   finally:
     ckpt.close()
   return graphdef, state, state_sh

@@ -93,6 +93,12 @@ def plan_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTrans
   return graphdef, jax.jit(init, out_shardings=shardings), abstract, shardings
 
 
+def table_rows_used(model_fn: Callable[[], nnx.Module]) -> int:
+  """The rows of the model's embedding table that its features own (the rest pad it to a row
+  multiple; `Checkpointer.restore` takes this to restore a run trained on another device count)."""
+  return nnx.eval_shape(model_fn).embedding.used_rows
+
+
 def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                        mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """A freshly initialised state: (graphdef, state, shardings of the state)."""

@@ -46,7 +46,7 @@ from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
 from jaxrec.training.loop import (LoopConfig, WorkdirConflictError, append_jsonl, checked_mean_loss,
                                   drop_records_after, prepare_workdir)
-from jaxrec.training.state import TrainState, merge_model, plan_train_state
+from jaxrec.training.state import TrainState, merge_model, plan_train_state, table_rows_used
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
 CONFIG_FILE = "user_model.json"
@@ -121,10 +121,11 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   tx = dense_optimizer(cfg.optim)
   n_dev = mesh.devices.size
   (workdir / TABLE_FILE).write_text(json.dumps({"row_multiple": n_dev}) + "\n")
-  graphdef, init, abstract, state_sh = plan_train_state(
-      lambda: build_user_tower(schema, cfg.model, row_multiple=n_dev), tx, mesh)
+  model_fn = lambda: build_user_tower(schema, cfg.model, row_multiple=n_dev)  # noqa: E731
+  graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
   ckpt = Checkpointer(workdir, max_to_keep=cfg.train.max_to_keep)
-  state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh)
+  state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
+                                                                   table_rows_used=table_rows_used(model_fn))
   start = int(state.step)
   train_bsh, eval_bsh = batch_shardings(mesh, True), batch_shardings(mesh, True)
   train_step = make_train_step(graphdef, tx, cfg.optim, state_sh, train_bsh)
@@ -324,9 +325,9 @@ def load_user_model(workdir: str | Path, step: int | None = None) -> FrozenUserT
     if ckpt.latest_step() is None:
       raise UserModelError(f"user model {str(workdir)!r} has no checkpoint yet; {hint}")
     mesh = sharding.make_mesh(1)
-    graphdef, _, abstract, state_sh = plan_train_state(
-        lambda: build_user_tower(schema, cfg.model, row_multiple=row_multiple), dense_optimizer(cfg.optim), mesh)
-    state = ckpt.restore(abstract, state_sh, step)
+    model_fn = lambda: build_user_tower(schema, cfg.model, row_multiple=row_multiple)  # noqa: E731
+    graphdef, _, abstract, state_sh = plan_train_state(model_fn, dense_optimizer(cfg.optim), mesh)
+    state = ckpt.restore(abstract, state_sh, step, table_rows_used=table_rows_used(model_fn))
   finally:
     ckpt.close()
   if stats is None:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -196,3 +197,21 @@ def test_a_ranker_and_a_user_model_never_share_a_workdir(tmp_path, capsys):
   assert ranker.main(["--workdir", str(wd), "--fresh", "--train.steps", "2"] + SMOKE) == 2
   assert "holds checkpoints but no config.json" in capsys.readouterr().err
   assert (wd / "checkpoints" / "4").exists() and not (wd / "config.json").exists()
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices (tests/conftest.py sets XLA_FLAGS)")
+def test_a_run_resumes_and_restores_on_another_device_count(tmp_path):
+  """The ads world's 1443 table rows pad to 1448 on 8 devices: a run trained on 1 device resumes on 8,
+  and restores on 1 (as serving and train.probe --from_run do) with another row multiple."""
+  from jaxrec.training import sharding
+  from jaxrec.training.restore import read_run, restore_ranker
+  wd = tmp_path / "run"
+  common = ["--workdir", str(wd), "--train.checkpoint_every", "2"] + SMOKE[:-2]  # without --train.num_devices
+  assert ranker.main(common + ["--train.steps", "2", "--train.num_devices", "1"]) == 0
+  assert ranker.main(common + ["--train.steps", "4", "--train.num_devices", "8"]) == 0
+  saved = final_params(wd, 4)
+  assert int(saved["step"]) == 4 and saved["table"].shape == (1448, 8)
+  cfg, schema = read_run(wd)
+  _, state, _ = restore_ranker(cfg, schema, wd, sharding.make_mesh(1), row_multiple=1)
+  assert state.table.shape == (1443, 8)
+  np.testing.assert_array_equal(np.asarray(state.table), saved["table"][:1443])
