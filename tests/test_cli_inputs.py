@@ -82,6 +82,10 @@ def test_resuming_drops_the_records_logged_after_the_checkpoint(tmp_path):
   drop_records_after(path, 10)
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [5, 10]
   drop_records_after(tmp_path / "absent.jsonl", 3)  # nothing to do
+  records = ({"step": 10, "train/loss": 0.5}, {"step": 10, "eval/click/ne": 0.9})
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  drop_records_after(path, 10, evals_at_step=True)  # a finished run evaluates its last step again
+  assert [json.loads(l) for l in path.read_text().splitlines()] == [{"step": 10, "train/loss": 0.5}]
 
 
 def test_mere_study_checks_its_output_directory_first(tmp_path, capsys):

@@ -185,13 +185,17 @@ def evaluate(eval_step, state: TrainState, source: BatchSource, schema: Schema, 
   return acc.result()
 
 
-def drop_records_after(path: Path, step: int) -> None:
-  """Removes the records of steps after `step` from a metrics.jsonl (a resumed run logs them again)."""
+def drop_records_after(path: Path, step: int, *, evals_at_step: bool = False) -> None:
+  """Removes the records of steps after `step` from a metrics.jsonl (a resumed run logs them again),
+  and with `evals_at_step` the eval records of `step` itself (a finished run, run again, evaluates
+  its last step again)."""
   if not path.exists():
     return
   def keep(line: str) -> bool:
     try:
-      return json.loads(line).get("step", 0) <= step
+      record = json.loads(line)
+      at = record.get("step", 0)
+      return at < step or (at == step and not (evals_at_step and any(k.startswith("eval/") for k in record)))
     except (ValueError, AttributeError):  # a line the killed run left half-written
       return False
 
@@ -249,8 +253,9 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
           loaded = loaded.replace(grads=jax.device_get(fresh_probe.grads))
         probe_state = place_probe(loaded, mesh)
   metrics_path = workdir / "metrics.jsonl"
-  drop_records_after(metrics_path, start)  # logged by the killed run after its last checkpoint
   steps, bs = cfg.train.steps, cfg.data.batch_size
+  # logged by the killed run after its last checkpoint; a run with no steps left re-evaluates its last
+  drop_records_after(metrics_path, start, evals_at_step=start >= steps)
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
   timed_steps, timed_seconds = 0, 0.0

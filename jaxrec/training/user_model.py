@@ -136,7 +136,8 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
                               lambda b: jax.device_put(b, eval_bsh))
 
   metrics_path = workdir / "metrics.jsonl"
-  drop_records_after(metrics_path, start)  # logged by a killed run after its last checkpoint
+  # logged by a killed run after its last checkpoint; a run with no steps left re-evaluates its last
+  drop_records_after(metrics_path, start, evals_at_step=start >= steps)
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
   timed_steps, timed_seconds, t_mark = 0, 0.0, None

@@ -112,5 +112,7 @@ def test_entrypoint_runs_writes_and_restores(tmp_path, capsys):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in flat)
   # a second run resumes (nothing left to train) and refuses a different model config
   assert user_model.main(args) == 0
+  evals = [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines() if "eval/click/ne" in l]
+  assert evals == [8]  # evaluated again in place of the first run's record
   assert user_model.main(args + ["--model.emb_dim", "4"]) == 2
   assert "different 'model' config" in capsys.readouterr().err

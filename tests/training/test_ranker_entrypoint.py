@@ -215,3 +215,16 @@ def test_a_run_resumes_and_restores_on_another_device_count(tmp_path):
   _, state, _ = restore_ranker(cfg, schema, wd, sharding.make_mesh(1), row_multiple=1)
   assert state.table.shape == (1443, 8)
   np.testing.assert_array_equal(np.asarray(state.table), saved["table"][:1443])
+
+
+def test_running_a_finished_run_again_logs_its_final_eval_once(tmp_path):
+  wd = tmp_path / "run"
+  args = ["--workdir", str(wd), "--train.steps", "4", "--train.checkpoint_every", "2",
+          "--train.eval_every", "2"] + SMOKE
+  assert ranker.main(args) == 0
+  first = (wd / "metrics.jsonl").read_text()
+  assert ranker.main(args) == 0  # nothing left to train: evaluates step 4 again, in place of the earlier record
+  records = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "eval/click/ne" in r] == [2, 4]
+  assert [r["step"] for r in records if "train/loss" in r] == [4]  # log_every 5: only the last step logs
+  assert len(records) == len(first.splitlines())
