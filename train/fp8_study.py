@@ -65,6 +65,11 @@ def runs(args: Args, plan_path: str) -> dict[str, ModelConfig]:
   }
 
 
+def _rate(examples_per_sec: float | None) -> str:
+  """None where the run's process timed no steps (resumed with at most one left, or already finished)."""
+  return "-" if examples_per_sec is None else f"{examples_per_sec:,.0f}"
+
+
 def run(args: Args) -> dict:
   wd = Path(args.workdir)
   make_workdir(wd)
@@ -94,7 +99,8 @@ def run(args: Args) -> dict:
   for name, r in results.items():
     ch = r.get("ne_change_vs_bf16")
     lines.append(f"| {name} | {desc[name][0]} | {desc[name][1]} | {r['eval_ne']:.5f} | "
-                 f"{'-' if ch is None else f'{100 * ch:+.3f}%'} | {r['eval_auc']:.4f} | {r['examples_per_sec']:,.0f} |")
+                 f"{'-' if ch is None else f'{100 * ch:+.3f}%'} | {r['eval_auc']:.4f} | "
+                 f"{_rate(r['examples_per_sec'])} |")
   (wd / "fp8_study.md").write_text("\n".join(lines) + "\n")
   return out
 

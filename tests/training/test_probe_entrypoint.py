@@ -89,9 +89,10 @@ def test_probe_off_is_refused(tmp_path, capsys):
 def test_fp8_study_runs_the_four_models_with_the_plan(probed, tmp_path):
   from train import fp8_study
   wd = tmp_path / "study"
-  assert fp8_study.main(["--workdir", str(wd), "--plan", str(probed / "precision_plan.json"), "--train.steps", "8",
-                         "--train.log_every", "4", "--train.checkpoint_every", "8", "--data.batch_size", "128",
-                         "--data.eval_examples", "512", "--train.num_devices", "1"]) == 0
+  args = ["--workdir", str(wd), "--plan", str(probed / "precision_plan.json"), "--train.steps", "8",
+          "--train.log_every", "4", "--train.checkpoint_every", "8", "--data.batch_size", "128",
+          "--data.eval_examples", "512", "--train.num_devices", "1"]
+  assert fp8_study.main(args) == 0
   out = json.loads((wd / "fp8_study.json").read_text())
   r = out["results"]
   assert set(r) == {"baseline", "baseline_fp8", "mods", "mods_plan"}
@@ -99,6 +100,10 @@ def test_fp8_study_runs_the_four_models_with_the_plan(probed, tmp_path):
   assert r["baseline_fp8"]["eval_ne"] != r["baseline"]["eval_ne"]  # FP8 numerics really ran
   cfg = json.loads((wd / "mods_plan" / "config.json").read_text())
   assert cfg["model"]["precision_plan"] == str(probed / "precision_plan.json")
+  assert "| mods_plan |" in (wd / "fp8_study.md").read_text()
+  # run again (as after an interruption): the finished runs time no steps, so their throughput is unknown
+  assert fp8_study.main(args) == 0
+  assert all(v["examples_per_sec"] is None for v in json.loads((wd / "fp8_study.json").read_text())["results"].values())
   assert "| mods_plan |" in (wd / "fp8_study.md").read_text()
 
 
