@@ -205,6 +205,18 @@ def drop_records_after(path: Path, step: int, *, evals_at_step: bool = False) ->
     path.write_text("".join(kept))
 
 
+def open_checkpointer(workdir: Path, max_to_keep: int, steps: int) -> Checkpointer:
+  """The workdir's Checkpointer; WorkdirConflictError when its newest checkpoint is past `steps`
+  (resuming would train nothing and report that later step as if asked for)."""
+  ckpt = Checkpointer(workdir, max_to_keep=max_to_keep)
+  latest = ckpt.latest_step()
+  if latest is not None and latest > steps:
+    ckpt.close()
+    raise WorkdirConflictError(f"{workdir} holds a checkpoint at step {latest:,}, past --train.steps {steps:,}: pass "
+                               f"--train.steps {latest} or more to go on from it, or --fresh to start over")
+  return ckpt
+
+
 def append_jsonl(path: Path, record: dict) -> None:
   """Appends one JSON record as a line (metrics.jsonl)."""
   with path.open("a") as f:
@@ -229,7 +241,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   model_fn = lambda: build_model(schema, cfg.model, row_multiple=n_dev)  # noqa: E731
   graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
 
-  ckpt = Checkpointer(workdir, max_to_keep=cfg.train.max_to_keep)
+  ckpt = open_checkpointer(workdir, cfg.train.max_to_keep, cfg.train.steps)
   state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
                                                                    table_rows_used=table_rows_used(model_fn))
   start = int(state.step)

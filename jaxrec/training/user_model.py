@@ -45,7 +45,7 @@ from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
 from jaxrec.training.loop import (LoopConfig, WorkdirConflictError, append_jsonl, checked_mean_loss,
-                                  drop_records_after, prepare_workdir)
+                                  drop_records_after, open_checkpointer, prepare_workdir)
 from jaxrec.training.state import TrainState, merge_model, plan_train_state, table_rows_used
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
@@ -123,7 +123,7 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   (workdir / TABLE_FILE).write_text(json.dumps({"row_multiple": n_dev}) + "\n")
   model_fn = lambda: build_user_tower(schema, cfg.model, row_multiple=n_dev)  # noqa: E731
   graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
-  ckpt = Checkpointer(workdir, max_to_keep=cfg.train.max_to_keep)
+  ckpt = open_checkpointer(workdir, cfg.train.max_to_keep, steps)
   state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
                                                                    table_rows_used=table_rows_used(model_fn))
   start = int(state.step)
@@ -140,25 +140,25 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   drop_records_after(metrics_path, start, evals_at_step=start >= steps)
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
-  timed_steps, timed_seconds, t_mark = 0, 0.0, None
+  timed_steps, timed_seconds, t_mark, seg_steps = 0, 0.0, None, 0  # timed segments end at a log, eval or checkpoint
   try:
     with progress(steps - start, "train user model", enabled=cfg.train.progress) as bar:
       for step in range(start, steps):
         state, m = train_step(state, jax.device_put(next(batches), train_bsh))
         losses.append(m["loss"])
         done = step + 1
+        seg_steps += 1
         if t_mark is None:  # the first step compiles: not timed
           jax.block_until_ready(state)
-          t_mark = time.perf_counter()
-        else:
-          timed_steps += 1
+          t_mark, seg_steps = time.perf_counter(), 0
         is_log = done % cfg.train.log_every == 0 or done == steps
         is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
         is_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
         if is_log or is_eval or is_ckpt:
           loss = checked_mean_loss(losses, done, workdir)
           losses = []
-          timed_seconds = time.perf_counter() - t_mark
+          timed_steps += seg_steps
+          timed_seconds += time.perf_counter() - t_mark
           rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
           if is_log:
             append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
@@ -167,6 +167,7 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
           if is_ckpt:
             ckpt.save(done, state)
           bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
+          seg_steps, t_mark = 0, time.perf_counter()  # the eval and checkpoint above are not training time
         bar.update(1)
   except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
     ckpt.close()

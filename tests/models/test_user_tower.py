@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,32 @@ def test_training_lowers_the_loss():
   assert np.all(np.isfinite(losses)) and last < 0.9 * first, (first, last)
 
 
+ENTRY_ARGS = ["--data.batch_size", "128", "--data.eval_batch_size", "512", "--data.eval_examples", "1024",
+              "--data.world.num_users", "500", "--data.world.num_ads", "200", "--data.world.num_advertisers", "16",
+              "--data.world.num_ad_categories", "8", "--data.world.num_user_segments", "6",
+              "--data.world.horizon_days", "7", "--data.history.max_clicks", "4", "--model.embed_dim", "8",
+              "--model.user_mlp", "16", "--model.emb_dim", "8", "--model.mix_mlp", "16", "--no-train.progress",
+              "--train.num_devices", "1"]
+
+
+def test_examples_per_sec_leaves_out_eval_time(tmp_path, monkeypatch):
+  """It used to time from the first step to the last log, evals included."""
+  from jaxrec.training import user_model as um
+  from train import user_model
+  slow = um.evaluate_by_domain
+
+  def evaluate_slowly(*a, **k):
+    time.sleep(2.0)
+    return slow(*a, **k)
+
+  monkeypatch.setattr(um, "evaluate_by_domain", evaluate_slowly)
+  wd = tmp_path / "um"
+  assert user_model.main(["--workdir", str(wd), "--train.steps", "8", "--train.eval_every", "2",
+                          "--train.log_every", "8"] + ENTRY_ARGS) == 0
+  # 7 timed steps of 128 beside 3 in-loop evals of >= 2 s: counting them would read < 150 examples/s
+  assert json.loads((wd / "summary.json").read_text())["examples_per_sec"] > 300
+
+
 def test_entrypoint_runs_writes_and_restores(tmp_path, capsys):
   from train import user_model
   wd = tmp_path / "um"
@@ -116,3 +143,6 @@ def test_entrypoint_runs_writes_and_restores(tmp_path, capsys):
   assert evals == [8]  # evaluated again in place of the first run's record
   assert user_model.main(args + ["--model.emb_dim", "4"]) == 2
   assert "different 'model' config" in capsys.readouterr().err
+  steps = args.index("--train.steps") + 1
+  assert user_model.main(args[:steps] + ["4"] + args[steps + 1:]) == 2
+  assert "checkpoint at step 8, past --train.steps 4" in capsys.readouterr().err

@@ -86,6 +86,18 @@ def test_resume_refuses_a_different_config(tmp_path, capsys):
   assert ranker.main(["--workdir", str(wd), "--train.steps", "6", "--model.kind", "logreg", "--fresh"] + SMOKE) == 0
 
 
+def test_fewer_steps_than_the_workdir_holds_is_refused(tmp_path, capsys):
+  """It used to train nothing and report the later checkpoint's step as the run asked for."""
+  wd = tmp_path / "run"
+  assert ranker.main(["--workdir", str(wd), "--train.steps", "4"] + SMOKE) == 0
+  capsys.readouterr()
+  assert ranker.main(["--workdir", str(wd), "--train.steps", "2"] + SMOKE) == 2
+  assert "checkpoint at step 4, past --train.steps 2" in capsys.readouterr().err
+  assert json.loads((wd / "summary.json").read_text())["steps"] == 4
+  assert ranker.main(["--workdir", str(wd), "--train.steps", "2", "--fresh"] + SMOKE) == 0
+  assert json.loads((wd / "summary.json").read_text())["steps"] == 2
+
+
 def test_killed_and_resumed_matches_uninterrupted(tmp_path):
   """SIGKILL a real training process after its step-20 checkpoint; the resumed run matches."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
