@@ -81,9 +81,12 @@ class ProbeState:
       new_w[s] = jax.lax.cond(self.updates == 0, lambda: start, lambda: ema.update(w))
     return ProbeState(new_acts, new_w, self.updates + 1, new_grads)
 
-  def save(self, path: str | Path) -> None:
-    """Writes the statistics to `path` (probe_stats.npz), replacing it atomically."""
+  def save(self, path: str | Path, step: int | None = None) -> None:
+    """Writes the statistics to `path` (probe_stats.npz), replacing it atomically; `step`: the
+    training step they belong to (the checkpoint saved beside them), read back by `saved_step`."""
     arrays = {"updates": np.asarray(self.updates)}
+    if step is not None:
+      arrays["step"] = np.asarray(step, np.int64)
     for s, w in self.acts.items():
       arrays.update({f"act/{s}/count": w.count, f"act/{s}/mean": w.mean, f"act/{s}/m2": w.m2})
     for s, e in self.weights.items():
@@ -96,6 +99,16 @@ class ProbeState:
     with open(tmp, "wb") as f:
       np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
     os.replace(tmp, path)
+
+  @staticmethod
+  def saved_step(path: str | Path) -> int | None:
+    """The training step `save` was given for the statistics at `path` (None: not recorded)."""
+    try:
+      with open(path, "rb") as f:
+        z = np.load(f)
+        return int(z["step"]) if hasattr(z, "files") and "step" in z.files else None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+      return None
 
   @classmethod
   def load(cls, path: str | Path, weight_decay: float = 0.9) -> "ProbeState":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -258,7 +259,13 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
     probe_step = make_probe_step(graphdef, cfg.probe, mesh)
     fresh_probe = init_probe_state(graphdef, state, cfg.probe, mesh)
     probe_state = fresh_probe
-    if start and probe_path.exists():  # resumed: continue the saved statistics
+    saved_step = ProbeState.saved_step(probe_path) if start and probe_path.exists() else None
+    if start and probe_path.exists() and saved_step not in (None, start):
+      # saved beside a checkpoint that never finished (the run was killed during its async save): its
+      # statistics hold probe updates past the checkpoint resumed from, which would count them twice
+      print(f"note: {probe_path} belongs to step {saved_step:,}, not to the checkpoint at step {start:,} this "
+            "run resumes from; the Probe's statistics start afresh", file=sys.stderr)
+    elif start and probe_path.exists():  # resumed: continue the saved statistics
       loaded = ProbeState.load(probe_path, cfg.probe.weight_decay)
       if set(loaded.acts) == set(fresh_probe.acts):
         if not loaded.grads:  # saved before output gradients were probed: start their statistics now
@@ -313,7 +320,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
           if boundary_ckpt:
             ckpt.save(done, state)
             if probe_every:
-              probe_state.save(probe_path)
+              probe_state.save(probe_path, step=done)
           bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
           seg_steps = 0
           t_mark = time.perf_counter()
@@ -343,7 +350,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
       "train_data": cfg.data.train,
   }
   if probe_every:
-    probe_state.save(probe_path)
+    probe_state.save(probe_path, step=final_step)
     train_s = timed_seconds - probe_seconds
     summary.update(probe_every=probe_every, probe_updates=int(probe_state.updates), probe_timed_updates=probe_timed,
                    probe_seconds=probe_seconds,

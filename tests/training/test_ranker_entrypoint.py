@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,25 @@ def test_fewer_steps_than_the_workdir_holds_is_refused(tmp_path, capsys):
   assert json.loads((wd / "summary.json").read_text())["steps"] == 4
   assert ranker.main(["--workdir", str(wd), "--train.steps", "2", "--fresh"] + SMOKE) == 0
   assert json.loads((wd / "summary.json").read_text())["steps"] == 2
+
+
+def test_probe_statistics_resume_with_their_checkpoint(tmp_path, capsys):
+  from jaxrec.precision.probe import ProbeState
+  common = ["--train.checkpoint_every", "5", "--probe.every", "1"] + SMOKE
+  a, b = tmp_path / "a", tmp_path / "b"
+  assert ranker.main(["--workdir", str(a), "--train.steps", "10"] + common) == 0
+  assert ranker.main(["--workdir", str(b), "--train.steps", "5"] + common) == 0
+  assert ranker.main(["--workdir", str(b), "--train.steps", "10"] + common) == 0
+  assert int(ProbeState.load(a / "probe_stats.npz").updates) == 10
+  assert int(ProbeState.load(b / "probe_stats.npz").updates) == 10  # continued, not restarted
+  assert ProbeState.saved_step(b / "probe_stats.npz") == 10
+  # killed after the statistics of step 10 were written but before its async checkpoint finished:
+  # resuming from step 5 with them would count steps 6-10 twice (15 updates)
+  shutil.rmtree(b / "checkpoints" / "10")
+  capsys.readouterr()
+  assert ranker.main(["--workdir", str(b), "--train.steps", "10"] + common) == 0
+  assert "belongs to step 10, not to the checkpoint at step 5" in capsys.readouterr().err
+  assert int(ProbeState.load(b / "probe_stats.npz").updates) == 5
 
 
 def test_killed_and_resumed_matches_uninterrupted(tmp_path):
