@@ -206,6 +206,10 @@ def _adsworld_stream(ranker: SumRanker, cfg: ReplayConfig) -> tuple[AccessStream
   req = ranker.world.requests(cfg.stream, 0.0, float(cfg.warmup_s + cfg.measure_s))
   if len(req) == 0:
     raise DataSpecError(f"the ads world's {cfg.stream!r} stream has no requests in the window")
+  if not np.any(req.timestamp_s >= cfg.warmup_s):
+    raise DataSpecError(f"the ads world's {cfg.stream!r} stream has no requests to count in [{cfg.warmup_s}, "
+                        f"{cfg.warmup_s + cfg.measure_s}) s (the world's horizon is {ranker.world.cfg.horizon_s:g} "
+                        "s): lower --warmup_s or raise --measure_s")
   stream = AccessStream(req.user_id.astype(np.int64), np.floor(req.timestamp_s).astype(np.int64), "adsworld")
   fresh = []
   chunk = 4096

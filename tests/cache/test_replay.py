@@ -159,6 +159,14 @@ def test_cli_errors_clearly(tmp_path, capsys):
   assert "not a training run's workdir" in capsys.readouterr().err
 
 
+def test_no_requests_to_count_is_a_clear_error(sum_runs, tmp_path, capsys):
+  """A warm-up past the world's horizon leaves no ads-world request to count: an error, not an IndexError."""
+  argv = ["--workdir", str(tmp_path / "out"), "--ranker", str(sum_runs / "ranker_sum" / "seed0"), "--sources",
+          "adsworld", "--warmup_s", "100000000", "--no-progress"]
+  assert replay_cli.main(argv) == 2
+  assert "no requests to count" in capsys.readouterr().err
+
+
 def test_study_under_another_request_process(sum_runs, tmp_path):
   """--requests.* replays the same world with other within-session gaps: here every within-session
   gap is a 2 s scroll, so more consecutive requests fall within 60 s and more inferences are saved."""
