@@ -107,7 +107,8 @@ class ReplayConfig:
   headline_ttl_s: int = 60
   """the direct TTL of the failure runs"""
   failure_rates: tuple[float, ...] = (0.01, 0.05)
-  """injected user-model failure rates, each replayed with and without the failover tier"""
+  """injected user-model failure rates in (0, 1], each replayed with and without the failover tier (and
+  headline_ttl_s joins the TTL sweep: their NE is compared with it, without failures)"""
   failover_ttl_s: int = 86_400
   max_requests: int = 0
   """replay only the first this many requests of each real log (0: all)"""
@@ -131,16 +132,19 @@ class ReplayConfig:
       raise ValueError("ttls_s must include 0 (the no-cache reference the NE change is measured against)")
     if any(t < 0 for t in self.soap_ttls_s) or self.headline_ttl_s < 0 or self.failover_ttl_s < 0:
       raise ValueError("soap_ttls_s, headline_ttl_s and failover_ttl_s must be >= 0")
-    if any(not 0.0 <= r <= 1.0 for r in self.failure_rates):
-      raise ValueError(f"failure_rates must be in [0, 1], got {self.failure_rates}")
+    if any(not 0.0 < r <= 1.0 for r in self.failure_rates):
+      raise ValueError(f"failure_rates must be in (0, 1] (the TTL sweep is the run without failures), got "
+                       f"{self.failure_rates}")
     if self.stabilize_m < 1 or self.eval_batch_size < 1:
       raise ValueError(f"stabilize_m and eval_batch_size must be >= 1, got {self.stabilize_m}, {self.eval_batch_size}")
     self.requests.apply(AdsWorldConfig())  # the request process's values are checked now, not after training
 
   def policies(self) -> list[tuple[str, ReplayPolicy]]:
-    """(name, policy) of every replay: the TTL sweep, then each failure rate without and with failover."""
+    """(name, policy) of every replay: the TTL sweep (with headline_ttl_s when there are failure runs, their
+    reference), then each failure rate without and with failover."""
     base = ReplayPolicy(failover_ttl_s=self.failover_ttl_s, stabilize_m=self.stabilize_m, seed=self.seed)
-    out = [(f"ttl={t}", dataclasses.replace(base, direct_ttl_s=t)) for t in sorted(set(self.ttls_s))]
+    ttls = set(self.ttls_s) | ({self.headline_ttl_s} if self.failure_rates else set())
+    out = [(f"ttl={t}", dataclasses.replace(base, direct_ttl_s=t)) for t in sorted(ttls)]
     out += [(f"soap ttl={t}", dataclasses.replace(base, direct_ttl_s=t, soap=True))
             for t in sorted(set(self.soap_ttls_s))]
     for rate in self.failure_rates:

@@ -97,10 +97,20 @@ def test_bad_streams_raise():
     ReplayConfig(ttls_s=(60,))
   with pytest.raises(ValueError, match="failure_rates must be in"):
     ReplayConfig(failure_rates=(0.05, 2.0))
+  with pytest.raises(ValueError, match="failure_rates must be in"):  # its runs would repeat the TTL sweep's rows
+    ReplayConfig(failure_rates=(0.0, 0.05))
   with pytest.raises(ValueError, match="stabilize_m and eval_batch_size"):
     ReplayConfig(stabilize_m=0)
   with pytest.raises(ValueError, match="soap_ttls_s, headline_ttl_s and failover_ttl_s"):
     ReplayConfig(soap_ttls_s=(0, -60))
+
+
+def test_failure_runs_have_their_reference_in_the_sweep():
+  """The failure runs' NE is reported against the same TTL without failures, so that TTL is replayed even
+  when --ttls_s leaves it out (else the report compared them with TTL 0, and called it 'no failures')."""
+  names = [n for n, _ in ReplayConfig(ttls_s=(0, 600), headline_ttl_s=60).policies()]
+  assert names[:3] == ["ttl=0", "ttl=60", "ttl=600"] and "ttl=60 fail=0.05 failover=on" in names
+  assert "ttl=60" not in [n for n, _ in ReplayConfig(ttls_s=(0, 600), headline_ttl_s=60, failure_rates=()).policies()]
 
 
 def test_doctest():
