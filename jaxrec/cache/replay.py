@@ -145,7 +145,7 @@ def replay(stream: AccessStream, fresh: np.ndarray, policy: ReplayPolicy) -> Tra
 def summarize(trace: Trace, window: np.ndarray | None = None) -> dict:
   """Counts over the requests in `window` (bool [R], default all): inferences saved (DIRECT share),
   fresh/failover/fallback shares, failed inferences, and served-age quantiles (s) over the rows
-  served a cached embedding (DIRECT or FAILOVER)."""
+  served a cached embedding (DIRECT or FAILOVER). Shares and ages of an empty window are NaN."""
   w = np.ones(trace.source.shape, bool) if window is None else np.asarray(window, bool)
   src = trace.source[w]
   n = int(src.size)
@@ -153,7 +153,7 @@ def summarize(trace: Trace, window: np.ndarray | None = None) -> dict:
   for s in (Source.DIRECT, Source.FRESH, Source.FAILOVER, Source.FALLBACK):
     out[s.name.lower()] = int(np.sum(src == s))
   out["inferences"] = n - out["direct"]
-  out["inferences_saved"] = out["direct"] / max(n, 1)
+  out["inferences_saved"] = out["direct"] / n if n else float("nan")
   out["failed_inferences"] = int(np.sum(trace.failed[w]))
   cached = trace.age[w][(src == Source.DIRECT) | (src == Source.FAILOVER)]
   served = trace.age[w][src != Source.FALLBACK]

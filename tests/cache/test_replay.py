@@ -76,6 +76,15 @@ def test_replay_matches_dict_model(ttl, fail, failover, soap):
     assert s["failover"] == 0 and s["fallback"] == s["failed_inferences"]
 
 
+def test_summary_of_an_empty_window_saves_nothing_known():
+  """No request counted (a warm-up past a real log's end): inferences saved is unknown, not 0%."""
+  stream = AccessStream(np.array([1, 1, 2]), np.array([0, 5, 9]))
+  trace = replay(stream, np.zeros((3, 1), np.float32), ReplayPolicy(direct_ttl_s=60))
+  s = summarize(trace, np.zeros(3, bool))
+  assert s["requests"] == 0 and np.isnan(s["inferences_saved"]) and np.isnan(s["served_age"]["p50"])
+  assert summarize(trace)["inferences_saved"] == 1 / 3
+
+
 def test_replay_negative_control():
   """A reference with the TTL off by one second disagrees: the comparison above can fail."""
   rng = np.random.default_rng(0)
