@@ -56,8 +56,8 @@ def markdown(results: dict, cfg) -> str:
                        for k in vals)
       lines += [f"Request process: {desc}.", ""]
     gaps = res["consecutive_within"]
-    lines += [f"A user's consecutive requests within 60 s: {_pct(gaps['60'])}, within 600 s: {_pct(gaps['600'])}.",
-              ""]
+    lines += [f"A user's consecutive requests within 60 s: {_pct(gaps['60'])}, within 600 s: {_pct(gaps['600'])} "
+              "(the gaps ending at a measured request).", ""]
     ttl = _ttl_runs(runs)
     ref = ttl[0][1]
     cols = ["direct TTL (s)", "inferences saved"]

@@ -17,8 +17,8 @@ replay_failover.png). Streams (`ReplayConfig.sources`):
   ratings; `../shared/data`): one request per event at its timestamp. No user model exists for
   them, so only inferences saved, staleness and fallbacks are reported.
 
-Only requests at or after `warmup_s` (from the stream's first request) count; the warm-up fills
-the cache as a long-running server's would be.
+Only requests at or after `warmup_s` count (from world time 0 on the ads world, from the first event
+of a real log); the warm-up fills the cache as a long-running server's would be.
 
 `ReplayConfig.requests` replays the ads world under another request process (`RequestProcess`:
 the within-session gaps and session lengths) with the same users, ads, labels and session starts.
@@ -308,7 +308,7 @@ def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
                                         "user_model": str(ranker.cfg.data.user_model),
                                         "request_process": _request_process(ranker.world.cfg,
                                                                             cfg.requests.overrides()),
-                                        "consecutive_within": _gap_shares(stream)}
+                                        "consecutive_within": _gap_shares(stream, measured)}
     else:
       try:
         stream = taobao_stream() if source == "taobao" else movielens_stream()
@@ -321,7 +321,7 @@ def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
       fresh = np.zeros((len(stream), 1), np.float32)
       results["sources"][source] = {"requests": len(stream), "measured_requests": int(measured.sum()),
                                     "runs": _replay_all(stream, fresh, cfg, measured),
-                                    "consecutive_within": _gap_shares(stream)}
+                                    "consecutive_within": _gap_shares(stream, measured)}
   results["seconds"] = time.time() - t0
   (wd / "replay.json").write_text(json.dumps(results, indent=2, allow_nan=True))
   (wd / "replay.md").write_text(replay_report.markdown(results, cfg))
@@ -335,11 +335,14 @@ def _request_process(world: AdsWorldConfig, changed: dict) -> dict:
   return {"values": {n: getattr(world, n) for n in names}, "changed": sorted(changed)}
 
 
-def _gap_shares(stream: AccessStream) -> dict:
-  """Shares of a user's consecutive requests within 60 s and 600 s (ERCache's access statistic)."""
+def _gap_shares(stream: AccessStream, window: np.ndarray) -> dict:
+  """Shares of a user's consecutive requests within 60 s and 600 s (ERCache's access statistic), over the
+  gaps that end at a request in `window` (bool [R], the counted requests): the gaps the inferences saved
+  are over. The stream's first gaps are not: a gap reaching back before the stream's start is unseen,
+  so they are biased short."""
   u, t = np.asarray(stream.user_id), np.asarray(stream.time_s)
   o = np.lexsort((t, u))
-  same = u[o][1:] == u[o][:-1]
+  same = (u[o][1:] == u[o][:-1]) & np.asarray(window, bool)[o][1:]
   gaps = np.diff(t[o])[same]
   return {"60": float(np.mean(gaps < 60)) if gaps.size else float("nan"),
           "600": float(np.mean(gaps < 600)) if gaps.size else float("nan")}

@@ -10,7 +10,7 @@ import pytest
 from jaxrec.cache import replay as replay_mod
 from jaxrec.cache.ercache import Source
 from jaxrec.cache.replay import AccessStream, ReplayPolicy, failures, replay, summarize
-from jaxrec.cache.replay_study import ReplayConfig, RequestProcess, run_replay_study
+from jaxrec.cache.replay_study import ReplayConfig, RequestProcess, _gap_shares, run_replay_study
 from jaxrec.data.adsworld import AdsWorldConfig
 from jaxrec.training.sum_study import run_sum_study
 from serve import replay as replay_cli
@@ -83,6 +83,15 @@ def test_summary_of_an_empty_window_saves_nothing_known():
   s = summarize(trace, np.zeros(3, bool))
   assert s["requests"] == 0 and np.isnan(s["inferences_saved"]) and np.isnan(s["served_age"]["p50"])
   assert summarize(trace)["inferences_saved"] == 1 / 3
+
+
+def test_gap_shares_are_over_the_measured_requests():
+  """The access statistic beside the inferences saved is over the same requests: the warm-up's gaps (biased
+  short: a gap reaching back before the stream's start is unseen) are left out."""
+  stream = AccessStream(np.array([1, 1, 1, 1, 2, 2]), np.array([0, 10, 100, 130, 140, 900]))
+  window = stream.time_s >= 100  # gaps ending in it: 90, 30 (user 1) and 760 (user 2)
+  assert _gap_shares(stream, window) == {"60": 1 / 3, "600": 2 / 3}
+  assert _gap_shares(stream, np.ones(6, bool)) == {"60": 0.5, "600": 0.75}
 
 
 def test_replay_negative_control():
