@@ -166,7 +166,7 @@ def plots(results: dict, cfg, wd: Path) -> list[Path]:
       cdf = np.cumsum(counts) / counts.sum()
       ax.step(np.maximum(np.asarray(h["edges_s"][1:] + [2 * h["edges_s"][-1]], float), 1), cdf, where="post",
               label=f"TTL {t} s")
-    ax.set(xscale="log", xlabel="served embedding age (s)", ylabel="share of requests served <= age",
+    ax.set(xscale="log", xlabel="served embedding age (s)", ylabel="share of requests served younger than age",
            title=f"{source}: staleness", ylim=(0, 1.02), xlim=(1, 2 * max(cfg.ttls_s)))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -184,8 +184,10 @@ def plots(results: dict, cfg, wd: Path) -> list[Path]:
       off_v.append(pick[False])
       on_v.append(pick[True])
   x = np.arange(len(labels))
-  ax.bar(x - 0.2, np.maximum(off_v, 0.5), 0.4, label="no failover tier", color="tab:red")
-  ax.bar(x + 0.2, np.maximum(on_v, 0.5), 0.4, label="failover tier", color="tab:green")
+  # a log axis cannot show 0: such bars are drawn at 0.5, and every bar is labelled with its count
+  for dx, vals, label, color in ((-0.2, off_v, "no failover tier", "tab:red"), (0.2, on_v, "failover tier", "tab:green")):
+    bars = ax.bar(x + dx, np.maximum(vals, 0.5), 0.4, label=label, color=color)
+    ax.bar_label(bars, labels=[f"{v:,}" for v in vals], fontsize=7)
   ax.set_xticks(x, labels, fontsize=8)
   ax.set(yscale="log", ylabel="requests served the fallback", title=f"Fallbacks at direct TTL {cfg.headline_ttl_s} s")
   ax.legend(fontsize=8)
