@@ -408,6 +408,9 @@ class UserEmbeddings:
                                   f"{unusable} requests")
           self._count(sync_unusable=unusable)
       except concurrent.futures.TimeoutError:
+        # not started (still behind an earlier slow call): dropped, so slow calls never pile up
+        # behind one another and later batches wait only for their own
+        future.cancel()
         self._count(sync_timeouts=1)
       except Exception as e:  # noqa: BLE001 - a failed user model serves the failover tier, never fails the batch
         log.warning("user model failed on %d requests: %r", int(need.sum()), e)

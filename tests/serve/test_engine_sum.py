@@ -428,6 +428,28 @@ def test_sync_failing_or_slow_user_model_serves_failover_or_fallback(sync_engine
   assert compiles == [], f"compiled after start, on threads {compiles}"
 
 
+def test_sync_slow_user_model_calls_do_not_pile_up(sync_engine, reference):
+  """A user model slower than the deadline: a batch's call that has not started when the batch stops
+  waiting is dropped, so once the model is fast again a batch's call runs at once, not behind every
+  earlier batch's slow call."""
+  eng, compiles = sync_engine
+  rng = np.random.default_rng(11)
+  users = eng.users
+  real, cfg = users.embedder, users.cfg
+  users.embedder, users.cfg = BrokenTower(real, 0.6), dataclasses.replace(cfg, sync_deadline_ms=200.0)
+  try:
+    for u in range(6):  # 6 batches, each waiting 0.2 s for a 0.6 s call
+      assert eng.rank(sum_request(eng, 90 + u, 2, rng), timeout=30).user_embedding.source == "fallback"
+  finally:
+    users.embedder, users.cfg = real, cfg
+  time.sleep(0.6)  # the call running when the last batch gave up finishes
+  req = sum_request(eng, 96, 2, rng)
+  resp = eng.rank(req, timeout=30)
+  assert resp.user_embedding.source == "fresh"  # within the deadline again (1 s)
+  assert_scores(resp, reference(req)[0])
+  assert compiles == [], f"compiled after start, on threads {compiles}"
+
+
 def _extreme(req):
   """`req` with a user (tower) feature far outside the training data: the tower's embedding is finite
   but beyond max_abs_embedding (or NaN)."""
