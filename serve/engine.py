@@ -153,16 +153,20 @@ def load_ranker(workdir: Path, step: int | None = None) -> LoadedRanker:
   """The ranker a training run (jaxrec.training.loop.train_and_evaluate) left in `workdir`.
 
   Rebuilds the model from config.json and schema.json and restores the checkpoint at `step`
-  (default the latest) onto one device, the way train.probe.load_run does.
+  (default the latest) onto one device, the way train.probe.load_run does. FP8 forward weights are
+  quantized once here (`Dense.prequantize`), and fp8_tensor sites scale their inputs per row, so
+  that a request's scores never depend on the requests batched with it.
   """
   workdir = Path(workdir)
   cfg, schema = read_run(workdir)
   # the table's rows were padded to a multiple of the training devices
   graphdef, state, _ = restore_ranker(cfg, schema, workdir, sharding.make_mesh(1),
                                       row_multiple=cfg.train.num_devices or jax.local_device_count(), step=step)
-  # a ranker trained under an FP8 plan serves with its FP8 weights quantized once, here, not per batch
+  # a ranker trained under an FP8 plan serves with its FP8 weights quantized once, here, not per batch;
+  # fp8_tensor sites scale their inputs per row: one amax over the batch would make a request's
+  # scores depend on the other requests (and padding) batched with it
   model = merge_state(graphdef, state)
-  if prequantize_fp8_weights(model):
+  if prequantize_fp8_weights(model, rowwise_inputs=True):
     graphdef, params, table, fp8 = split_model(model)
   else:
     params, table, fp8 = state.params, state.table, state.fp8

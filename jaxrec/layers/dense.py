@@ -105,7 +105,7 @@ class Dense(nnx.Module):
       c = self.precision.fwd
       y = fp8_gemm_nt_prequantized(x2, fp8_kernel[...], self.fp8_scale[...], n=self.out_features, recipe=c.recipe,
                                    out_dtype=x2.dtype, impl=c.impl, interpret=self.interpret, norm=norm,
-                                   activation=activation)
+                                   activation=activation, rowwise_a=self.fp8_rowwise_inputs)
     else:
       y = planned_dense(x2, self.kernel[...], self.precision, norm=norm, activation=activation,
                         interpret=self.interpret)
@@ -117,24 +117,30 @@ class Dense(nnx.Module):
       y = y + self.bias[...].astype(y.dtype)
     return y.reshape(*lead, self.out_features)
 
-  def prequantize(self) -> bool:
+  def prequantize(self, *, rowwise_inputs: bool = False) -> bool:
     """For inference: quantizes the kernel once for this site's FP8 forward GEMM (the (N, K)
     layout of `jaxrec.ops.fp8_dense.quantize_weight_nk`), which later calls use instead of
     quantizing it per call. Same outputs (up to f32 summation order); no gradients through it,
     and the copy does not follow later changes of `kernel` (call it again after loading new
     weights). Returns False, doing nothing, where the forward GEMM is not fp8 or is fp8_delayed
-    (whose weight scale comes from its amax history at each call)."""
+    (whose weight scale comes from its amax history at each call).
+
+    rowwise_inputs: an fp8_tensor site then scales its input per row, not by the amax of the whole
+    batch, so that a row's output no longer depends on the other rows (a server's batch mixes
+    requests; `fp8_gemm_nt_prequantized(rowwise_a=True)`); the outputs then differ from the
+    per-call forward's by FP8 rounding. fp8_row and fp8_block sites already scale it per row."""
     c = self.precision.fwd
     if not c.is_fp8 or c.is_delayed:
       return False
     q, s = quantize_weight_nk(self.kernel[...].T, recipe=c.recipe, dtype=E4M3, impl=c.impl, interpret=self.interpret)
     self.fp8_kernel, self.fp8_scale = FP8Weight(q), FP8Weight(s)
+    self.fp8_rowwise_inputs = rowwise_inputs
     return True
 
 
-def prequantize_fp8_weights(model: nnx.Module) -> list[str]:
+def prequantize_fp8_weights(model: nnx.Module, *, rowwise_inputs: bool = False) -> list[str]:
   """Dense.prequantize on every GEMM site of `model` (inference); returns the sites it quantized."""
-  return [name for name, m in dense_modules(model) if m.prequantize()]
+  return [name for name, m in dense_modules(model) if m.prequantize(rowwise_inputs=rowwise_inputs)]
 
 
 def dense_modules(model: nnx.Module) -> list[tuple[str, Dense]]:

@@ -156,19 +156,25 @@ def quantize_weight_nk(b_nk: jax.Array, *, recipe: Recipe, dtype=E4M3, impl: str
 
 def fp8_gemm_nt_prequantized(a: jax.Array, qb: jax.Array, sb: jax.Array, *, n: int, recipe: Recipe, a_dtype=E4M3,
                              out_dtype, impl: str, interpret: bool = False, norm: str | None = None,
-                             activation: str | None = None) -> jax.Array:
+                             activation: str | None = None, rowwise_a: bool = False) -> jax.Array:
   """act(norm(a [M, C] @ b_nk [N, C].T)) -> [M, N] with b_nk given as `quantize_weight_nk`'s (qb, sb)
   (for the same recipe and impl); a is quantized along C here. Forward only, no gradients: an
-  inference path. Otherwise `fp8_gemm_nt` (which is this after quantize_weight_nk)."""
+  inference path. Otherwise `fp8_gemm_nt` (which is this after quantize_weight_nk).
+
+  rowwise_a (recipe "tensor"): a is scaled per row (each row's amax) instead of by the amax of all
+  of a, so that each output row depends on its own row of a alone, as under "row" and "block" (a
+  server's batch holds unrelated requests); b keeps its per-tensor scale."""
   check_backend(impl, interpret)
   return _gemm_prequantized(a, qb, sb, n=n, recipe=recipe, a_dtype=a_dtype, out_dtype=out_dtype, impl=impl,
-                            interpret=interpret, norm=norm, activation=activation)
+                            interpret=interpret, norm=norm, activation=activation, rowwise_a=rowwise_a)
 
 
-def _gemm_prequantized(a, qb, sb, *, n, recipe, a_dtype, out_dtype, impl, interpret, norm, activation):
+def _gemm_prequantized(a, qb, sb, *, n, recipe, a_dtype, out_dtype, impl, interpret, norm, activation,
+                       rowwise_a=False):
   m = a.shape[0]
+  a_recipe = "row" if rowwise_a and recipe == "tensor" else recipe
   if impl == "xla":
-    qa, sa = quantize_lhs(a, a_dtype, recipe)
+    qa, sa = quantize_lhs(a, a_dtype, a_recipe)  # "tensor" with rowwise_a: sa [M, 1] times the scalar sb
     if recipe in ("tensor", "row"):
       y = jax.lax.dot_general(qa, qb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
       y = y * sa * (sb if recipe == "tensor" else sb.T)
@@ -182,8 +188,12 @@ def _gemm_prequantized(a, qb, sb, *, n, recipe, a_dtype, out_dtype, impl, interp
     return epilogue_reference(y, norm=norm, activation=activation).astype(out_dtype)
   epilogue = dict(norm=norm, activation=activation, out_dtype=out_dtype, interpret=interpret)
   if recipe == "tensor":
-    qa, sa = quantize_lhs(a, a_dtype, "tensor")
-    return fp8_gemm(qa, qb, jnp.full((m,), sa), jnp.full((n,), sb), **epilogue)
+    if rowwise_a:
+      qa, sa = _quantize_rows(a, a_dtype, "row", interpret)
+    else:
+      qa, sa = quantize_lhs(a, a_dtype, "tensor")
+      sa = jnp.full((m,), sa)
+    return fp8_gemm(qa, qb, sa, jnp.full((n,), sb), **epilogue)
   qa, sa = _quantize_rows(a, a_dtype, recipe, interpret)
   if recipe == "row":
     return fp8_gemm(qa, qb, sa, sb, **epilogue)

@@ -64,6 +64,30 @@ def test_dense_prequantized_matches_per_call(numerics, fused):
   assert float(jnp.mean(jnp.asarray(got != want, jnp.float32))) < 0.01
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_rowwise_tensor_gemm_rows_do_not_depend_on_the_other_rows(impl):
+  """rowwise_a (a server's batch of unrelated requests): under "tensor" each output row is what its
+  input row gives alone, however large the other rows; without it one amax over every row of a
+  couples them (the negative control)."""
+  m, k, n = 37, 200, 130
+  a, w = _x((m, k), 1), _x((k, n), 2) * 0.1
+  a = a.at[20:].multiply(1e5)  # the other rows: far larger than the first 20
+  interpret = impl == "pallas" and jax.default_backend() != "gpu"
+  qb, sb = quantize_weight_nk(w.T, recipe="tensor", impl=impl, interpret=interpret)
+
+  def gemm(a, rowwise_a):
+    return np.asarray(fp8_gemm_nt_prequantized(a, qb, sb, n=n, recipe="tensor", out_dtype=jnp.float32, impl=impl,
+                                               interpret=interpret, rowwise_a=rowwise_a))
+
+  alone = gemm(a[:20], True)
+  np.testing.assert_allclose(gemm(a, True)[:20], alone, rtol=1e-6, atol=0)
+  want = np.asarray(a[:20]) @ np.asarray(w)  # an FP8 product of those rows (e4m3: 3 mantissa bits)
+  scale = np.max(np.abs(want))
+  np.testing.assert_allclose(alone, want, rtol=0, atol=0.1 * scale)
+  coupled = gemm(a, False)[:20] - gemm(a[:20], False)
+  assert np.max(np.abs(coupled)) > 0.3 * scale  # their amax flushes most of the first rows to 0
+
+
 def test_prequantize_skips_non_fp8_sites_and_keeps_the_copy_fixed():
   d_plain = Dense(16, 8, rngs=nnx.Rngs(0))
   assert not d_plain.prequantize()

@@ -298,16 +298,45 @@ def test_fp8_ranker_serves_with_weights_quantized_once(tmp_path, plan):
     assert quantized and not loaded.state.fp8
   else:
     assert not quantized and jax.tree.leaves(loaded.state.fp8)
-  _, model, _ = load_run(wd)
   rng = np.random.default_rng(5)
   with Engine(loaded, SMALL) as eng:
     req, dense, sparse = random_request(eng.schema, 20, rng)
     resp = eng.rank(req, timeout=30)
+  want = jitted_probs(wd, dense, sparse)
+  for i, t in enumerate(eng.schema.labels):
+    np.testing.assert_allclose(resp.scores[t], want[:, i], rtol=0, atol=1e-5, err_msg=t)
+
+
+def jitted_probs(wd, dense, sparse):
+  """probs [N, T] of the run's model (train.probe.load_run) on these rows, one jitted forward."""
+  _, model, _ = load_run(wd)
   n = dense.shape[0]
   batch = batch_from_numpy(dense=dense, sparse=sparse, sparse_mask=np.ones_like(sparse, bool), labels=np.zeros((n, 2)),
                            weights=np.ones(n), domain=np.zeros(n), timestamp=np.zeros(n))
   graphdef, state = nnx.split(model)
-  want = np.asarray(jax.jit(lambda st, b: jax.nn.sigmoid(nnx.merge(graphdef, st)(b)))(
+  return np.asarray(jax.jit(lambda st, b: jax.nn.sigmoid(nnx.merge(graphdef, st)(b)))(
       state, jax.tree.map(jax.numpy.asarray, batch)))
+
+
+def test_fp8_tensor_ranker_scores_do_not_depend_on_the_batch(tmp_path):
+  """fp8_tensor scales a GEMM's input by its amax, over a batch that of every request in it: the
+  engine scales inputs per row instead, so a request scores the same alone and beside a request with
+  far larger features (and within FP8 rounding of the model's own forward on its rows)."""
+  wd = tmp_path / "fp8run"
+  assert ranker.main(["--workdir", str(wd), "--model.precision_plan", "uniform:fp8_tensor",
+                      "--model.dcnv2.compute_dtype", "bfloat16"] + SMOKE) == 0
+  rng = np.random.default_rng(6)
+  with Engine(load_ranker(wd), EngineConfig(buckets=(8, 32, 64), max_rows=64, max_wait_ms=300,
+                                            max_candidates=48)) as eng:
+    req, dense, sparse = random_request(eng.schema, 5, rng)
+    alone = eng.rank(req, timeout=30)
+    big, _, _ = random_request(eng.schema, 43, rng)
+    big = RankRequest(big.features, [{**c, "ad_price": 1e4} for c in big.candidates])
+    fb, fs = eng.submit(big), eng.submit(req)
+    together = fs.result(timeout=30)
+    assert fb.result(timeout=30).scores["click"].shape == (43,)
+    assert eng.batches_run == {8: 1, 32: 0, 64: 1}
+  want = jitted_probs(wd, dense, sparse)
   for i, t in enumerate(eng.schema.labels):
-    np.testing.assert_allclose(resp.scores[t], want[:, i], rtol=0, atol=1e-5, err_msg=t)
+    np.testing.assert_allclose(together.scores[t], alone.scores[t], rtol=0, atol=1e-6, err_msg=t)
+    np.testing.assert_allclose(alone.scores[t], want[:, i], rtol=0, atol=0.02, err_msg=t)
