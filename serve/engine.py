@@ -461,7 +461,9 @@ class Engine:
         try:
           carry = self._queue.get(timeout=0.05)
         except queue.Empty:
-          if self._stop.is_set():
+          # close() sets the stop flag after the last submit can queue: a request queued since the
+          # timeout is in the queue now
+          if self._stop.is_set() and self._queue.empty():
             return
           continue
       if self._stop.is_set() and not self._drain:

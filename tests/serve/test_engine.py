@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import dataclasses
+import queue
 import threading
 import time
 
@@ -239,6 +240,31 @@ def test_close_drains_in_flight_requests(loaded):
     assert f.done() and f.result().scores["conversion"].shape == (2,)
   with pytest.raises(EngineClosed):
     eng.submit(req)
+
+
+def test_close_drains_a_request_queued_as_the_worker_found_the_queue_empty(loaded):
+  """close(drain=True) racing with submit: a request queued after the worker's wait on the empty
+  queue timed out, and before close() set the stop flag, is still scored (not left queued)."""
+  eng = Engine(loaded, EngineConfig(buckets=(8,), max_rows=8, max_wait_ms=0, max_queue=16, max_candidates=8)).start()
+  req = RankRequest({}, [{"ad_id": 2}])
+  closer = threading.Thread(target=eng.close, kwargs={"drain": True, "timeout": 30})
+  raced, late, get = threading.Event(), [], eng._queue.get
+
+  def get_then_race(*args, **kw):
+    try:
+      return get(*args, **kw)
+    except queue.Empty:
+      if not raced.is_set():  # between the worker's timeout and its look at the stop flag: submit, close()
+        late.append(eng.submit(req))
+        closer.start()
+        assert eng._stop.wait(10)
+        raced.set()
+      raise
+
+  eng._queue.get = get_then_race
+  assert raced.wait(10)
+  closer.join(30)
+  assert late[0].result(timeout=5).scores["click"].shape == (1,)
 
 
 def test_close_without_drain_fails_queued_requests(loaded):
