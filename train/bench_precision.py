@@ -18,7 +18,8 @@ and timed on the same --batch rows of the run's eval data, already on the device
     train   the jitted training step (forward, dgrad and wgrad GEMMs, optimizer; state donated)
     infer   the jitted forward + sigmoid, every FP8 weight quantized per call
     serve   the same with every FP8 forward weight quantized once beforehand (Dense.prequantize),
-            which is how an inference server holds them
+            which is how an inference server holds them (fp8_tensor inputs scaled per row, as
+            serve.engine.load_ranker does)
 
 Each time is the median over --repeats loops of --steps steps after two warm-up calls. Every
 variant's inference output is checked against bf16 (max |p - p_bf16| and the log-loss change on the
@@ -166,7 +167,7 @@ def run(args: Args) -> dict:
       bar.update(1)
       for phase in ("infer", "serve"):
         model = merge_state(graphdef, start)
-        quantized = prequantize_fp8_weights(model) if phase == "serve" else []
+        quantized = prequantize_fp8_weights(model, rowwise_inputs=True) if phase == "serve" else []
         g, st = nnx.split(model)
         fwd = jax.jit(lambda st, b, g=g: jax.nn.sigmoid(nnx.merge(g, st)(b)))
         counter = {"i": 0}

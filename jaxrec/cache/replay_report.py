@@ -187,7 +187,8 @@ def plots(results: dict, cfg, wd: Path) -> list[Path]:
   # a log axis cannot show 0: such bars are drawn at 0.5, and every bar is labelled with its count
   for dx, vals, label, color in ((-0.2, off_v, "no failover tier", "tab:red"), (0.2, on_v, "failover tier", "tab:green")):
     bars = ax.bar(x + dx, np.maximum(vals, 0.5), 0.4, label=label, color=color)
-    ax.bar_label(bars, labels=[f"{v:,}" for v in vals], fontsize=7)
+    if vals:  # (no failure runs: an empty chart)
+      ax.bar_label(bars, labels=[f"{v:,}" for v in vals], fontsize=7)
   ax.set_xticks(x, labels, fontsize=8)
   ax.set(yscale="log", ylabel="requests served the fallback", title=f"Fallbacks at direct TTL {cfg.headline_ttl_s} s")
   ax.legend(fontsize=8)
