@@ -66,6 +66,18 @@ def test_examples_do_not_depend_on_batching():
     np.testing.assert_array_equal(whole[name], np.concatenate([h[name] for h in halves]), err_msg=name)
 
 
+def test_examples_do_not_depend_on_batch_size_bit_for_bit():
+  # BLAS blocks a matmul by its row count, so a row's product could change with the batch size (the
+  # higher-order click term moved by 1 ulp at batch size 37): true_prob, and rarely a label, with it
+  w = AdsWorld(AdsWorldConfig.small())
+  whole = _fields(w.examples("train", 0, 2000)[0])
+  for size in (1, 3, 7, 37, 64, 333):
+    parts = [_fields(w.batch("train", i, size)) for i in range(min(2000 // size, 40))]
+    for name in whole:
+      got = np.concatenate([p[name] for p in parts])
+      np.testing.assert_array_equal(got, whole[name][:len(got)], err_msg=f"{name}, batch size {size}")
+
+
 def test_schema_shapes_dtypes_and_vocab(world):
   s = world.schema
   assert s.labels == ("click", "conversion") and s.num_domains == world.cfg.num_domains

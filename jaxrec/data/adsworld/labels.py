@@ -41,6 +41,18 @@ def user_latent(cfg: AdsWorldConfig, ent: Entities, user_id: np.ndarray, timesta
   return (1.0 - f) * ent.user_knots[user_id, n0] + f * ent.user_knots[user_id, n0 + 1]
 
 
+def matmul_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """x [N, k] @ w [k, M], summed over k in a fixed order: each row's result does not depend on N.
+
+  BLAS blocks a matmul by its row count, so `x @ w` can change a row's last bit with the batch size
+  (it did for the higher-order term), and an example must be the same whichever batch holds it.
+  """
+  out = np.zeros((x.shape[0], w.shape[1]), np.result_type(x, w))
+  for j in range(x.shape[1]):
+    out += x[:, j, None] * w[j]
+  return out
+
+
 def hour_angle(timestamp_s: np.ndarray) -> np.ndarray:
   return (2.0 * np.pi / 86400.0) * np.mod(timestamp_s, 86400.0)
 
@@ -65,10 +77,11 @@ def click_terms(cfg: AdsWorldConfig, ent: Entities, req: dict[str, np.ndarray], 
            + ent.dense_cross[d, 1] * req["hour_cos"][ex_req] * ent.ad_quality_x[ad])
   cross = cfg.cross_scale * (ent.cross_table[d, ent.user_segment[u], ent.ad_category[ad]]
                              + cfg.dense_cross_weight * dense)
-  pre_req = (z @ ent.mlp_user + np.stack([req["hour_sin"], req["hour_cos"]], 1).astype(np.float32) @ ent.mlp_hour
+  hour = np.stack([req["hour_sin"], req["hour_cos"]], 1).astype(np.float32)
+  pre_req = (matmul_rows(z, ent.mlp_user) + matmul_rows(hour, ent.mlp_hour)
              + ent.mlp_placement[req["placement"]] + ent.mlp_device[req["device"]] + ent.mlp_bias)
   hidden = np.tanh(pre_req[ex_req] + ent.ad_hidden[ad])
-  out = np.take_along_axis(hidden @ ent.mlp_out, d[:, None].astype(np.int64), axis=1)[:, 0]
+  out = np.take_along_axis(matmul_rows(hidden, ent.mlp_out), d[:, None].astype(np.int64), axis=1)[:, 0]
   higher = cfg.higher_order_scale * (out - ent.mlp_mean[d]) / ent.mlp_std[d]
   f32 = np.float32
   return {"additive": additive.astype(f32), "low_rank": low_rank.astype(f32), "cross": cross.astype(f32),
