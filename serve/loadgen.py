@@ -11,9 +11,13 @@ is aiohttp (one session, at most `concurrency` connections), the same as ../shar
 closed: `concurrency` workers each send their next request as soon as the last one is answered.
 open: requests arrive as a Poisson process of `rate` per second whatever the answers; an arrival
 while `concurrency` requests are in flight is dropped (counted, never sent), so load stays bounded.
+A request's latency runs from its scheduled arrival, not from when it was sent: when the generator
+falls behind (a busy client), the wait counts (no coordinated omission), and send_lag_ms says how late
+the sends went out.
 
 The report (printed, and written as JSON to --out): requests/s answered and answered 200, latency
-percentiles (ms) of all answers and of 200s, counts by status code, transport errors, drops.
+percentiles (ms) of all answers and of 200s, counts by status code, transport errors, drops, and in
+open mode how late the sends went out (send_lag_ms).
 Everything stops after `duration` s plus at most `timeout_s` for requests in flight.
 
 >>> check_loopback("http://127.0.0.1:8000"), check_loopback("http://localhost:8000")
@@ -127,6 +131,7 @@ class _Tally:
   errors: dict[str, int] = dataclasses.field(default_factory=dict)
   dropped: int = 0
   sent: int = 0
+  send_lag_ms: list[float] = dataclasses.field(default_factory=list)
 
 
 def _percentiles(xs: list[float]) -> dict[str, float | None]:
@@ -136,8 +141,10 @@ def _percentiles(xs: list[float]) -> dict[str, float | None]:
   return {f"p{q}": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)} | {"max": round(float(a.max()), 3)}
 
 
-async def _send(session: aiohttp.ClientSession, url: str, body: bytes, tally: _Tally | None) -> None:
-  t0 = time.perf_counter()
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, tally: _Tally | None,
+                t0: float | None = None) -> None:
+  """One request; its latency runs from `t0` (perf_counter s: the scheduled send), default now."""
+  t0 = time.perf_counter() if t0 is None else t0
   try:
     async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
       await r.read()
@@ -178,7 +185,9 @@ async def _open(client, url, bodies, cfg: LoadConfig, t_count: float, t_end: flo
       tally.dropped += counted
     else:
       tally.sent += counted
-      task = asyncio.create_task(_send(client, url, bodies[i % len(bodies)], tally if counted else None))
+      if counted:
+        tally.send_lag_ms.append((time.perf_counter() - nxt) * 1e3)
+      task = asyncio.create_task(_send(client, url, bodies[i % len(bodies)], tally if counted else None, t0=nxt))
       in_flight.add(task)
       task.add_done_callback(in_flight.discard)
       i += 1
@@ -219,6 +228,7 @@ async def run_load(cfg: LoadConfig) -> dict:
       "candidates_per_s": round(len(tally.ok_latencies_ms) * cfg.candidates / wall, 1),
       "latency_ms": _percentiles(tally.latencies_ms), "ok_latency_ms": _percentiles(tally.ok_latencies_ms),
       "status": dict(sorted(tally.status.items())), "errors": tally.errors,
+      "send_lag_ms": _percentiles(tally.send_lag_ms) if cfg.mode == "open" else None,
       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -121,3 +122,61 @@ def test_sigterm_stops_the_server_gracefully(server):
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 0, err
   assert "serving ['tiny']" in err and "drained and stopped" in err and "Traceback" not in err
+
+
+@contextlib.contextmanager
+def stub_server(rank_status=lambda i: 200, rank_delay_s=lambda i: 0.0):
+  """A stand-in for `python -m serve` on a free loopback port (aiohttp, in a thread): model "stub" with
+  one sparse feature; POST /v1/rank number i answers rank_status(i) after rank_delay_s(i) s."""
+  from aiohttp import web
+
+  calls = []
+
+  async def models(_):
+    return web.json_response({"models": [{"name": "stub", "max_candidates": 8,
+                                          "sparse": [{"name": "ad_id", "vocab_size": 10, "max_len": 1}]}]})
+
+  async def example(_):
+    return web.json_response({"features": {}, "candidates": [{"features": {"ad_id": 1}}]})
+
+  async def rank(request):
+    i = len(calls)
+    calls.append(i)
+    await request.read()
+    await asyncio.sleep(rank_delay_s(i))
+    return web.json_response({}, status=rank_status(i))
+
+  app = web.Application()
+  app.add_routes([web.get("/v1/models", models), web.get("/v1/models/stub/example", example),
+                  web.post("/v1/rank", rank)])
+  loop = asyncio.new_event_loop()
+  runner = web.AppRunner(app)
+  loop.run_until_complete(runner.setup())
+  port = free_port()
+  loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+  thread = threading.Thread(target=loop.run_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
+
+
+def test_open_loop_latency_counts_from_the_scheduled_send():
+  # The generator stalls 0.4 s (as a busy client does): the arrivals due meanwhile go out late, and
+  # their latency must include that wait (no coordinated omission), not start when they were sent.
+  async def stalled(cfg):
+    asyncio.get_running_loop().call_later(0.5, time.sleep, 0.4)
+    return await loadgen.run_load(cfg)
+
+  with stub_server() as url:
+    cfg = loadgen.LoadConfig(url=url, model="stub", mode="open", rate=200, concurrency=64, duration=1.5, warmup=0,
+                             candidates=1, bodies=2)
+    report = asyncio.run(stalled(cfg))
+  assert report["dropped"] == 0 and report["errors"] == {} and report["answered"] > 150
+  assert report["latency_ms"]["p95"] > 100, report["latency_ms"]  # ~1/4 of the arrivals waited 0-400 ms
+  assert report["send_lag_ms"]["max"] > 300, report["send_lag_ms"]
+
