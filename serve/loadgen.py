@@ -16,8 +16,9 @@ falls behind (a busy client), the wait counts (no coordinated omission), and sen
 the sends went out.
 
 The report (printed, and written as JSON to --out): requests/s answered and answered 200, latency
-percentiles (ms) of all answers and of 200s, counts by status code, transport errors, drops, and in
-open mode how late the sends went out (send_lag_ms).
+percentiles (ms) of all answers (latency_ms: 503s included, transport errors not) and of 200s
+(ok_latency_ms, the one the printed line leads with), counts by status code, transport errors, drops,
+and in open mode how late the sends went out (send_lag_ms).
 Everything stops after `duration` s plus at most `timeout_s` for requests in flight.
 
 >>> check_loopback("http://127.0.0.1:8000"), check_loopback("http://localhost:8000")
@@ -234,13 +235,18 @@ async def run_load(cfg: LoadConfig) -> dict:
 
 
 def summary(report: dict) -> str:
-  """One line: rate, latency percentiles, status counts."""
-  lat = report["latency_ms"]
+  """One line: rate, latency percentiles of the 200s (and of all answers when some were not 200),
+  the open loop's send lag, status counts."""
   fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-  return (f"{report['mode']} c={report['concurrency']}" + (f" rate={report['rate']:g}/s" if report["rate"] else "")
+  pct = lambda d: f"p50 {fmt(d['p50'])} p95 {fmt(d['p95'])} p99 {fmt(d['p99'])} max {fmt(d['max'])} ms"  # noqa: E731
+  line = (f"{report['mode']} c={report['concurrency']}" + (f" rate={report['rate']:g}/s" if report["rate"] else "")
           + f" {report['candidates']} cands: {report['rps']:.1f} req/s ({report['ok_rps']:.1f} ok), "
-          f"p50 {fmt(lat['p50'])} ms p95 {fmt(lat['p95'])} p99 {fmt(lat['p99'])} max {fmt(lat['max'])}, "
-          f"status {report['status']}, errors {report['errors']}, dropped {report['dropped']}")
+          f"200s {pct(report['ok_latency_ms'])}")
+  if report["answered"] != report["status"].get("200", 0):  # 503s and other codes: their own timing
+    line += f", all {report['answered']} answers {pct(report['latency_ms'])}"
+  if report.get("send_lag_ms"):
+    line += f", send lag p99 {fmt(report['send_lag_ms']['p99'])} max {fmt(report['send_lag_ms']['max'])} ms"
+  return line + f", status {report['status']}, errors {report['errors']}, dropped {report['dropped']}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,3 +180,16 @@ def test_open_loop_latency_counts_from_the_scheduled_send():
   assert report["latency_ms"]["p95"] > 100, report["latency_ms"]  # ~1/4 of the arrivals waited 0-400 ms
   assert report["send_lag_ms"]["max"] > 300, report["send_lag_ms"]
 
+
+def test_summary_latency_is_of_200s_and_says_so():
+  # Under overload most answers are quick 503s: percentiles over all answers would read far below what
+  # an answered request waited. The summary leads with the 200s' and labels the mixed set.
+  with stub_server(rank_status=lambda i: 200 if i % 4 == 0 else 503,
+                   rank_delay_s=lambda i: 0.05 if i % 4 == 0 else 0.0) as url:
+    cfg = loadgen.LoadConfig(url=url, model="stub", concurrency=2, duration=1.0, warmup=0, candidates=1, bodies=2)
+    report = asyncio.run(loadgen.run_load(cfg))
+  line = loadgen.summary(report)
+  assert report["status"]["503"] > report["status"]["200"] > 0 and report["ok_latency_ms"]["p50"] >= 45
+  first_p50 = float(line.split(" p50 ")[1].split()[0])
+  assert first_p50 >= 45 and "200s" in line.split(" p50 ")[0], line
+  assert f"all {report['answered']} answers" in line, line
