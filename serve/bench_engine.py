@@ -36,12 +36,17 @@ def run(workdir: Path, threads: int, candidates: int, seconds: float, cfg: Engin
     eng.rank(req, timeout=60)  # first request outside the timing
     gc.freeze()
     lat: list[float] = []
+    failed: list[Exception] = []
     stop = time.monotonic() + seconds
 
     def caller():
       while time.monotonic() < stop:
         t0 = time.perf_counter()
-        eng.rank(req, timeout=60)
+        try:
+          eng.rank(req, timeout=60)
+        except Exception as e:  # noqa: BLE001 - Overloaded, a failed batch, ...: the run is not a measurement
+          failed.append(e)
+          return
         lat.append(time.perf_counter() - t0)
 
     workers = [threading.Thread(target=caller) for _ in range(threads)]
@@ -54,6 +59,9 @@ def run(workdir: Path, threads: int, candidates: int, seconds: float, cfg: Engin
   finally:
     eng.close()
     gc.unfreeze()
+  if failed:
+    raise ValueError(f"{len(failed)} of {threads} caller threads failed ({failed[0]!r}); the numbers would "
+                     "cover the others only")
   if not lat:
     raise ValueError(f"no request finished within --seconds {seconds}; give it more time")
   ms = np.asarray(lat) * 1e3
