@@ -13,8 +13,10 @@
 #   precision  train.probe (Dispatch timed on the GPU) then train.bench_precision           (~5 min box)
 #   serve      a short ranker run, python -m serve (--workers 1, then 8) + serve.loadgen,
 #              serve_anchor.py all, serve.bench_engine                                       (~5 min box)
-# Logs and result files land in $OUT (at most 8 files come back: one log per part plus a few CSV /
-# MD, and skipped.log when a part is skipped); copy the numbers into docs/BENCHMARKS.md with this command and the date.
+# Logs and result files land in $OUT: one log per part (a skipped part's log says so) plus bench.csv,
+# quantize.csv, probe_report.md and bench_precision.md, 8 files at most, the most the device tool
+# returns (a ninth, whichever, would not come back); the last line of output lists the skipped parts.
+# Copy the numbers into docs/BENCHMARKS.md with this command and the date.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -22,6 +24,7 @@ mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-540}
 export PYTHONUNBUFFERED=1
 READY=0
+SKIPPED=
 setup_env() {  # once, when the first part runs: the wheels the image lacks
   [ "$READY" = 1 ] && return 0
   READY=1
@@ -42,7 +45,7 @@ ANCHORS=.gpu/bench
 
 left() { echo $((BUDGET_S - SECONDS)); }
 box() {  # box PART SECONDS: true if the part fits in what is left
-  if [ "$(left)" -lt "$2" ]; then echo "== skip $1: $(left) s left, needs $2" | tee -a "$OUT/skipped.log"; return 1; fi
+  if [ "$(left)" -lt "$2" ]; then echo "== skip $1: $(left) s left, needs $2"; SKIPPED="$SKIPPED $1"; return 1; fi
   echo "== $1 (box $2 s, $(left) s left) $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)"
   setup_env
 }
@@ -106,4 +109,4 @@ for part in "$@"; do
   "part_$part" > >(tee "$OUT/$part.log") 2>&1
 done
 wait
-echo "== done in $SECONDS s; outputs in $OUT"
+echo "== done in $SECONDS s; outputs in $OUT; skipped:${SKIPPED:- none}"

@@ -20,11 +20,41 @@ def test_script_parses():
 def test_parts_that_do_not_fit_the_budget_are_skipped_not_started(tmp_path):
   r = _run(["kernels", "dlrm", "precision", "serve"], tmp_path, budget=10)
   assert r.returncode == 0, r.stderr
-  skipped = (tmp_path / "skipped.log").read_text()
   for part in ("kernels", "dlrm", "precision", "serve"):
-    assert f"skip {part}" in skipped
-    assert (tmp_path / f"{part}.log").exists()
-  assert "done in" in r.stdout
+    assert f"skip {part}" in (tmp_path / f"{part}.log").read_text()
+  assert "done in" in r.stdout and "skipped: kernels dlrm precision serve" in r.stdout
+
+
+# stands in for python: writes the result files each command of the script would write, instantly
+# (train.probe takes 2 s, so that the part after it no longer fits its box)
+FAKE_PY = """#!/usr/bin/env bash
+case "$*" in
+  *kernels_pallas.bench_quantize*) mkdir -p runs/bench; echo x > runs/bench/quantize.csv ;;
+  *kernels_pallas.bench*) mkdir -p runs/bench; echo x > runs/bench/bench.csv ;;
+  *train.probe*) mkdir -p runs/probe; echo x > runs/probe/report.md; sleep 2 ;;
+  *train.bench_precision*) mkdir -p runs/bench_precision; echo x > runs/bench_precision/bench_precision.md ;;
+esac
+"""
+
+
+def test_at_most_eight_files_land_in_out(tmp_path):
+  """The device tool returns at most 8 files from $OUT. Three parts that write all four result
+  files and a fourth skipped part used to leave 9 (4 logs, 4 results and skipped.log): one lost."""
+  repo = tmp_path / "repo"
+  (repo / "bench").mkdir(parents=True)
+  (repo / "bench" / "gpu_session.sh").write_text(SCRIPT.read_text())  # runs in repo/, not in ours
+  fake = tmp_path / "fake_python"
+  fake.write_text(FAKE_PY)
+  fake.chmod(0o755)
+  out = tmp_path / "out"
+  env = {**os.environ, "OUT": str(out), "BUDGET_S": "301", "PY": str(fake)}
+  r = subprocess.run(["bash", str(repo / "bench" / "gpu_session.sh")], cwd=repo, env=env, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
+  files = sorted(f.name for f in out.iterdir())
+  assert {"bench.csv", "quantize.csv", "probe_report.md", "bench_precision.md"} <= set(files)
+  assert len(files) <= 8, files
+  assert "skip serve" in (out / "serve.log").read_text() and "skipped: serve" in r.stdout
 
 
 def test_unknown_part_is_refused(tmp_path):
