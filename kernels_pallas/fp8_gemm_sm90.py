@@ -43,6 +43,8 @@ jaxrec.ops.fp8_dense.
 Tiles (TuningConfig): (tile_m, tile_n, tile_k) in TILES. Defaults, chosen for a 255-register warpgroup
 budget (f32 accumulators take tile_m * width / 128 registers per thread): row-wise 128x128; block-wise
 64x128 (carry + scratch); any norm="block" 64x256 (block-wise: 128 carry + 64 scratch registers).
+A tile whose accumulators reach 256 registers (block-wise 128x128: 128 carry + 128 scratch) raises
+NotImplementedError.
 None of these is measured on an H100 yet (the tests lower every path for sm90 on CPU, which runs
 Mosaic GPU's layout inference, but not ptxas); warp specialisation, two consumer warpgroups and a
 persistent grid are the next steps.
@@ -86,8 +88,10 @@ class TuningConfig:
     if (self.tile_m, self.tile_n, self.tile_k) not in TILES:
       raise NotImplementedError(f"tiles (tile_m, tile_n, tile_k) must be one of {TILES} (the ones "
                                 f"implemented and checked), got {self.tile_m}x{self.tile_n}x{self.tile_k}")
-    if self.max_concurrent_steps < 1:
-      raise ValueError("max_concurrent_steps must be >= 1")
+    if self.max_concurrent_steps < 2:
+      # the row recipe's pipeline releases each stage one step late (delay_release=1), which
+      # emit_pipeline refuses with a single stage
+      raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
 
 
 def default_config(recipe: str, norm: str | None) -> TuningConfig:
@@ -140,8 +144,18 @@ def _check_common(a, b_nk, bias, activation, norm) -> tuple[int, int, int]:
   return m, n, k
 
 
+def _acc_registers(cfg: TuningConfig, recipe: str) -> int:
+  """f32 accumulator registers per thread of the warpgroup: the tile's, plus the block recipe's
+  128-wide scratch accumulator."""
+  return cfg.tile_m * cfg.tile_n // 128 + (cfg.tile_m * _CHUNK // 128 if recipe == "block" else 0)
+
+
 def _config(config: TuningConfig | None, recipe: str, norm: str | None) -> TuningConfig:
   cfg = default_config(recipe, norm) if config is None else config
+  if _acc_registers(cfg, recipe) >= 256:
+    raise NotImplementedError(f"{recipe}-wise recipe with {cfg.tile_m}x{cfg.tile_n} tiles: "
+                              f"{_acc_registers(cfg, recipe)} f32 accumulator registers per thread, over "
+                              "the 255-register budget (module docstring); use a 64-row tile")
   if norm == "block" and cfg.tile_n != NORM_BLOCK:
     raise ValueError(f"norm='block' needs tile_n={NORM_BLOCK} (a whole BlockNorm block per program), "
                      f"got tile_n={cfg.tile_n}")

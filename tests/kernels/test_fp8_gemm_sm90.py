@@ -92,6 +92,11 @@ def test_bad_inputs_are_clear():
     fp8_gemm(a, a, jnp.ones(64), jnp.ones(128), interpret=True)
   with pytest.raises(NotImplementedError, match="must be one of"):
     TuningConfig(tile_n=256)  # 128 x 256: an f32 accumulator of 256 registers per thread
+  with pytest.raises(NotImplementedError, match="256 f32 accumulator registers"):
+    # block-wise 128 x 128: 128 carry + 128 scratch registers per thread, as over budget as the above
+    fp8_gemm_blockwise(a, a, jnp.ones((128, 1)), jnp.ones((1, 1)), config=TuningConfig(), interpret=True)
+  with pytest.raises(ValueError, match="max_concurrent_steps must be >= 2"):
+    TuningConfig(max_concurrent_steps=1)  # emit_pipeline refuses it for the row recipe (delay_release=1)
   with pytest.raises(ValueError, match="M, N, K >= 1"):
     fp8_gemm(a[:0], a, jnp.ones(0), jnp.ones(128), interpret=True)
 
