@@ -262,6 +262,21 @@ def test_fused_blocknorm_hard_swish_matches_reference(recipe, m, n, k, out_dtype
   assert not within(plain, ref, tol, out_dtype)
 
 
+def test_fused_blocknorm_eps_on_rows_near_zero():
+  """Rows whose mean square falls to BlockNorm's eps (1e-6) and below, where eps decides the output
+  (on the rows above, of mean square ~1e4, no eps would be visible)."""
+  a, b, sa, sb = operands(8, 256, 128, seed=15)
+  sa = sa * jnp.asarray(10.0 ** -np.linspace(0, 7, 8), jnp.float32)  # row mean squares ~1e4 ... 1e-10
+  y = fp8_gemm(a, b, sa, sb, norm="block", out_dtype=jnp.float32, interpret=not on_gpu)
+  ref = np.asarray(fp8_gemm_reference(a, b, sa, sb, norm="block", out_dtype=jnp.float32), np.float64)
+  z = np.asarray(fp8_gemm_reference(a, b, sa, sb, out_dtype=jnp.float32), np.float64)
+  tol = norm_tol(z, 2 * gamma(128 + 2) * row_mag(a, b, sa, sb), 256) / 1.5  # no activation
+  assert within(y, ref, tol, jnp.float32)
+  # negative control: the same norm with eps 1e-5 differs on the small rows
+  other = z / np.sqrt(np.mean(z * z, axis=1, keepdims=True) + 1e-5)
+  assert not within(y, other, tol, jnp.float32)
+
+
 @pytest.mark.parametrize("n", [512, 136])
 def test_blocknorm_reference_is_the_layer(n):
   # the epilogue the kernels fuse is jaxrec.layers.blocknorm.block_norm (block min(256, N), eps 1e-6)

@@ -61,6 +61,25 @@ def test_history_gradient_is_the_updated_history():
   assert _rel(dx, c @ w.T) < 0.15 and _rel(dw, x.T @ c) < 0.15
 
 
+def test_each_operand_is_scaled_by_its_own_history_row():
+  """x, w and dy each quantized with the amax of their own history row (not the current amax, not
+  another row's), against a plain restatement of the recipe. The rows hold 1.7, 2.9 and 3.3 times the
+  operands' amaxes: factors that are not powers of two, to which FP8 rounding is blind."""
+  x, w, c = _x((37, 200), 1), _x((200, 130), 2, 0.1), _x((37, 130), 3)
+  h = init_history(4).at[:, 1].set(jnp.stack([jnp.max(jnp.abs(v)) for v in (x, w, c)]) * jnp.array([1.7, 2.9, 3.3]))
+  y, vjp = jax.vjp(lambda x, w: delayed_dense(x, w, h), x, w)
+  dx, dw = vjp(c)
+
+  def q(v, row, dtype):  # (fp8 values as f32, scale)
+    s = np.float32(np.max(np.asarray(h[row]))) / np.float32(jnp.finfo(dtype).max)
+    fmax = float(jnp.finfo(dtype).max)
+    return np.asarray(jnp.asarray(np.clip(np.asarray(v) / s, -fmax, fmax)).astype(dtype), np.float64), float(s)
+
+  (qx, sx), (qw, sw), (qc, sc) = q(x, 0, E4M3), q(w, 1, E4M3), q(c, 2, jnp.float8_e5m2)
+  for got, want in ((y, qx @ qw * sx * sw), (dx, qc @ qw.T * sc * sw), (dw, qx.T @ qc * sx * sc)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+
+
 def test_stale_small_history_saturates_instead_of_nan_and_is_really_used():
   """Negative control: a history 4x below the current amax clips the large values (TE's known
   failure mode), so the result is far worse than current scaling; never NaN or inf."""
