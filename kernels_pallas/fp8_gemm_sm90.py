@@ -9,7 +9,7 @@ Two scaling recipes, one function each (the scale shapes differ, so the recipe i
                         * b_scale[n // 128, kb], with a_scale [M, ceil(K/128)] (1 x 128 blocks of a) and
                         b_scale [ceil(N/128), ceil(K/128)] (128 x 128 blocks of b_nk).
 
-Then the shared epilogue, in f32 and in this order, before the cast to `out_dtype` (bf16 by default):
+Then the shared epilogue, in f32 and in this order, before the cast to `out_dtype` (bf16 by default; f16, f32):
 
     + bias[None, :]                  optional, [N] f32
     norm="block"                     BlockNorm (jaxrec.layers.blocknorm): each contiguous block of
@@ -67,6 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 FP8_TYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+OUT_TYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 ACTIVATIONS = {None: lambda y: y, "relu": lambda y: jnp.maximum(y, 0.0),
                "hard_swish": lambda y: y * jnp.minimum(jnp.maximum(y + 3.0, 0.0), 6.0) / 6.0}
 NORMS = (None, "block")
@@ -124,7 +125,10 @@ def _norm_width(n: int) -> int:
   return width
 
 
-def _check_common(a, b_nk, bias, activation, norm) -> tuple[int, int, int]:
+def _check_common(a, b_nk, bias, activation, norm, out_dtype) -> tuple[int, int, int]:
+  if jnp.dtype(out_dtype) not in OUT_TYPES:
+    # an fp8 output would need an output scale and a clip: the plain cast gives NaN past 448 (e4m3)
+    raise NotImplementedError(f"out_dtype must be one of bfloat16, float16, float32, got {jnp.dtype(out_dtype)}")
   if activation not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
   if norm not in NORMS:
@@ -170,7 +174,7 @@ def fp8_gemm(a: jax.Array, b_nk: jax.Array, a_scale: jax.Array, b_scale: jax.Arr
 
   a [M, K] fp8, b_nk [N, K] fp8, a_scale [M] f32, b_scale [N] f32, bias [N] f32 or None.
   """
-  m, n, k = _check_common(a, b_nk, bias, activation, norm)
+  m, n, k = _check_common(a, b_nk, bias, activation, norm, out_dtype)
   if a_scale.shape != (m,) or b_scale.shape != (n,):
     raise ValueError(f"a_scale must be [{m}] and b_scale [{n}], got {a_scale.shape} and {b_scale.shape}")
   cfg = _config(config, "row", norm)
@@ -193,7 +197,7 @@ def fp8_gemm_blockwise(a: jax.Array, b_nk: jax.Array, a_scale: jax.Array, b_scal
   a [M, K] fp8, b_nk [N, K] fp8, a_scale [M, ceil(K/128)] f32 (1 x 128 blocks of a),
   b_scale [ceil(N/128), ceil(K/128)] f32 (128 x 128 blocks of b_nk), bias [N] f32 or None -> [M, N].
   """
-  m, n, k = _check_common(a, b_nk, bias, activation, norm)
+  m, n, k = _check_common(a, b_nk, bias, activation, norm, out_dtype)
   kb, nb = _cdiv(k, SCALE_BLOCK), _cdiv(n, SCALE_BLOCK)
   if a_scale.shape != (m, kb) or b_scale.shape != (nb, kb):
     raise ValueError(f"block-wise scales: a_scale must be [M, ceil(K/128)] = [{m}, {kb}] and b_scale "

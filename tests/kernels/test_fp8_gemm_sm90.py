@@ -134,6 +134,11 @@ def test_bad_epilogue_arguments():
     fp8_gemm(a, a, jnp.ones(128), jnp.ones(128), activation="gelu", interpret=True)
   with pytest.raises(ValueError, match="bias must be"):
     fp8_gemm(a, a, jnp.ones(128), jnp.ones(128), bias=jnp.ones(64), interpret=True)
+  for kern, sa, sb in ((fp8_gemm, jnp.ones(128), jnp.ones(128)),
+                       (fp8_gemm_blockwise, jnp.ones((128, 1)), jnp.ones((1, 1)))):
+    with pytest.raises(NotImplementedError, match="out_dtype must be one of"):
+      # the plain cast to e4m3 made NaN of every output past 448 (no output scale, no clip)
+      kern(a, a, sa, sb, out_dtype=jnp.float8_e4m3fn, interpret=True)
 
 
 # ---- block-wise recipe (1 x 128 activation blocks, 128 x 128 weight blocks) -------------------------
