@@ -50,7 +50,10 @@ TOL = 2.0 ** -7
 
 
 def full_sweep() -> list[tuple[int, int, int]]:
-  return [(m, k, n) for m in M_SWEEP for k, n in KN_SWEEP] + [(8192, 8192, 8192)]
+  """The GPU sweep, most telling first (a `--seconds` budget cuts its tail): training-batch M 16384,
+  then 65536, then 4096, then the square 8192^3."""
+  order = sorted(M_SWEEP, key=lambda m: (m != 16384, m != 65536))
+  return [(m, k, n) for m in order for k, n in KN_SWEEP] + [(8192, 8192, 8192)]
 
 
 def _quantize(x: jax.Array, axis: int | None) -> tuple[jax.Array, jax.Array]:
@@ -157,9 +160,13 @@ def time_us(fn, args, iters: int, on_gpu: bool) -> float:
   return 1e6 * statistics.median(times)
 
 
-def run(shapes, iters: int, on_gpu: bool) -> list[dict]:
-  rows = []
-  for m, k, n in shapes:
+def run(shapes, iters: int, on_gpu: bool, seconds: float = 0.0) -> list[dict]:
+  """Every variant of each shape in order; with `seconds` > 0 no new shape starts after that long."""
+  rows, t0 = [], time.perf_counter()
+  for i, (m, k, n) in enumerate(shapes):
+    if seconds > 0 and i > 0 and time.perf_counter() - t0 > seconds:
+      print(f"stopped after {i} of {len(shapes)} shapes: --seconds {seconds:g} reached", flush=True)
+      break
     base = {}
     for op, name, fn, args, ref in variants(m, k, n, on_gpu):
       y = jax.block_until_ready(fn(*args)).astype(jnp.float32)
@@ -205,9 +212,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--smoke", action="store_true", help="tiny sweep (default when there is no GPU)")
   p.add_argument("--iters", type=int, default=20, help="timed calls per variant (median reported)")
   p.add_argument("--out", type=Path, default=None, help="also write bench.csv and bench.png here")
+  p.add_argument("--seconds", type=float, default=0.0,
+                 help="start no new shape after this many seconds (0 = no limit), so that a time-boxed run "
+                      "still writes its outputs")
   a = p.parse_args(argv)
   if a.iters < 1:
     p.error(f"--iters must be >= 1, got {a.iters}")
+  if not 0 <= a.seconds < float("inf"):
+    p.error(f"--seconds must be >= 0 and finite, got {a.seconds}")
   if a.out is not None:  # before the sweep, not after it
     try:
       a.out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
   if not on_gpu:
     print("no GPU: running the smoke sweep with the Pallas kernel in the Mosaic GPU interpreter; "
           "times below are CPU wall-clock, not kernel speeds")
-  rows = run(SMOKE if smoke else full_sweep(), a.iters if on_gpu else min(a.iters, 3), on_gpu)
+  rows = run(SMOKE if smoke else full_sweep(), a.iters if on_gpu else min(a.iters, 3), on_gpu, a.seconds)
   if a.out is not None:
     write_outputs(rows, a.out, on_gpu)
   bad = [r for r in rows if not r["ok"]]

@@ -26,6 +26,7 @@ import argparse
 import csv
 import functools
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -83,9 +84,13 @@ def mismatched_bytes(got, want) -> int:
   return n
 
 
-def run(shapes, in_dtype, iters: int, on_gpu: bool) -> list[dict]:
-  rows = []
-  for m, k in shapes:
+def run(shapes, in_dtype, iters: int, on_gpu: bool, seconds: float = 0.0) -> list[dict]:
+  """Every variant of each shape in order; with `seconds` > 0 no new shape starts after that long."""
+  rows, t0 = [], time.perf_counter()
+  for i, (m, k) in enumerate(shapes):
+    if seconds > 0 and i > 0 and time.perf_counter() - t0 > seconds:
+      print(f"stopped after {i} of {len(shapes)} shapes: --seconds {seconds:g} reached", flush=True)
+      break
     x = jax.random.normal(jax.random.key(m * 31 + k), (m, k), jnp.float32)
     x = (x * jnp.exp(2.0 * jax.random.normal(jax.random.key(k), (m, 1)))).astype(in_dtype)
     for recipe in ("row", "block"):
@@ -119,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--iters", type=int, default=20, help="timed calls per variant (median reported)")
   p.add_argument("--in-dtype", choices=("bfloat16", "float32"), default="bfloat16")
   p.add_argument("--out", type=Path, default=None, help="also write quantize.csv here")
+  p.add_argument("--seconds", type=float, default=0.0,
+                 help="start no new shape after this many seconds (0 = no limit), so that a time-boxed run "
+                      "still writes its outputs")
   a = p.parse_args(argv)
   if a.iters < 1:
     p.error(f"--iters must be >= 1, got {a.iters}")
+  if not 0 <= a.seconds < float("inf"):
+    p.error(f"--seconds must be >= 0 and finite, got {a.seconds}")
   if a.out is not None:  # before the sweep, not after it
     try:
       a.out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print("no GPU: running the smoke sweep with the Pallas kernel in the Mosaic GPU interpreter; "
           "times below are CPU wall-clock, not kernel speeds")
   rows = run(SMOKE if smoke else full_sweep(), jnp.dtype(a.in_dtype),
-             a.iters if on_gpu else min(a.iters, 3), on_gpu)
+             a.iters if on_gpu else min(a.iters, 3), on_gpu, a.seconds)
   if a.out is not None:
     write_csv(rows, a.out)
   bad = [r for r in rows if not r["ok"]]

@@ -33,3 +33,25 @@ def test_bad_iters_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
       mod.main(["--iters", "0"])
     assert e.value.code == 2 and "--iters must be >= 1" in capsys.readouterr().err
+
+
+def test_seconds_budget_stops_the_sweep_and_still_writes(tmp_path, capsys):
+  """bench/gpu_session.sh runs both benchmarks time-boxed: a budget reached ends the sweep early
+  with its outputs written instead of a timeout killing it before them."""
+  import pytest
+  from kernels_pallas import bench_quantize
+  assert bench.main(["--smoke", "--iters", "1", "--seconds", "1e-9", "--out", str(tmp_path)]) == 0
+  assert f"stopped after 1 of {len(bench.SMOKE)} shapes" in capsys.readouterr().out
+  with (tmp_path / "bench.csv").open() as f:
+    assert len(list(csv.DictReader(f))) == 8
+  assert bench_quantize.main(["--smoke", "--iters", "1", "--seconds", "1e-9", "--out", str(tmp_path)]) == 0
+  with (tmp_path / "quantize.csv").open() as f:
+    assert len(list(csv.DictReader(f))) == 5
+  for mod in (bench, bench_quantize):
+    with pytest.raises(SystemExit) as e:
+      mod.main(["--seconds", "-1"])
+    assert e.value.code == 2 and "--seconds must be >= 0" in capsys.readouterr().err
+
+
+def test_full_sweep_starts_with_the_training_batch():
+  assert bench.full_sweep()[0][0] == 16384 and bench.full_sweep()[-1] == (8192, 8192, 8192)
