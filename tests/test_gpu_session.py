@@ -60,3 +60,18 @@ def test_at_most_eight_files_land_in_out(tmp_path):
 def test_unknown_part_is_refused(tmp_path):
   r = _run(["kernel"], tmp_path, budget=10)
   assert r.returncode == 2 and "unknown part kernel" in r.stderr
+
+
+def test_a_step_that_no_longer_fits_is_skipped():
+  """Inside the serve part, whose steps' timeouts add up to more than its box, each step after the
+  first server runs only while it still fits (bash's SECONDS set by hand stands for time spent)."""
+  text = SCRIPT.read_text()
+  defs = text[text.index("left() {"):text.index("part_kernels() {")]
+  body = text[text.index("part_serve() {"):]
+  assert "fits serve_anchor 100 &&" in body and "fits bench_engine 40 &&" in body
+  script = ("setup_env() { :; }\n" + defs + '\nBUDGET_S=300; SKIPPED=; SECONDS=250\n'
+            'fits a 40 && echo ran-a\nfits b 100 && echo ran-b\necho "skipped:$SKIPPED"\n')
+  r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+  assert r.returncode == 0, r.stderr
+  assert "ran-a" in r.stdout and "ran-b" not in r.stdout
+  assert "== skip b: 50 s left, needs 100" in r.stdout and "skipped: b" in r.stdout
