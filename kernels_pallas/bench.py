@@ -160,13 +160,20 @@ def time_us(fn, args, iters: int, on_gpu: bool) -> float:
   return 1e6 * statistics.median(times)
 
 
-def run(shapes, iters: int, on_gpu: bool, seconds: float = 0.0) -> list[dict]:
-  """Every variant of each shape in order; with `seconds` > 0 no new shape starts after that long."""
-  rows, t0 = [], time.perf_counter()
-  for i, (m, k, n) in enumerate(shapes):
+def within(shapes: list, seconds: float):
+  """The shapes in order, none started once `seconds` have passed since the first (0 = no limit)."""
+  t0 = time.perf_counter()
+  for i, shape in enumerate(shapes):
     if seconds > 0 and i > 0 and time.perf_counter() - t0 > seconds:
       print(f"stopped after {i} of {len(shapes)} shapes: --seconds {seconds:g} reached", flush=True)
-      break
+      return
+    yield shape
+
+
+def run(shapes, iters: int, on_gpu: bool, seconds: float = 0.0) -> list[dict]:
+  """Every variant of each shape in order; with `seconds` > 0 no new shape starts after that long."""
+  rows = []
+  for m, k, n in within(shapes, seconds):
     base = {}
     for op, name, fn, args, ref in variants(m, k, n, on_gpu):
       y = jax.block_until_ready(fn(*args)).astype(jnp.float32)
@@ -207,29 +214,43 @@ def write_outputs(rows: list[dict], out: Path, on_gpu: bool) -> None:
   print(f"wrote {out / 'bench.csv'} and {out / 'bench.png'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m kernels_pallas.bench", description=__doc__.split("\n\n")[0])
+def sweep_parser(prog: str, description: str, out_help: str) -> argparse.ArgumentParser:
+  """The options of both kernel benchmarks (this one and bench_quantize): --smoke, --iters, --out,
+  --seconds; `parse_sweep_args` checks them."""
+  p = argparse.ArgumentParser(prog=prog, description=description)
   p.add_argument("--smoke", action="store_true", help="tiny sweep (default when there is no GPU)")
   p.add_argument("--iters", type=int, default=20, help="timed calls per variant (median reported)")
-  p.add_argument("--out", type=Path, default=None, help="also write bench.csv and bench.png here")
+  p.add_argument("--out", type=Path, default=None, help=out_help)
   p.add_argument("--seconds", type=float, default=0.0,
                  help="start no new shape after this many seconds (0 = no limit), so that a time-boxed run "
                       "still writes its outputs")
+  return p
+
+
+def parse_sweep_args(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, bool, bool]:
+  """(args, on_gpu, smoke): the options checked (a usage error otherwise) and --out created before the
+  sweep, not after it; without a GPU the smoke sweep, said so."""
   a = p.parse_args(argv)
   if a.iters < 1:
     p.error(f"--iters must be >= 1, got {a.iters}")
   if not 0 <= a.seconds < float("inf"):
     p.error(f"--seconds must be >= 0 and finite, got {a.seconds}")
-  if a.out is not None:  # before the sweep, not after it
+  if a.out is not None:
     try:
       a.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
       p.error(f"--out {a.out}: cannot create the directory ({e.strerror or e})")
   on_gpu = any(d.platform == "gpu" for d in jax.devices())
-  smoke = a.smoke or not on_gpu
   if not on_gpu:
     print("no GPU: running the smoke sweep with the Pallas kernel in the Mosaic GPU interpreter; "
           "times below are CPU wall-clock, not kernel speeds")
+  return a, on_gpu, a.smoke or not on_gpu
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = sweep_parser("python -m kernels_pallas.bench", __doc__.split("\n\n")[0],
+                   "also write bench.csv and bench.png here")
+  a, on_gpu, smoke = parse_sweep_args(p, argv)
   rows = run(SMOKE if smoke else full_sweep(), a.iters if on_gpu else min(a.iters, 3), on_gpu, a.seconds)
   if a.out is not None:
     write_outputs(rows, a.out, on_gpu)

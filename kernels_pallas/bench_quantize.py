@@ -22,18 +22,16 @@ times are NOT speeds.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.bench import time_us
+from kernels_pallas.bench import parse_sweep_args, sweep_parser, time_us, within
 from kernels_pallas.fp8_quantize_sm90 import fp8_quantize, fp8_quantize_reference, hbm_bytes
 
 M_SWEEP = (4096, 16384, 65536)
@@ -86,11 +84,8 @@ def mismatched_bytes(got, want) -> int:
 
 def run(shapes, in_dtype, iters: int, on_gpu: bool, seconds: float = 0.0) -> list[dict]:
   """Every variant of each shape in order; with `seconds` > 0 no new shape starts after that long."""
-  rows, t0 = [], time.perf_counter()
-  for i, (m, k) in enumerate(shapes):
-    if seconds > 0 and i > 0 and time.perf_counter() - t0 > seconds:
-      print(f"stopped after {i} of {len(shapes)} shapes: --seconds {seconds:g} reached", flush=True)
-      break
+  rows = []
+  for m, k in within(shapes, seconds):
     x = jax.random.normal(jax.random.key(m * 31 + k), (m, k), jnp.float32)
     x = (x * jnp.exp(2.0 * jax.random.normal(jax.random.key(k), (m, 1)))).astype(in_dtype)
     for recipe in ("row", "block"):
@@ -118,30 +113,10 @@ def write_csv(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m kernels_pallas.bench_quantize",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--smoke", action="store_true", help="tiny sweep (default when there is no GPU)")
-  p.add_argument("--iters", type=int, default=20, help="timed calls per variant (median reported)")
+  p = sweep_parser("python -m kernels_pallas.bench_quantize", __doc__.split("\n\n")[0],
+                   "also write quantize.csv here")
   p.add_argument("--in-dtype", choices=("bfloat16", "float32"), default="bfloat16")
-  p.add_argument("--out", type=Path, default=None, help="also write quantize.csv here")
-  p.add_argument("--seconds", type=float, default=0.0,
-                 help="start no new shape after this many seconds (0 = no limit), so that a time-boxed run "
-                      "still writes its outputs")
-  a = p.parse_args(argv)
-  if a.iters < 1:
-    p.error(f"--iters must be >= 1, got {a.iters}")
-  if not 0 <= a.seconds < float("inf"):
-    p.error(f"--seconds must be >= 0 and finite, got {a.seconds}")
-  if a.out is not None:  # before the sweep, not after it
-    try:
-      a.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      p.error(f"--out {a.out}: cannot create the directory ({e.strerror or e})")
-  on_gpu = any(d.platform == "gpu" for d in jax.devices())
-  smoke = a.smoke or not on_gpu
-  if not on_gpu:
-    print("no GPU: running the smoke sweep with the Pallas kernel in the Mosaic GPU interpreter; "
-          "times below are CPU wall-clock, not kernel speeds")
+  a, on_gpu, smoke = parse_sweep_args(p, argv)
   rows = run(SMOKE if smoke else full_sweep(), jnp.dtype(a.in_dtype),
              a.iters if on_gpu else min(a.iters, 3), on_gpu, a.seconds)
   if a.out is not None:

@@ -31,6 +31,10 @@ from flax import struct
 from jaxrec.precision.stats import MatrixNormalEMA, Welford
 
 
+# what np.load of a missing, truncated, half-written or foreign probe_stats.npz raises
+_UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
   every: int = 250
@@ -107,7 +111,7 @@ class ProbeState:
       with open(path, "rb") as f:
         z = np.load(f)
         return int(z["step"]) if hasattr(z, "files") and "step" in z.files else None
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+    except _UNREADABLE:
       return None
 
   @classmethod
@@ -126,6 +130,6 @@ class ProbeState:
         grads = {s: Welford(jnp.asarray(z[f"dy/{s}/count"]), jnp.asarray(z[f"dy/{s}/mean"]),
                             jnp.asarray(z[f"dy/{s}/m2"])) for s in sites if f"dy/{s}/count" in z.files}
         updates = jnp.asarray(z["updates"])
-    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    except _UNREADABLE as e:
       raise ValueError(f"{path}: not a probe_stats.npz of python -m train.ranker --probe.every N ({e})") from None
     return cls(acts, weights, updates, grads)

@@ -218,6 +218,38 @@ def open_checkpointer(workdir: Path, max_to_keep: int, steps: int) -> Checkpoint
   return ckpt
 
 
+class StepClock:
+  """Training throughput over timed segments: the process's first step (compilation) is not timed,
+  nor is what runs at a log / eval / checkpoint boundary (`lap` ends a segment, `resume` starts the
+  next). `steps` and `seconds` are the totals of the ended segments."""
+
+  def __init__(self):
+    self.steps, self.seconds = 0, 0.0
+    self._mark: float | None = None  # start of the current segment; None before the first step
+    self._seg = 0
+
+  def stepped(self, state) -> None:
+    """After each training step (the first one blocks on `state` and starts the first segment)."""
+    self._seg += 1
+    if self._mark is None:
+      jax.block_until_ready(state)
+      self._mark, self._seg = time.perf_counter(), 0
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` spent inside the current segment (a compile) out of it."""
+    if self._mark is not None:
+      self._mark += seconds
+
+  def lap(self) -> None:
+    """Ends the current segment, adding its steps and time to the totals."""
+    self.steps += self._seg
+    self.seconds += time.perf_counter() - self._mark
+
+  def resume(self) -> None:
+    """Starts the next segment (after a boundary's eval, checkpoint and logging)."""
+    self._mark, self._seg = time.perf_counter(), 0
+
+
 def append_jsonl(path: Path, record: dict) -> None:
   """Appends one JSON record as a line (metrics.jsonl)."""
   with path.open("a") as f:
@@ -260,7 +292,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
     fresh_probe = init_probe_state(graphdef, state, cfg.probe, mesh)
     probe_state = fresh_probe
     saved_step = ProbeState.saved_step(probe_path) if start and probe_path.exists() else None
-    if start and probe_path.exists() and saved_step not in (None, start):
+    if saved_step not in (None, start):
       # saved beside a checkpoint that never finished (the run was killed during its async save): its
       # statistics hold probe updates past the checkpoint resumed from, which would count them twice
       print(f"note: {probe_path} belongs to step {saved_step:,}, not to the checkpoint at step {start:,} this "
@@ -277,9 +309,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   drop_records_after(metrics_path, start, evals_at_step=start >= steps)
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
-  timed_steps, timed_seconds = 0, 0.0
-  t_mark = None  # start of the current timed segment (after the first, compiling step)
-  seg_steps = 0
+  clock = StepClock()
   try:
     with progress(steps - start, f"train {cfg.model.kind}", enabled=cfg.train.progress) as bar:
       for step in range(start, steps):
@@ -295,23 +325,18 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
           if not first:
             probe_seconds += time.perf_counter() - t_probe
             probe_timed += 1
-          elif t_mark is not None:  # keep the compile out of the training throughput too
-            t_mark += time.perf_counter() - t_probe
-        seg_steps += 1
+          else:  # keep the compile out of the training throughput too
+            clock.exclude(time.perf_counter() - t_probe)
         done = step + 1
-        if t_mark is None:  # first step of this process: includes compilation, not timed
-          jax.block_until_ready(state)
-          t_mark, seg_steps = time.perf_counter(), 0
+        clock.stepped(state)
         boundary_log = done % cfg.train.log_every == 0 or done == steps
         boundary_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
         boundary_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
         if boundary_log or boundary_eval or boundary_ckpt:
           loss = checked_mean_loss(losses, done, workdir)
           losses = []
-          now = time.perf_counter()
-          timed_steps += seg_steps
-          timed_seconds += now - t_mark
-          rate = bs * timed_steps / timed_seconds if timed_seconds > 0 else None
+          clock.lap()
+          rate = bs * clock.steps / clock.seconds if clock.seconds > 0 else None
           if boundary_log:
             append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
           if boundary_eval:
@@ -322,8 +347,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
             if probe_every:
               probe_state.save(probe_path, step=done)
           bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
-          seg_steps = 0
-          t_mark = time.perf_counter()
+          clock.resume()
         bar.update(1)
 
   except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
@@ -337,7 +361,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   main_task = schema.labels[0]
   summary = {
       "steps": final_step,
-      "examples_per_sec": bs * timed_steps / timed_seconds if timed_seconds > 0 else None,
+      "examples_per_sec": bs * clock.steps / clock.seconds if clock.seconds > 0 else None,
       "eval_ne": res[f"{main_task}/ne"],
       "eval_auc": res[f"{main_task}/auc"],
       "eval_logloss": res[f"{main_task}/logloss"],
@@ -351,7 +375,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   }
   if probe_every:
     probe_state.save(probe_path, step=final_step)
-    train_s = timed_seconds - probe_seconds
+    train_s = clock.seconds - probe_seconds
     summary.update(probe_every=probe_every, probe_updates=int(probe_state.updates), probe_timed_updates=probe_timed,
                    probe_seconds=probe_seconds,
                    probe_overhead=(probe_seconds / train_s) if probe_timed and train_s > 0 else None)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -44,7 +43,7 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
-from jaxrec.training.loop import (LoopConfig, WorkdirConflictError, append_jsonl, checked_mean_loss,
+from jaxrec.training.loop import (LoopConfig, StepClock, WorkdirConflictError, append_jsonl, checked_mean_loss,
                                   drop_records_after, open_checkpointer, prepare_workdir)
 from jaxrec.training.state import TrainState, merge_model, plan_train_state, table_rows_used
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
@@ -140,26 +139,22 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   drop_records_after(metrics_path, start, evals_at_step=start >= steps)
   batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
-  timed_steps, timed_seconds, t_mark, seg_steps = 0, 0.0, None, 0  # timed segments end at a log, eval or checkpoint
+  clock = StepClock()
   try:
     with progress(steps - start, "train user model", enabled=cfg.train.progress) as bar:
       for step in range(start, steps):
         state, m = train_step(state, jax.device_put(next(batches), train_bsh))
         losses.append(m["loss"])
         done = step + 1
-        seg_steps += 1
-        if t_mark is None:  # the first step compiles: not timed
-          jax.block_until_ready(state)
-          t_mark, seg_steps = time.perf_counter(), 0
+        clock.stepped(state)
         is_log = done % cfg.train.log_every == 0 or done == steps
         is_eval = cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0 and done != steps
         is_ckpt = done % cfg.train.checkpoint_every == 0 or done == steps
         if is_log or is_eval or is_ckpt:
           loss = checked_mean_loss(losses, done, workdir)
           losses = []
-          timed_steps += seg_steps
-          timed_seconds += time.perf_counter() - t_mark
-          rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
+          clock.lap()
+          rate = bs * clock.steps / clock.seconds if clock.seconds > 0 and clock.steps else None
           if is_log:
             append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
           if is_eval:
@@ -167,12 +162,12 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
           if is_ckpt:
             ckpt.save(done, state)
           bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
-          seg_steps, t_mark = 0, time.perf_counter()  # the eval and checkpoint above are not training time
+          clock.resume()  # the eval and checkpoint above are not training time
         bar.update(1)
   except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
     ckpt.close()
     raise
-  rate = bs * timed_steps / timed_seconds if timed_seconds > 0 and timed_steps else None
+  rate = bs * clock.steps / clock.seconds if clock.seconds > 0 and clock.steps else None
 
   res = run_eval(state)
   final_step = int(state.step)
