@@ -90,6 +90,9 @@ class Dense(nnx.Module):
     if (norm is not None or activation is not None) and not self.fuses(norm, activation):
       raise ValueError(f"this Dense cannot fuse norm={norm!r}, activation={activation!r} (bias: "
                        f"{self.bias is not None}, forward numerics {self.precision.fwd.numerics!r})")
+    if x.ndim < 1 or x.shape[-1] != self.in_features:  # every path, the prequantized one included
+      raise ValueError(f"Dense({self.in_features}, {self.out_features}) needs x [..., {self.in_features}], "
+                       f"got shape {x.shape}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
     if self.capture:

@@ -122,3 +122,14 @@ def test_pallas_prequantized_forward_lowers_to_sm90_kernels_without_weight_quant
           jax.ShapeDtypeStruct(sb.shape, sb.dtype))
   text = jax.jit(fwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == kernels
+
+
+@pytest.mark.parametrize("prequantized", [False, True])
+def test_wrong_input_width_is_a_clear_error(prequantized):
+  """An input of the wrong width is a ValueError naming the shapes on every path; the prequantized
+  one used to fail inside dot_general with a TypeError."""
+  d = Dense(16, 8, use_bias=False, precision=SitePrecision.uniform("fp8_row"), rngs=nnx.Rngs(0))
+  if prequantized:
+    assert d.prequantize()
+  with pytest.raises(ValueError, match=r"needs x \[\.\.\., 16\], got shape \(4, 12\)"):
+    d(jnp.ones((4, 12)))
