@@ -71,6 +71,19 @@ def test_bound_is_on_the_upper_end_of_the_interval():
   assert choose_gemm("s", SHAPE, one, t).candidate == BASELINE
 
 
+def test_bound_is_strict_at_the_upper_end():
+  """"MERE upper end < bound": an estimate whose upper end equals the bound is refused (timed and
+  untimed), one just above it admitted."""
+  t = timings_for([SHAPE], {"pallas_fp8_row": 50.0})
+  m = site_mere(0.05)
+  high = m["fp8_row"]["fwd"].high
+  assert m["fp8_tensor"]["fwd"].high == m["fp8_block"]["fwd"].high == high
+  assert choose_gemm("s", SHAPE, m, t, bound=high).candidate == BASELINE
+  assert choose_gemm("s", SHAPE, m, t, bound=high * (1 + 1e-9)).candidate == "pallas_fp8_row"
+  assert choose_gemm("s", SHAPE, m, None, bound=high).candidate == BASELINE
+  assert choose_gemm("s", SHAPE, m, None, bound=high * (1 + 1e-9)).candidate == "xla_fp8_tensor"
+
+
 def test_speedup_must_exceed_threshold():
   m = site_mere(0.04)
   at = timings_for([SHAPE], {BASELINE: 105.0, "pallas_fp8_row": 100.0, "xla_fp8_tensor": 120.0})  # 1.05 exactly
@@ -152,6 +165,15 @@ def test_untimed_rule_lowest_mere_xla_fp8_under_bound():
   assert choose_gemm("s", SHAPE, tie, None).candidate == "xla_fp8_tensor"  # ties: registry order
   only_pallas = DEFAULT_REGISTRY.select(["pallas_fp8_row"])
   assert choose_gemm("s", SHAPE, m, None, registry=only_pallas).candidate == BASELINE  # Pallas is never untimed
+
+
+def test_untimed_rule_ranks_by_the_upper_end_not_the_mean():
+  """A noisy estimate with the lower mean loses to a tight one with the lower upper end."""
+  wide = MereEstimate.from_values([0.02, 0.03, 0.04])    # mean 0.03, high 0.055
+  tight = MereEstimate.from_values([0.039, 0.04, 0.041])  # mean 0.04, high 0.0425
+  assert wide.mean < tight.mean and tight.high < wide.high < DEFAULT_BOUND
+  m = {"bf16": site_mere()["bf16"], "fp8_tensor": dict.fromkeys(GEMMS, wide), "fp8_row": dict.fromkeys(GEMMS, tight)}
+  assert choose_gemm("s", SHAPE, m, None).candidate == "xla_fp8_row"
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +382,12 @@ def test_aggregate_plan_vs_global_recipes():
   assert agg_bad.best_global == "xla_fp8_tensor" and agg_bad.global_within_bound["xla_fp8_tensor"] is False
   assert agg_bad.best_global_within_bound == "pallas_fp8_row"
   assert agg_bad.plan_us == 3 * 50.0 + 3 * 100.0
+  # "within bound" reads the upper end too: a mean under the bound with the upper end over it is not
+  wide = MereEstimate.from_values([0.08, 0.09, 0.10, 0.11])
+  assert wide.mean < DEFAULT_BOUND < wide.high
+  m_wide = {"a": site_mere(0.04), "b": {**site_mere(0.04), "fp8_tensor": dict.fromkeys(GEMMS, wide)}}
+  assert aggregate(rows, t, mere=m_wide, registry=reg).global_within_bound["xla_fp8_tensor"] is False
+  assert aggregate(rows, t, mere=m, registry=reg).global_within_bound["xla_fp8_tensor"] is True
   # inference: forward GEMMs only
   fwd = aggregate(rows, t, gemms=("fwd",), registry=reg)
   assert (fwd.plan_us, fwd.baseline_us, fwd.global_within_bound[BASELINE]) == (110.0, 200.0, True)
