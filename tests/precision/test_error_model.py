@@ -115,6 +115,9 @@ def test_interval_contains_the_mean_and_shrinks_with_samples():
   assert many.low < _rounding_mere(3, 3) * 1.03 and few.low < many.mean < few.high
   e = MereEstimate.from_values([5.0, 6.0, 7.0])  # sd 1, t_{0.975, 2} = 4.303
   assert (e.low, e.mean, e.high) == pytest.approx((6 - 4.303 / math.sqrt(3), 6, 6 + 4.303 / math.sqrt(3)), rel=1e-4)
+  # the lower end is clipped at 0 (a MERE is never negative): 0.1 - 4.303 * 0.173 / sqrt(3) < 0
+  e = MereEstimate.from_values([0.0, 0.0, 0.3])
+  assert e.low == 0.0 and e.high == pytest.approx(0.1 + 4.303 * math.sqrt(0.03) / math.sqrt(3), rel=1e-4)
 
 
 def test_sampling_reproduces_the_statistics():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxrec.precision.plan import PlanFileError, PrecisionPlan, SitePrecision
+from jaxrec.precision.plan import GemmChoice, PlanFileError, PrecisionPlan, SitePrecision
 
 
 def test_a_json_file_without_a_plan_is_refused(tmp_path):
@@ -22,3 +22,15 @@ def test_a_json_file_without_a_plan_is_refused(tmp_path):
     assert PrecisionPlan.load(tmp_path / "p.json") == plan
   (tmp_path / "d.json").write_text(json.dumps({"default": plan.to_json()["sites"]["top.layers.0"]}))
   assert PrecisionPlan.load(tmp_path / "d.json") == PrecisionPlan.uniform("fp8_row")
+
+
+def test_fp8_delayed_covers_a_whole_site_with_one_impl():
+  """The amax history covers the operands a site's three GEMMs share: a site delayed in only some
+  GEMMs, or delayed with two impls, is refused."""
+  delayed, row = GemmChoice("fp8_delayed"), GemmChoice("fp8_row")
+  assert SitePrecision.uniform("fp8_delayed").is_delayed
+  assert SitePrecision.uniform("fp8_delayed", "pallas").is_delayed
+  for site in ((delayed, row, row), (row, delayed, delayed), (delayed, delayed, GemmChoice()),
+               (delayed, GemmChoice("fp8_delayed", "pallas"), delayed)):
+    with pytest.raises(ValueError, match="whole site"):
+      SitePrecision(*site)
