@@ -53,6 +53,20 @@ def test_eval_counts_are_exact_training_counts():
   assert tr.data.dense.shape == (400, 9) and tr.schema == ev.schema
 
 
+def test_counts_are_weighted_and_padding_rows_count_nothing():
+  """A row of weight w counts as w rows (weight 0 marks padding, which counts nothing): eval counts
+  over weighted training rows equal those over the rows repeated w times."""
+  train, evl = make(400, 0), make(150, 1)
+  w = np.random.default_rng(5).integers(0, 3, len(train))  # 0, 1 or 2
+  weighted = Examples(train.schema, train.data.replace(weights=w.astype(np.float32)))
+  repeated = train.take(np.repeat(np.arange(len(train)), w))
+  _, ev_w = add_count_features(weighted, evl, ("user*item",), folds=4)
+  _, ev_r = add_count_features(repeated, evl, ("user*item",), folds=4)
+  np.testing.assert_allclose(ev_w.data.dense, ev_r.data.dense, rtol=1e-6)
+  _, ev_1 = add_count_features(train, evl, ("user*item",), folds=4)  # negative control: weights matter
+  assert not np.allclose(ev_w.data.dense, ev_1.data.dense)
+
+
 def test_training_counts_are_out_of_fold_so_a_row_never_counts_its_own_label():
   # every (user, item) key unique: out-of-fold counts of the cross must all be zero
   n = 300

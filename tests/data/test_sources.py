@@ -59,6 +59,26 @@ def test_split_leaving_a_side_empty_is_refused(tmp_path):
   assert len(tr) == len(ev) == 1
 
 
+def test_seeded_split_partitions_the_rows_and_depends_on_the_seed():
+  """Examples.split: disjoint train and eval that cover every row, eval_fraction of them in eval,
+  the same rows for the same seed and other rows for another (DataConfig.split_seed)."""
+  from jaxrec.data.batch import Schema, SparseFeature
+  from jaxrec.data.examples import Examples
+  from jaxrec.data.readers._common import one_hot_batch
+  n = 200
+  schema = Schema(dense=("t",), sparse=(SparseFeature("user", 5),), labels=("click",))
+  ex = Examples(schema, one_hot_batch(dense=np.arange(n, dtype=np.float32)[:, None], ids=np.zeros((n, 1), np.int64),
+                                      mask=None, labels=np.zeros((n, 1), np.float32), timestamp=np.arange(n)))
+
+  def rows(seed):
+    tr, ev = ex.split(0.25, seed)
+    return tr.data.dense[:, 0].tolist(), ev.data.dense[:, 0].tolist()
+  tr, ev = rows(3)
+  assert len(ev) == 50 and sorted(tr + ev) == list(range(n)) and not set(tr) & set(ev)
+  assert rows(3) == (tr, ev)
+  assert rows(4)[1] != ev and rows(0)[1] != ev
+
+
 def test_train_and_eval_files_share_one_vocabulary(tmp_path):
   """Readers size vocabularies by their own file; an eval file that reaches further (as Ali-CCP's own
   val file does) widens the training vocabulary instead of being refused."""
