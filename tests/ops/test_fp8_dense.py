@@ -156,6 +156,17 @@ def test_out_of_range_values_are_clipped_not_nan():
     assert np.all(np.isfinite(scaled_matmul(x, w, recipe=r)))
 
 
+def test_cast_clips_to_the_format_range():
+  """With current scaling x / scale never leaves the range, so the test above passes without the
+  clip; a scale below amax / fmax (delayed scaling's stale history) needs it: out-of-range values
+  saturate at the format's own max instead of casting to NaN."""
+  from jaxrec.ops.fp8_scaling import cast_fp8
+  x = jnp.asarray([1e6, -1e6, 3.0], jnp.float32)
+  for dtype, fmax in ((E4M3, 448.0), (E5M2, 57344.0)):
+    q = np.asarray(cast_fp8(x, jnp.float32(1.0), dtype).astype(jnp.float32))
+    np.testing.assert_array_equal(q, [fmax, -fmax, 3.0])
+
+
 def test_bad_arguments_are_clear():
   x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
   with pytest.raises(ValueError, match="unknown FP8 recipe"):
