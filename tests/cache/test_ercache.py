@@ -358,3 +358,18 @@ def test_a_write_stamped_after_the_lookup_clock_serves_age_zero():
   state, stale = ercache.failover(state, keys, 100, valid)
   assert (Source(int(direct.source[0])), int(direct.age[0])) == (Source.DIRECT, 0)
   assert (Source(int(stale.source[0])), int(stale.age[0])) == (Source.FAILOVER, 0)
+
+
+def test_a_write_at_exactly_the_failover_ttl_starts_a_new_ring():
+  """A ring whose newest write is failover_ttl_s old has expired (the failover tier no longer serves
+  it): the next write starts a new history rather than averaging the expired embedding in. One second
+  younger, the write extends it."""
+  cfg = dataclasses.replace(_cfg(10, 50, 2), direct_capacity=16, failover_capacity=16)
+  ids = split_keys([5])
+  for gap, want in ((50, 6.0), (49, 4.5)):  # means of [6] and of [3, 6]
+    state = ERCacheState.create(cfg)
+    state = ercache.write(state, ids, jnp.full((1, D), 3.0), 0, 0)
+    state = ercache.write(state, ids, jnp.full((1, D), 6.0), gap, 1)
+    state, s = ercache.lookup(state, ids, gap)
+    assert Source(int(s.source[0])) == Source.DIRECT
+    assert float(s.embedding[0, 0]) == pytest.approx(want), gap

@@ -214,3 +214,20 @@ def test_a_refresh_that_races_with_close_is_dropped_not_left_pending():
   soap.enqueue(np.array([5], np.int64), np.array([Source.FALLBACK]))
   assert soap.wait_idle(2)
   assert soap.counters()["refresh_dropped"] == 1
+
+
+def test_a_refresh_is_tagged_with_the_version_of_the_model_that_computed_it():
+  """A model swapped in while a refresh runs does not relabel that refresh: its embeddings carry the
+  version of the model that computed them."""
+  soap = None
+
+  def old_model(ids):
+    soap.set_user_model(embed(100), version=2)  # the swap lands while this call runs
+    return embed(0)(ids)
+
+  with _soap(old_model, version=1) as soap:
+    soap.serve([7])
+    assert soap.wait_idle(5)
+    served = soap.serve([7])
+  assert _sources(served) == ["DIRECT"]
+  assert (float(served.embedding[0, 0]), int(served.version[0])) == (7.0, 1)
