@@ -119,6 +119,18 @@ def test_requests_of_different_sizes_batch_together(loaded, reference):
     assert sum(eng.batches_run.values()) >= 3
 
 
+
+def test_requests_that_exactly_fill_max_rows_run_as_one_batch(loaded, reference):
+  """A request that brings the batch to exactly max_rows joins it (it fits): 30 + 34 rows are one
+  batch of the 64 bucket, not two of 32."""
+  rng = np.random.default_rng(3)
+  with Engine(loaded, EngineConfig(buckets=(8, 32, 64), max_rows=64, max_wait_ms=300, max_candidates=48)) as eng:
+    reqs = [random_request(eng.schema, n, rng) for n in (30, 34)]
+    resps = [f.result(timeout=30) for f in [eng.submit(r) for r, _, _ in reqs]]
+    assert eng.batches_run == {8: 0, 32: 0, 64: 1}
+    for resp, expected in zip(resps, expected_per_request(reference, reqs)):
+      assert_matches(resp, expected, eng.schema.labels)
+
 def test_padding_rows_never_leak(loaded):
   """The same request scores the same alone in the smallest bucket and next to another in the largest."""
   rng = np.random.default_rng(2)
