@@ -7,7 +7,7 @@ import pytest
 from jaxrec.data.batch import Schema, SparseFeature, batch_from_numpy
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
 from jaxrec.training import sharding
-from jaxrec.training.state import create_train_state
+from jaxrec.training.state import create_train_state, merge_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
 SCHEMA = Schema(dense=("d0", "d1", "d2"),
@@ -80,6 +80,48 @@ def test_embedding_lr_zero_freezes_the_table_and_trains_the_rest():
   moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), frozen.params, init.params)
   assert any(jax.tree.leaves(moved))  # the dense layers still train
 
+
+
+def one_step(optim: OptimConfig, batch):
+  """(initial state, state after one train step under `optim`, graphdef) of the small DCNv2."""
+  mesh = sharding.make_mesh(1)
+  cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4))
+  tx = dense_optimizer(optim)
+  graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=1), tx, mesh)
+  init = jax.device_get(state)  # the step donates `state`
+  bsh = batch_shardings(mesh, with_truth=False)
+  state, _ = make_train_step(graphdef, tx, optim, sh, bsh)(state, jax.device_put(batch, bsh))
+  return init, jax.device_get(state), graphdef
+
+
+def test_embedding_l2_shrinks_the_rows_weighted_examples_looked_up_and_nothing_else():
+  """embedding_l2 adds l2 * row to each live lookup's gradient: with a penalty far above the loss
+  gradient every row a weighted example looked up moves toward zero; rows looked up only by
+  zero-weight examples (or padding), and rows never looked up, keep their values."""
+  batch = make_batch(0)
+  weights = np.ones(64, np.float32)
+  weights[32:] = 0.0
+  batch = batch.replace(weights=jax.numpy.asarray(weights))
+  init, after, graphdef = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, embedding_l2=1e3), batch)
+  ids = np.asarray(merge_state(graphdef, jax.device_put(init)).embedding.row_ids(batch.sparse))
+  mask = np.asarray(batch.sparse_mask)
+  live = set(ids[:32][mask[:32]].tolist())
+  assert set(ids[32:][mask[32:]].tolist()) - live  # some rows only zero-weight examples look up
+  before, now = np.asarray(init.table), np.asarray(after.table)
+  assert set(np.flatnonzero(np.any(now != before, axis=1)).tolist()) == live
+  live = sorted(live)
+  assert np.all(np.linalg.norm(now[live], axis=1) < 0.9 * np.linalg.norm(before[live], axis=1))
+
+
+def test_weight_decay_is_decoupled_and_scaled_by_the_learning_rate():
+  """AdamW: with weight_decay w a step moves each dense parameter p by a further -dense_lr * w * p
+  from where the same step without decay takes it (the Adam part is the same)."""
+  batch = make_batch(0)
+  init, plain, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1), batch)
+  _, decayed, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, weight_decay=0.5), batch)
+  for p0, a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(plain.params), jax.tree.leaves(decayed.params)):
+    np.testing.assert_allclose(np.asarray(b) - np.asarray(a), -3e-3 * 0.5 * np.asarray(p0), rtol=1e-3, atol=1e-7)
+  assert any(np.any(np.asarray(p) != 0) for p in jax.tree.leaves(init.params))  # not a trivial 0 == 0
 
 def test_negative_embedding_lr_is_refused():
   with pytest.raises(ValueError, match="embedding_lr >= 0"):
