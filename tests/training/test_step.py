@@ -123,6 +123,19 @@ def test_weight_decay_is_decoupled_and_scaled_by_the_learning_rate():
     np.testing.assert_allclose(np.asarray(b) - np.asarray(a), -3e-3 * 0.5 * np.asarray(p0), rtol=1e-3, atol=1e-7)
   assert any(np.any(np.asarray(p) != 0) for p in jax.tree.leaves(init.params))  # not a trivial 0 == 0
 
+
+def test_warmup_starts_the_dense_learning_rate_at_zero():
+  """warmup_steps ramps the dense learning rate linearly from 0: the first step leaves the dense
+  parameters where they were (the embedding table, on Adagrad, still moves); without warm-up it moves them."""
+  batch = make_batch(0)
+  init, warm, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, warmup_steps=4), batch)
+  _, cold, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1), batch)
+  for p0, w in zip(jax.tree.leaves(init.params), jax.tree.leaves(warm.params)):
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(p0))
+  assert any(np.any(np.asarray(c) != np.asarray(p0)) for p0, c in zip(jax.tree.leaves(init.params),
+                                                                       jax.tree.leaves(cold.params)))
+  assert np.any(np.asarray(warm.table) != np.asarray(init.table))
+
 def test_negative_embedding_lr_is_refused():
   with pytest.raises(ValueError, match="embedding_lr >= 0"):
     OptimConfig(embedding_lr=-0.1)
