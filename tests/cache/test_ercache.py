@@ -221,7 +221,8 @@ def test_under_eviction_every_hit_is_a_recent_mean_of_its_own_key(ops, m):
   assert c["direct_evictions"] <= c["writes"] and c["failover_evictions"] <= c["writes"]
   for tier in (state.direct, state.failover):  # each occupied slot holds a distinct key that was written
     occupied = np.asarray(tier.write_time) >= 0
-    held = [(int(h) << 32) | int(l) for h, l in zip(np.asarray(tier.key_hi)[occupied], np.asarray(tier.key_lo)[occupied])]
+    hi, lo = np.asarray(tier.key_hi)[occupied], np.asarray(tier.key_lo)[occupied]
+    held = [(int(h) << 32) | int(l) for h, l in zip(hi, lo)]
     held = [k - (1 << 64) if k >= 1 << 63 else k for k in held]
     assert len(set(held)) == len(held) and set(held) <= set(hist)
 
