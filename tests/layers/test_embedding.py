@@ -61,3 +61,26 @@ def test_mixed_dims_rejected():
   from jaxrec.layers import TableConfig
   with pytest.raises(ValueError, match="one embedding dim"):
     FusedEmbedding((TableConfig("a", 3, 4, False), TableConfig("b", 3, 8, False)), rngs=nnx.Rngs(0))
+
+
+def _hash_numpy(ids):
+  """hash_ids restated in numpy uint32 arithmetic (xorshift 16, Knuth's multiply, xorshift 15)."""
+  x = ids.astype(np.uint32)
+  x = x ^ (x >> np.uint32(16))
+  x = (x.astype(np.uint64) * 0x9E3779B1 % 2**32).astype(np.uint32)
+  return x ^ (x >> np.uint32(15))
+
+
+def test_hashed_feature_rows_are_the_hash_modulo_its_rows_plus_its_offset():
+  """A hashed feature's id goes to offset + hash_ids(id) % rows. The range check above also holds for
+  ids % rows without the hash, which would put raw sequential or structured ids (Criteo's hashes
+  included) into colliding rows and change every trained row assignment."""
+  emb = _emb()
+  rng = np.random.default_rng(3)
+  ids = rng.integers(0, 2**31 - 1, (16, 3)).astype(np.int32)
+  np.testing.assert_array_equal(np.asarray(hash_ids(jnp.asarray(ids))), _hash_numpy(ids))
+  sparse = np.stack([np.zeros((16, 3)), np.zeros((16, 3)), ids], axis=1).astype(np.int32)
+  rows = np.asarray(emb.row_ids(jnp.asarray(sparse)))
+  assert emb.offsets[2] == 12 and emb.configs[2].num_rows == 11
+  np.testing.assert_array_equal(rows[:, 2], (_hash_numpy(ids) % 11).astype(np.int64) + 12)
+  assert not np.array_equal(rows[:, 2], ids % 11 + 12)  # negative control: the hash really mixes

@@ -45,3 +45,20 @@ def test_heads_are_f32_per_task():
   assert out.shape == (5, 3) and out.dtype == jnp.float32
   with pytest.raises(ValueError, match="num_tasks"):
     MultiTaskHeads(8, 0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_cross_network_crosses_every_layer_with_x0(rank):
+  """x_{l+1} = x0 * (W x_l + b) + x_l: each layer multiplies by the network's input x0, not by its
+  own input (feeding x_l in place of x0 still makes a non-linear network, so
+  test_cross_network_is_not_linear cannot tell)."""
+  net = CrossNetwork(6, 3, rank=rank, rngs=nnx.Rngs(5))
+  for i, layer in enumerate(net.layers):  # non-zero biases, so they are part of the formula too
+    layer.v.bias[...] = _x((6,), 10 + i)
+  x0 = _x((4, 6), 6)
+  x = np.asarray(x0, np.float64)
+  for layer in net.layers:
+    h = x if rank is None else x @ np.asarray(layer.u.kernel[...], np.float64)
+    x = np.asarray(x0, np.float64) * (h @ np.asarray(layer.v.kernel[...], np.float64)
+                                      + np.asarray(layer.v.bias[...], np.float64)) + x
+  np.testing.assert_allclose(net(x0), x, rtol=1e-5, atol=1e-5)
