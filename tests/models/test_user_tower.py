@@ -13,6 +13,7 @@ from flax import nnx
 from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.sources import AdsWorldSource
 from jaxrec.data.user_history import HistoryConfig, HistorySource
+from jaxrec.layers import pool
 from jaxrec.models.user_tower import UserTowerConfig, build_user_tower
 from jaxrec.training import sharding
 from jaxrec.training.state import plan_train_state
@@ -146,3 +147,32 @@ def test_entrypoint_runs_writes_and_restores(tmp_path, capsys):
   steps = args.index("--train.steps") + 1
   assert user_model.main(args[:steps] + ["4"] + args[steps + 1:]) == 2
   assert "checkpoint at step 8, past --train.steps 4" in capsys.readouterr().err
+
+
+def test_embedding_is_linear_plus_mlp_of_mean_pooled_user_features():
+  """user embedding = user_linear(x) + user(x), x = [mean-pooled user sparse features, user dense
+  features] (module docstring). The history lists here hold 1 to 4 of their ids, so mean and sum
+  pooling differ; the other tests would pass with either path dropped or with sum pooling."""
+  b = _batch()
+  names = [f.name for f in SOURCE.schema.sparse]
+  sparse, mask = b.sparse.copy(), b.sparse_mask.copy()
+  rng = np.random.default_rng(1)
+  for f in ("hist_ads", "hist_advertisers", "hist_categories"):
+    j = names.index(f)
+    sparse[:, j] = rng.integers(0, SOURCE.schema.sparse[j].vocab_size, sparse[:, j].shape)
+    mask[:, j] = np.arange(mask.shape[2])[None, :] < rng.integers(1, mask.shape[2] + 1, (len(mask), 1))
+  b = dataclasses.replace(b, sparse=sparse, sparse_mask=mask)
+  m = build_user_tower(SOURCE.schema, CFG)
+  rows = m.embedding.gather(m.embedding.table[...], m.embedding.row_ids(jnp.asarray(b.sparse)))
+
+  def inputs(combiner):
+    pooled = pool(rows, b.sparse_mask, combiner)
+    u_sparse = pooled[:, np.array([names.index(f) for f in CFG.user_sparse])].reshape(len(b.dense), -1)
+    u_dense = jnp.asarray(b.dense)[:, np.array([SOURCE.schema.dense.index(f) for f in CFG.user_dense])]
+    return jnp.concatenate([u_sparse, u_dense.astype(u_sparse.dtype)], axis=1)
+
+  x = inputs("mean")
+  np.testing.assert_allclose(m.user_embedding(b), m.user_linear(x) + m.user(x), rtol=1e-5, atol=1e-6)
+  # negative controls: each path on its own, and sum pooling, give other embeddings
+  for other in (m.user_linear(x), m.user(x), m.user_linear(inputs("sum")) + m.user(inputs("sum"))):
+    assert not np.allclose(other, m.user_embedding(b), rtol=1e-3, atol=1e-4)
