@@ -282,6 +282,33 @@ def test_fused_blocknorm_eps_on_rows_near_zero():
   assert not within(y, other, tol, jnp.float32)
 
 
+@pytest.mark.parametrize("recipe", ["row", "block"])
+def test_fused_blocknorm_below_256_features_ignores_the_padded_bias(recipe):
+  """N < 256: the wrapper pads N to the 256-wide tile and BlockNorm sums all 256 columns, so the
+  padded columns must be exact zeros, bias included (padded with 0, not 1 like the scales). Small
+  products next to an O(1) bias, so that a non-zero padded bias would move the mean square; the
+  other BlockNorm tests' products are too large for it to show (block recipe)."""
+  m, n, k = 8, 136, 200
+  if recipe == "row":
+    a, b, sa, sb = operands(m, n, k, seed=21)
+    kern, ref_fn, mag_fn, t_gemm = fp8_gemm, fp8_gemm_reference, row_mag, 2 * gamma(k + 2)
+    sa = sa * 1e-3
+  else:
+    _, (a, b, sa, sb) = block_operands(m, n, k, seed=21)
+    kern, ref_fn, mag_fn = fp8_gemm_blockwise, fp8_gemm_blockwise_reference, block_mag
+    t_gemm = 2 * gamma(k + 3 * sb.shape[1] + 2)
+    sa = sa * 1e-3
+  bias = jnp.asarray(np.random.default_rng(22).normal(size=n), jnp.float32)
+  y = kern(a, b, sa, sb, bias=bias, norm="block", out_dtype=jnp.float32, interpret=not on_gpu)
+  ref = np.asarray(ref_fn(a, b, sa, sb, bias=bias, norm="block", out_dtype=jnp.float32), np.float64)
+  z = np.asarray(ref_fn(a, b, sa, sb, bias=bias, out_dtype=jnp.float32), np.float64)  # pre-norm
+  tol = norm_tol(z, t_gemm * mag_fn(a, b, sa, sb) + 2 * U * np.abs(z), n) / 1.5  # no activation
+  assert within(y, ref, tol, jnp.float32)
+  # negative control: 256 - N padded columns of bias 1.0 in the block's sum of squares
+  padded_one = z / np.sqrt((np.sum(z * z, axis=1, keepdims=True) + (256 - n)) / n + 1e-6)
+  assert not within(y, padded_one, tol, jnp.float32)
+
+
 @pytest.mark.parametrize("n", [512, 136])
 def test_blocknorm_reference_is_the_layer(n):
   # the epilogue the kernels fuse is jaxrec.layers.blocknorm.block_norm (block min(256, N), eps 1e-6)
