@@ -133,3 +133,20 @@ def test_wrong_input_width_is_a_clear_error(prequantized):
     assert d.prequantize()
   with pytest.raises(ValueError, match=r"needs x \[\.\.\., 16\], got shape \(4, 12\)"):
     d(jnp.ones((4, 12)))
+
+
+def test_dense_prequantize_rowwise_inputs_decouples_the_rows():
+  """Dense.prequantize(rowwise_inputs=True) (the serving path, train/bench_precision.py) reaches the
+  GEMM: an fp8_tensor site's rows then do not depend on the other rows of the batch. Without the
+  flag they do (the negative control); the test above checks the GEMM, not that the layer passes it."""
+  x = _x((37, 200), 1).at[20:].multiply(1e5)  # the other rows: far larger than the first 20
+
+  def outputs(rowwise_inputs):
+    d = Dense(200, 130, use_bias=False, precision=SitePrecision.uniform("fp8_tensor"), rngs=nnx.Rngs(0))
+    assert d.prequantize(rowwise_inputs=rowwise_inputs)
+    return np.asarray(_forward(d, x))[:20], np.asarray(_forward(d, x[:20]))
+
+  batch, alone = outputs(True)
+  np.testing.assert_allclose(batch, alone, rtol=1e-6, atol=0)
+  batch, alone = outputs(False)
+  assert np.max(np.abs(batch - alone)) > 0.3 * np.max(np.abs(alone))
