@@ -9,9 +9,11 @@ here bit for bit (kernels_pallas imports nothing from jaxrec):
              to K' = 128 * ceil(K / 128); q is [M, K'] (the padding quantizes to 0)
 scale = amax / fmax, or 1 where amax is 0 (a zero row or block quantizes to zeros), and at least
 SCALE_MIN (the smallest normal f32, so a tiny amax never gives a scale that flushes to 0); fmax is 448
-for float8_e4m3fn and 57344 for float8_e5m2. The clip is required: casting an out-of-range value
-to float8_e4m3fn gives NaN. quantize_lhs returns the row scale as [M, 1]; here it is [M], the
-layout fp8_gemm_sm90.fp8_gemm takes (`scale[:, 0]` converts). Inputs are assumed finite.
+for float8_e4m3fn and 57344 for float8_e5m2. The clip is a guard: with the scale taken from the
+operand's own amax, x / scale stays within +-fmax for finite inputs (no random amax was found to
+break it), but casting an out-of-range value to float8_e4m3fn gives NaN. quantize_lhs returns the
+row scale as [M, 1]; here it is [M], the layout fp8_gemm_sm90.fp8_gemm takes (`scale[:, 0]`
+converts). Inputs are assumed finite.
 
 Rounding, bit for bit with what XLA compiles fp8_scaling's jnp into:
   - scale: XLA's algebraic simplifier turns `amax / fmax` (a constant divisor) into
