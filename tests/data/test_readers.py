@@ -566,3 +566,20 @@ def test_taobao_time_split_holds_out_the_latest_views(tmp_path):
   np.testing.assert_array_equal(np.sort(ev.examples.data.sparse[:, 1, 0]), [13] * 5)  # every user's last view
   tr, ev = open_train_eval(dataclasses.replace(cfg, split_by="random"))
   assert tr.examples.data.timestamp.max() > ev.examples.data.timestamp.min()
+
+
+def test_taobao_same_second_pv_and_buy(tmp_path):
+  """A buy in the same second as the pv is "at or after" it: the pv's buy label is 1, and the delay (0 s)
+  is measured, as for a cart/fav in the same second (the real head has no such pair, so it cannot tell)."""
+  path = _taobao_file(tmp_path, [(1, 10, 7, "pv", T0), (1, 10, 7, "buy", T0), (1, 10, 7, "fav", T0),
+                                 (2, 11, 7, "pv", T0 + 5), (2, 11, 7, "buy", T0 + 4)])
+  ev = read_taobao_events(path)
+  np.testing.assert_array_equal(pv_to_buy_delays(ev), [0])  # user 2's buy came before its pv: left out
+  np.testing.assert_array_equal(taobao_examples(ev).data.labels, [[1, 1], [0, 0]])
+
+
+def test_aliccp_default_domains_are_the_sorted_scenarios(tmp_path):
+  """Without domain_values, domain k is the k-th smallest value of field 301, not the k-th seen."""
+  path = _write(tmp_path / "ccp.csv", [_CCP_HEADER, "0,0,3,7,5,0.5", "1,0,1,2,2,0.25", "1,1,0,0,9,0.0",
+                                       "0,0,1,1,5,0.0"])
+  np.testing.assert_array_equal(read_aliccp(path).data.domain, [1, 0, 2, 1])
