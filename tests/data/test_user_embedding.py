@@ -83,6 +83,24 @@ def test_add_history_layout():
   assert np.all(np.isfinite(b.dense)) and user_history(world, "train", HIST) is hist  # shared per stream
 
 
+def test_history_features_keep_ad_zero():
+  """Ad id 0 is a real ad: only -1 marks an empty history slot (ad 0 is masked in, with its advertiser
+  and category), and the dense counts are log1p and the smoothed click-rate logit."""
+  world = AdsWorld(SMALL)
+
+  class Fixed:  # a UserHistory stand-in: one row whose clicked ads include ad 0
+    def lookup(self, user_id, timestamp_s):
+      return np.array([[-1, 0, 5, 0]]), np.array([[9.0, 2.0]], np.float32)
+
+  sparse, mask, dense = user_history_module.history_features(world, Fixed(), np.array([0]), np.array([0.0]))
+  ent = world.entities
+  np.testing.assert_array_equal(mask[0], [[False, True, True, True]] * 3)
+  np.testing.assert_array_equal(sparse[0, 0], [0, 0, 5, 0])
+  np.testing.assert_array_equal(sparse[0, 1], [0, ent.ad_advertiser[0], ent.ad_advertiser[5], ent.ad_advertiser[0]])
+  np.testing.assert_array_equal(sparse[0, 2], [0, ent.ad_category[0], ent.ad_category[5], ent.ad_category[0]])
+  np.testing.assert_allclose(dense[0], [np.log(10.0), np.log(3.0), np.log(3.0 / 16.0)], rtol=1e-6)
+
+
 # ----- the frozen tower as a feature source -----------------------------------------------------------
 
 
