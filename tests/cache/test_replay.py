@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxrec.cache import replay as replay_mod
+from jaxrec.cache import replay as replay_mod, replay_report
 from jaxrec.cache.ercache import Source
 from jaxrec.cache.replay import AccessStream, ReplayPolicy, failures, replay, summarize
-from jaxrec.cache.replay_study import ReplayConfig, RequestProcess, _gap_shares, run_replay_study
+from jaxrec.cache.replay_study import ReplayConfig, RequestProcess, _age_histogram, _gap_shares, run_replay_study
 from jaxrec.data.adsworld import AdsWorldConfig
 from jaxrec.training.sum_study import run_sum_study
 from serve import replay as replay_cli
@@ -92,6 +92,41 @@ def test_gap_shares_are_over_the_measured_requests():
   window = stream.time_s >= 100  # gaps ending in it: 90, 30 (user 1) and 760 (user 2)
   assert _gap_shares(stream, window) == {"60": 1 / 3, "600": 2 / 3}
   assert _gap_shares(stream, np.ones(6, bool)) == {"60": 0.5, "600": 0.75}
+
+
+def test_summary_counts_and_ages_by_source():
+  """Inferences saved = direct hits / counted requests; cached ages are of DIRECT and FAILOVER rows, served
+  ages of every row but the fallback's (its age -1 is no age); the staleness histogram is the served ages."""
+  D, F, O, B = Source.DIRECT, Source.FRESH, Source.FAILOVER, Source.FALLBACK
+  trace = replay_mod.Trace(source=np.array([D, D, F, O, B, D], np.int32), age=np.array([30, 10, 0, 500, -1, 7]),
+                           embedding=np.zeros((6, 1), np.float32), failed=np.array([0, 0, 0, 1, 1, 0], bool))
+  window = np.array([1, 1, 1, 1, 1, 0], bool)  # the last request is warm-up
+  s = summarize(trace, window)
+  assert (s["requests"], s["direct"], s["fresh"], s["failover"], s["fallback"]) == (5, 2, 1, 1, 1)
+  assert s["inferences"] == 3 and s["inferences_saved"] == 0.4 and s["failed_inferences"] == 2
+  assert s["cached_age"] == pytest.approx({"mean": 180.0, "p50": 30.0, "p90": 406.0, "p99": 490.6, "max": 500.0})
+  assert s["served_age"]["mean"] == 135.0 and s["served_age"]["p50"] == 20.0 and s["served_age"]["max"] == 500.0
+  hist = _age_histogram(trace, window)
+  assert sum(hist["counts"]) == 4
+  assert {hist["edges_s"][i]: c for i, c in enumerate(hist["counts"]) if c} == {0: 1, 10: 1, 30: 1, 300: 1}
+
+
+def test_report_compares_each_run_with_its_reference():
+  """replay.md: NE change vs TTL 0 is (NE / NE at TTL 0 - 1); a failure run's is against the same TTL
+  without failures; the failover line says how many times fewer fallbacks there were."""
+  def run(ttl, ne, fail=0.0, failover=True, fallback=0, saved=0.0):
+    return {"policy": {"direct_ttl_s": ttl, "failure_rate": fail, "failover": failover, "soap": False},
+            "inferences_saved": saved, "inferences": 10, "failover": 0, "fallback": fallback, "failed_inferences": 8,
+            "served_age": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "metrics": {"click/ne": ne}}
+  runs = {"ttl=0": run(0, 0.5), "ttl=60": run(60, 0.51, saved=0.25),
+          "ttl=60 fail=0.2 failover=off": run(60, 0.53040, fail=0.2, failover=False, fallback=8),
+          "ttl=60 fail=0.2 failover=on": run(60, 0.51, fail=0.2, fallback=2)}
+  results = {"date": "d", "seconds": 1.0, "skipped": {}, "sources": {"adsworld": {
+      "requests": 20, "measured_requests": 10, "runs": runs, "consecutive_within": {"60": 0.5, "600": 0.75}}}}
+  md = replay_report.markdown(results, ReplayConfig(headline_ttl_s=60))
+  assert "| 60 | 25.0% | 0.51000 | +2.000% |" in md, md
+  assert "| 20% | off | 8 | 0 | 8 | +4.000% |" in md, md  # vs ttl=60 (0.51), not ttl=0 (+6.08%)
+  assert "cuts fallbacks 8 -> 2 (4.0x fewer)" in md, md
 
 
 def test_replay_negative_control():
