@@ -193,3 +193,45 @@ def test_summary_latency_is_of_200s_and_says_so():
   first_p50 = float(line.split(" p50 ")[1].split()[0])
   assert first_p50 >= 45 and "200s" in line.split(" p50 ")[0], line
   assert f"all {report['answered']} answers" in line, line
+
+
+def test_percentiles_interpolate_linearly():
+  """The report's percentiles are numpy's default (linear between the order statistics), rounded to us."""
+  assert loadgen._percentiles([float(x) for x in range(1, 101)]) == {"p50": 50.5, "p95": 95.05, "p99": 99.01,
+                                                                      "max": 100.0}
+  assert loadgen._percentiles([7.0]) == {"p50": 7.0, "p95": 7.0, "p99": 7.0, "max": 7.0}
+  assert loadgen._percentiles([]) == {"p50": None, "p95": None, "p99": None, "max": None}
+
+
+def test_closed_loop_counts_only_the_measured_window():
+  # One worker, 50 ms per answer: the 0.6 s warm-up's requests are neither counted nor in the rate's
+  # window, so about 12 answers over about 0.6 s (not 24, nor 12 over 1.2 s).
+  with stub_server(rank_delay_s=lambda i: 0.05) as url:
+    cfg = loadgen.LoadConfig(url=url, model="stub", concurrency=1, duration=0.6, warmup=0.6, candidates=1, bodies=2)
+    report = asyncio.run(loadgen.run_load(cfg))
+  assert 0.6 <= report["wall_s"] < 1.1, report
+  assert 3 <= report["answered"] <= 13 and report["sent"] == report["answered"], report
+  assert report["rps"] == pytest.approx(report["answered"] / report["wall_s"], rel=0.02), report
+
+
+def test_open_loop_counts_only_the_measured_arrivals():
+  # 300 arrivals/s for 0.5 s after a 0.5 s warm-up, one in flight at a time: about 150 arrivals are counted
+  # (sent or dropped), not the warm-up's too.
+  with stub_server(rank_delay_s=lambda i: 0.02) as url:
+    cfg = loadgen.LoadConfig(url=url, model="stub", mode="open", rate=300, concurrency=1, duration=0.5, warmup=0.5,
+                             candidates=1, bodies=2)
+    report = asyncio.run(loadgen.run_load(cfg))
+  assert report["dropped"] > 0 and 100 < report["sent"] + report["dropped"] < 200, report
+  assert report["sent"] == report["answered"] + sum(report["errors"].values()), report
+
+
+def test_transport_errors_are_counted_apart_from_answers():
+  # Every request times out (the stub answers after 1 s, the client waits 0.2 s): no answers, no latencies,
+  # each failure counted under its exception's name.
+  with stub_server(rank_delay_s=lambda i: 1.0) as url:
+    cfg = loadgen.LoadConfig(url=url, model="stub", concurrency=2, duration=0.5, warmup=0, candidates=1, bodies=2,
+                             timeout_s=0.2)
+    report = asyncio.run(loadgen.run_load(cfg))
+  assert report["answered"] == 0 and report["status"] == {} and report["latency_ms"]["max"] is None, report
+  assert sum(report["errors"].values()) == report["sent"] >= 2, report
+  assert "errors {'" in loadgen.summary(report)
