@@ -8,7 +8,7 @@ import pytest
 from jaxrec.data.adsworld import AdsWorldConfig
 from jaxrec.data.errors import DataSpecError
 from jaxrec.data.pipeline import ExamplesSource, train_iterator
-from jaxrec.data.sources import DataConfig, DataSpec, open_train_eval, parse_spec
+from jaxrec.data.sources import AdsWorldSource, DataConfig, DataSpec, _world, open_train_eval, parse_spec
 from jaxrec.data import readers
 
 
@@ -101,6 +101,20 @@ def test_adsworld_train_and_eval_streams_differ():
   b = next(iter(evl.eval_batches(256)))
   assert a.sparse.shape == b.sparse.shape and not np.array_equal(a.sparse, b.sparse)
   assert sum(x.weights.sum() for x in evl.eval_batches(256)) == 1024  # whole batches of the stream
+
+
+def test_adsworld_eval_batches_spread_over_the_training_span():
+  """Eval batches are spaced evenly over the first span_examples of the stream (the period training saw),
+  not the stream's first batches; without a span they are its first batches."""
+  world = _world(AdsWorldConfig.small())
+  spread = AdsWorldSource(world, "eval", eval_examples=1000, span_examples=40 * 256)
+  got = list(spread.eval_batches(256))
+  assert len(got) == 4 and spread.eval_examples_read(256) == 31 * 256
+  for b, i in zip(got, (0, 10, 20, 30)):
+    np.testing.assert_array_equal(b.sparse, world.batch("eval", i, 256).sparse)
+  first = AdsWorldSource(world, "eval", eval_examples=1000)
+  assert first.eval_examples_read(256) == 4 * 256
+  np.testing.assert_array_equal(list(first.eval_batches(256))[1].sparse, world.batch("eval", 1, 256).sparse)
 
 
 def test_pipeline_yields_the_same_batches_as_the_source():

@@ -217,3 +217,15 @@ def test_domain_stream_is_the_full_streams_rows_of_one_domain():
   for field in ("sparse", "dense", "labels", "true_prob", "timestamp"):
     np.testing.assert_array_equal(getattr(got, field), getattr(full, field)[rows][5:705], err_msg=field)
   assert src.num_examples_before(float(extras["timestamp_s"][-1]) + 1e-3) == rows.sum()
+
+
+def test_domain_stream_eval_pads_its_last_batch():
+  """The eval stream holds exactly eval_examples rows of the domain: the last batch is padded with rows of
+  weight 0, not filled with the domain's next examples."""
+  src = domain_stream.DomainStreamSource(_world(SMALL), "train", 3, eval_examples=100)
+  got = list(src.eval_batches(64))
+  assert len(got) == 2 and all(b.labels.shape == (64, 2) for b in got)
+  np.testing.assert_array_equal(np.concatenate([b.weights for b in got]), [1.0] * 100 + [0.0] * 28)
+  want = src.examples(0, 100)
+  np.testing.assert_array_equal(np.concatenate([b.sparse for b in got])[:100], want.sparse)
+  np.testing.assert_array_equal(np.concatenate([b.labels for b in got])[:100], want.labels)
