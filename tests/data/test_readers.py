@@ -583,3 +583,9 @@ def test_aliccp_default_domains_are_the_sorted_scenarios(tmp_path):
   path = _write(tmp_path / "ccp.csv", [_CCP_HEADER, "0,0,3,7,5,0.5", "1,0,1,2,2,0.25", "1,1,0,0,9,0.0",
                                        "0,0,1,1,5,0.0"])
   np.testing.assert_array_equal(read_aliccp(path).data.domain, [1, 0, 2, 1])
+
+
+def test_libfm_float_labels(tmp_path):
+  """Labels written as floats map like their integer forms: 1.0 is a click, 0.0 and -1.0 are not."""
+  path = _write(tmp_path / "f.libfm", ["1.0 0:1 5:1", "0.0 1:1 5:1", "-1.0 2:1 6:1", "+1 0:1 6:1"])
+  np.testing.assert_array_equal(read_libfm(path).data.labels[:, 0], [1, 0, 0, 1])
