@@ -17,7 +17,8 @@ def _batch(schema, b=6, seed=0):
                           weights=np.ones(b), domain=np.zeros(b), timestamp=np.zeros(b))
 
 
-SCHEMA = Schema(dense=("a", "b"), sparse=(SparseFeature("u", 20), SparseFeature("q", None, 2)), labels=("click", "conv"))
+SCHEMA = Schema(dense=("a", "b"), sparse=(SparseFeature("u", 20), SparseFeature("q", None, 2)),
+                labels=("click", "conv"))
 NO_DENSE = Schema(dense=(), sparse=(SparseFeature("u", 20), SparseFeature("i", 30)), labels=("click",))
 
 
