@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from jaxrec.cache import (COUNTERS, ERCacheConfig, ERCacheState, Source, ercache, probe, read_counters,
                           split_keys)
+from tests.cache.test_hash_table import held_keys
 
 B = 8  # every batch is padded to B rows with valid=False: one compile per function and config
 D = 3
@@ -220,10 +221,7 @@ def test_under_eviction_every_hit_is_a_recent_mean_of_its_own_key(ops, m):
   assert c["writes"] == rows_in["written"]
   assert c["direct_evictions"] <= c["writes"] and c["failover_evictions"] <= c["writes"]
   for tier in (state.direct, state.failover):  # each occupied slot holds a distinct key that was written
-    occupied = np.asarray(tier.write_time) >= 0
-    hi, lo = np.asarray(tier.key_hi)[occupied], np.asarray(tier.key_lo)[occupied]
-    held = [(int(h) << 32) | int(l) for h, l in zip(hi, lo)]
-    held = [k - (1 << 64) if k >= 1 << 63 else k for k in held]
+    held = held_keys(tier)
     assert len(set(held)) == len(held) and set(held) <= set(hist)
 
 

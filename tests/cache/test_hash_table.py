@@ -17,6 +17,13 @@ OPS = st.lists(st.tuples(st.sampled_from(["insert", "lookup"]), st.lists(st.one_
                min_size=1, max_size=12)
 
 
+def held_keys(t: HashTable) -> list[int]:
+  """The int64 keys of the table's occupied slots, in slot order (split_keys inverted)."""
+  occupied = np.asarray(t.write_time) >= 0
+  hi, lo = np.asarray(t.key_hi)[occupied].astype(np.uint64), np.asarray(t.key_lo)[occupied].astype(np.uint64)
+  return ((hi << np.uint64(32)) | lo).view(np.int64).tolist()
+
+
 def _vals(keys, step):
   """Rows that differ between duplicates of a batch too (so which of them wins is checked)."""
   return jnp.asarray([[float(k % 1000), float(16 * step + i)] for i, k in enumerate(keys)], jnp.float32)
@@ -65,11 +72,9 @@ def test_full_table_never_returns_another_keys_value(ops):
         if bool(found[i]):
           np.testing.assert_array_equal(rows[i], last[k])
   # The final table: each occupied slot holds a distinct key that was inserted, with its last value.
-  occupied = np.asarray(t.write_time) >= 0
-  held = [(int(h) << 32) | int(l) for h, l in zip(np.asarray(t.key_hi)[occupied], np.asarray(t.key_lo)[occupied])]
-  held = [k - (1 << 64) if k >= 1 << 63 else k for k in held]  # back to int64
+  held = held_keys(t)
   assert len(set(held)) == len(held) and set(held) <= set(last)
-  for k, v in zip(held, np.asarray(t.values)[occupied]):
+  for k, v in zip(held, np.asarray(t.values)[np.asarray(t.write_time) >= 0]):
     np.testing.assert_array_equal(v, last[k])
 
 

@@ -1,5 +1,7 @@
 """The jitted train step: learns, and gives the same result on 1 and 8 devices."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, 
 SCHEMA = Schema(dense=("d0", "d1", "d2"),
                 sparse=(SparseFeature("user", 50), SparseFeature("ad", 30), SparseFeature("tags", None, 3)),
                 labels=("click", "conv"))
+SMALL = DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4)  # the DCNv2 of these tests
 
 
 def make_batch(seed: int, b: int = 64):
@@ -35,7 +38,7 @@ def make_batch(seed: int, b: int = 64):
 
 def run(num_devices: int, steps: int = 6, kind: str = "dcnv2", embedding_lr: float = 0.1):
   mesh = sharding.make_mesh(num_devices)
-  cfg = ModelConfig(kind=kind, dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4))
+  cfg = ModelConfig(kind=kind, dcnv2=SMALL)
   optim = OptimConfig(dense_lr=3e-3, embedding_lr=embedding_lr)
   tx = dense_optimizer(optim)
   graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=num_devices), tx, mesh)
@@ -72,7 +75,7 @@ def test_embedding_lr_zero_freezes_the_table_and_trains_the_rest():
   _, frozen, *_ = run(1, steps=3, embedding_lr=0.0)
   _, learned, *_ = run(1, steps=3)
   mesh = sharding.make_mesh(1)
-  cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4))
+  cfg = ModelConfig(dcnv2=SMALL)
   tx = dense_optimizer(OptimConfig())
   _, init, _ = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=1), tx, mesh)
   np.testing.assert_array_equal(np.asarray(frozen.table), np.asarray(init.table))
@@ -81,17 +84,22 @@ def test_embedding_lr_zero_freezes_the_table_and_trains_the_rest():
   assert any(jax.tree.leaves(moved))  # the dense layers still train
 
 
-
-def one_step(optim: OptimConfig, batch):
-  """(initial state, state after one train step under `optim`, graphdef) of the small DCNv2."""
+def train_steps(optim: OptimConfig, batches):
+  """(initial state, state after a train step on each batch under `optim`, graphdef) of the small DCNv2."""
   mesh = sharding.make_mesh(1)
-  cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4))
   tx = dense_optimizer(optim)
-  graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=1), tx, mesh)
+  graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, ModelConfig(dcnv2=SMALL), row_multiple=1),
+                                           tx, mesh)
   init = jax.device_get(state)  # the step donates `state`
   bsh = batch_shardings(mesh, with_truth=False)
-  state, _ = make_train_step(graphdef, tx, optim, sh, bsh)(state, jax.device_put(batch, bsh))
+  step = make_train_step(graphdef, tx, optim, sh, bsh)
+  for batch in batches:
+    state, _ = step(state, jax.device_put(batch, bsh))
   return init, jax.device_get(state), graphdef
+
+
+def one_step(optim: OptimConfig, batch):
+  return train_steps(optim, [batch])
 
 
 def test_embedding_l2_shrinks_the_rows_weighted_examples_looked_up_and_nothing_else():
@@ -148,21 +156,16 @@ def test_two_steps_match_a_hand_written_adamw_and_rowwise_adagrad():
   from jaxrec.training.state import merge_model
   optim = OptimConfig(dense_lr=3e-3, embedding_lr=0.1, embedding_l2=0.05, weight_decay=0.2, adam_b1=0.7,
                       adam_b2=0.9, adagrad_eps=0.05)
-  mesh = sharding.make_mesh(1)
-  cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4))
-  tx = dense_optimizer(optim)
-  graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=1), tx, mesh)
-  bsh = batch_shardings(mesh, with_truth=False)
-  step = make_train_step(graphdef, tx, optim, sh, bsh)
-  params = jax.tree.map(np.asarray, jax.device_get(state.params))
-  table = np.asarray(state.table)
+  weights = np.ones(64, np.float32)
+  weights[::2] = 0.0
+  batches = [make_batch(t).replace(weights=jax.numpy.asarray(weights)) for t in (1, 2)]
+  init, got, graphdef = train_steps(optim, batches)
+  params = jax.tree.map(np.asarray, init.params)
+  table = np.asarray(init.table)
   acc = np.zeros(table.shape[0], np.float32)
   mom = jax.tree.map(np.zeros_like, params)
   var = jax.tree.map(np.zeros_like, params)
-  weights = np.ones(64, np.float32)
-  weights[::2] = 0.0
-  for t in (1, 2):
-    batch = make_batch(t).replace(weights=jax.numpy.asarray(weights))
+  for t, batch in enumerate(batches, 1):
 
     def loss(p, tab, batch=batch):
       return weighted_bce(merge_model(graphdef, p, tab)(batch), batch.labels, batch.weights)
@@ -179,8 +182,6 @@ def test_two_steps_match_a_hand_written_adamw_and_rowwise_adagrad():
     var = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * np.asarray(g) ** 2, var, g_p)
     params = jax.tree.map(lambda p, m, v: p - lr * ((m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-8)
                                                      + optim.weight_decay * p), params, mom, var)
-    state, _ = step(state, jax.device_put(batch, bsh))
-  got = jax.device_get(state)
   np.testing.assert_allclose(np.asarray(got.table), table, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got.table_acc), acc, rtol=1e-5, atol=1e-9)
   for name, a, b in zip(jax.tree_util.tree_leaves_with_path(got.params), jax.tree.leaves(got.params),
@@ -201,8 +202,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 def run_delayed(num_devices: int, steps: int):
   mesh = sharding.make_mesh(num_devices)
-  cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=8, bottom_mlp=(16,), top_mlp=(32,), cross_rank=4,
-                                      compute_dtype="bfloat16"), precision_plan="uniform:fp8_delayed")
+  cfg = ModelConfig(dcnv2=dataclasses.replace(SMALL, compute_dtype="bfloat16"), precision_plan="uniform:fp8_delayed")
   optim = OptimConfig(dense_lr=3e-3, embedding_lr=0.1)
   tx = dense_optimizer(optim)
   graphdef, state, sh = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=num_devices), tx, mesh)
