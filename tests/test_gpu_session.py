@@ -75,3 +75,21 @@ def test_a_step_that_no_longer_fits_is_skipped():
   assert r.returncode == 0, r.stderr
   assert "ran-a" in r.stdout and "ran-b" not in r.stdout
   assert "== skip b: 50 s left, needs 100" in r.stdout and "skipped: b" in r.stdout
+
+
+def test_a_load_run_that_no_longer_fits_ends_the_concurrency_sweep(tmp_path):
+  """serve_and_load runs one loadgen per concurrency while one (45 s with the server's stop) still
+  fits; the fake python's server says "serving" at once and each load run takes 2 s."""
+  text = SCRIPT.read_text()
+  defs = text[text.index("left() {"):text.index("part_kernels() {")]
+  func = text[text.index("serve_and_load() {"):text.index("part_serve() {")]
+  fake = tmp_path / "fake_python"
+  fake.write_text('#!/usr/bin/env bash\ncase "$*" in\n  *serve.loadgen*) echo "load $*"; sleep 2 ;;\n'
+                  '  *) echo serving; exec sleep 30 ;;\nesac\n')
+  fake.chmod(0o755)
+  script = (f"setup_env() {{ :; }}\nPY={fake}\n" + defs + func
+            + '\nBUDGET_S=1000; SKIPPED=; SECONDS=954\nserve_and_load 8099 8 32 64 128\necho "skipped:$SKIPPED"\n')
+  r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert "--concurrency 32" in r.stdout and "--concurrency 64" not in r.stdout
+  assert "skipped: 8-worker(s) c=64" in r.stdout
