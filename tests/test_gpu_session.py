@@ -62,11 +62,17 @@ def test_unknown_part_is_refused(tmp_path):
   assert r.returncode == 2 and "unknown part kernel" in r.stderr
 
 
+def script_between(start: str, end: str) -> str:
+  """The script's text from `start` up to `end` (e.g. its helper functions, to run them alone)."""
+  text = SCRIPT.read_text()
+  return text[text.index(start):text.index(end)]
+
+
 def test_a_step_that_no_longer_fits_is_skipped():
   """Inside the serve part, whose steps' timeouts add up to more than its box, each step after the
   first server runs only while it still fits (bash's SECONDS set by hand stands for time spent)."""
   text = SCRIPT.read_text()
-  defs = text[text.index("left() {"):text.index("part_kernels() {")]
+  defs = script_between("left() {", "part_kernels() {")
   body = text[text.index("part_serve() {"):]
   assert "fits serve_anchor 100 &&" in body and "fits bench_engine 40 &&" in body
   script = ("setup_env() { :; }\n" + defs + '\nBUDGET_S=300; SKIPPED=; SECONDS=250\n'
@@ -80,9 +86,8 @@ def test_a_step_that_no_longer_fits_is_skipped():
 def test_a_load_run_that_no_longer_fits_ends_the_concurrency_sweep(tmp_path):
   """serve_and_load runs one loadgen per concurrency while one (45 s with the server's stop) still
   fits; the fake python's server says "serving" at once and each load run takes 2 s."""
-  text = SCRIPT.read_text()
-  defs = text[text.index("left() {"):text.index("part_kernels() {")]
-  func = text[text.index("serve_and_load() {"):text.index("part_serve() {")]
+  defs = script_between("left() {", "part_kernels() {")
+  func = script_between("serve_and_load() {", "part_serve() {")
   fake = tmp_path / "fake_python"
   fake.write_text('#!/usr/bin/env bash\ncase "$*" in\n  *serve.loadgen*) echo "load $*"; sleep 2 ;;\n'
                   '  *) echo serving; exec sleep 30 ;;\nesac\n')
