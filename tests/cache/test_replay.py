@@ -18,7 +18,8 @@ from train import sum_study
 
 
 def reference(stream: AccessStream, fresh: np.ndarray, pol: ReplayPolicy):
-  """ERCache's semantics (m = 1, no capacity limit) with a dict: user -> (embedding, write time)."""
+  """ERCache's semantics (m = 1, no capacity limit) with a dict: user -> (embedding, write time). Each row is
+  (source, age, embedding, whether the request ran an inference that failed)."""
   cache: dict[int, tuple[np.ndarray, int]] = {}
   failed = failures(len(stream), pol.failure_rate, pol.seed)
   t0 = int(stream.time_s[0])
@@ -27,21 +28,22 @@ def reference(stream: AccessStream, fresh: np.ndarray, pol: ReplayPolicy):
     now = t - t0
     hit = cache.get(u)
     if hit is not None and now - hit[1] < pol.direct_ttl_s:
-      out.append((Source.DIRECT, now - hit[1], hit[0]))
-    elif pol.soap:  # served the newest cached embedding; the inference is written back afterwards
+      out.append((Source.DIRECT, now - hit[1], hit[0], False))
+      continue
+    if pol.soap:  # served the newest cached embedding; the inference is written back afterwards
       if pol.failover and hit is not None and now - hit[1] < max(pol.failover_ttl_s, pol.direct_ttl_s):
-        out.append((Source.FAILOVER, now - hit[1], hit[0]))
+        out.append((Source.FAILOVER, now - hit[1], hit[0], bool(failed[r])))
       else:
-        out.append((Source.FALLBACK, -1, np.zeros_like(fresh[r])))
+        out.append((Source.FALLBACK, -1, np.zeros_like(fresh[r]), bool(failed[r])))
       if not failed[r]:
         cache[u] = (fresh[r], now)
     elif not failed[r]:
       cache[u] = (fresh[r], now)
-      out.append((Source.FRESH, 0, fresh[r]))
+      out.append((Source.FRESH, 0, fresh[r], False))
     elif pol.failover and hit is not None and now - hit[1] < max(pol.failover_ttl_s, pol.direct_ttl_s):
-      out.append((Source.FAILOVER, now - hit[1], hit[0]))
+      out.append((Source.FAILOVER, now - hit[1], hit[0], True))
     else:
-      out.append((Source.FALLBACK, -1, np.zeros_like(fresh[r])))
+      out.append((Source.FALLBACK, -1, np.zeros_like(fresh[r]), True))
   return out
 
 
@@ -65,9 +67,10 @@ def test_replay_matches_dict_model(ttl, fail, failover, soap):
   assert [Source(s) for s in trace.source] == [w[0] for w in want]
   np.testing.assert_array_equal(trace.age, [w[1] for w in want])
   np.testing.assert_array_equal(trace.embedding, np.stack([w[2] for w in want]))
+  np.testing.assert_array_equal(trace.failed, [w[3] for w in want])
   s = summarize(trace)
   assert s["direct"] + s["fresh"] + s["failover"] + s["fallback"] == 400
-  assert s["inferences"] == 400 - s["direct"] and s["failed_inferences"] == int(trace.failed.sum())
+  assert s["inferences"] == 400 - s["direct"] and s["failed_inferences"] == sum(w[3] for w in want)
   if ttl == 0:
     assert s["direct"] == 0
   if soap:
