@@ -124,7 +124,7 @@ class DCNv2Ranker(nnx.Module):
     self.heads = MultiTaskHeads(cfg.top_mlp[-1] if cfg.top_mlp else x_dim, schema.num_tasks, rngs=rngs)
     if plan is not None:
       sites = dense_modules(self)
-      plan.check_sites([name for name, _ in sites])
+      plan.check_sites([(name, layer.in_features, layer.out_features) for name, layer in sites])
       for name, layer in sites:  # the blocks named their sites themselves: they must be the module paths
         if layer.precision != plan.site(name):
           raise AssertionError(f"GEMM site {name!r} was built with another site's precision")

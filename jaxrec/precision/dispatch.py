@@ -467,7 +467,7 @@ def make_plan(sites: Sequence[tuple[str, int, int]], mere: Mapping[str, SiteMere
                              min_speedup=min_speedup, registry=registry) for g in GEMMS]
     plan_sites[name] = SitePrecision(**{r.shape.gemm: r.choice for r in site_rows})
     rows += site_rows
-  return PrecisionPlan(sites=plan_sites), rows
+  return PrecisionPlan(sites=plan_sites, shapes={name: (k, n) for name, k, n in sites}), rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ e.g. "top.layers.0" or "cross.layers.1.v". Each site runs three GEMMs (jaxrec.pr
 and each GEMM gets a `GemmChoice`: a numerics name ("f32", "bf16", "fp8_tensor", "fp8_row",
 "fp8_block", "fp8_delayed") and, for fp8, the implementation ("xla" or "pallas"). The plan is an
 explicit argument of model construction (never a global): sites it does not name use `default`.
+A plan may record the (K, N) of each site of the model it was made for (`shapes`; Dispatch's plans
+do): a model whose same-named site has another shape refuses it, since the Probe's errors and
+Dispatch's timings were of the other shape.
 
 "fp8_tensor" / "fp8_row" / "fp8_block" scale each operand from its current amax
 (jaxrec.ops.fp8_dense); "fp8_delayed" is per-tensor FP8 whose scales come from an amax history
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 NUMERICS = ("f32", "bf16", "fp8_tensor", "fp8_row", "fp8_block", "fp8_delayed")
@@ -108,6 +112,9 @@ class PlanFileError(PlanError):
 class PrecisionPlan:
   sites: dict[str, SitePrecision] = dataclasses.field(default_factory=dict)
   default: SitePrecision = SitePrecision()
+  shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict, compare=False)
+  """(K, N) of sites of the model the plan was made for, where known. Not part of equality: the
+  same choices are the same plan, whether or not a copy recorded the shapes."""
 
   def site(self, name: str) -> SitePrecision:
     return self.sites.get(name, self.default)
@@ -120,29 +127,46 @@ class PrecisionPlan:
     """Every site (named or not) runs `numerics` for all three GEMMs."""
     return cls(default=SitePrecision.uniform(numerics, impl))
 
-  def check_sites(self, known: list[str] | tuple[str, ...]) -> None:
-    """Raises PlanError naming plan sites that the model does not have (a stale or foreign plan)."""
+  def check_sites(self, sites: Sequence[tuple[str, int, int]]) -> None:
+    """Raises PlanError naming plan sites that the model's (name, K, N) `sites` lack, or whose
+    recorded shape differs from the model's (a stale or foreign plan)."""
+    known = {name: (k, n) for name, k, n in sites}
     unknown = sorted(set(self.sites) - set(known))
     if unknown:
       raise PlanError(f"precision plan names GEMM sites the model does not have: {unknown}; "
                        f"the model's sites are {sorted(known)}")
+    other = [f"{name} ({k} x {n} in the plan's model, {known[name][0]} x {known[name][1]} here)"
+             for name, (k, n) in sorted(self.shapes.items()) if name in known and known[name] != (k, n)]
+    if other:
+      raise PlanError(f"precision plan was made for a model with other GEMM shapes (K x N): {'; '.join(other)}; "
+                       "probe this model (python -m train.probe) for its own plan")
 
   def to_json(self) -> dict:
-    return {"default": dataclasses.asdict(self.default),
-            "sites": {k: dataclasses.asdict(v) for k, v in sorted(self.sites.items())}}
+    out = {"default": dataclasses.asdict(self.default),
+           "sites": {k: dataclasses.asdict(v) for k, v in sorted(self.sites.items())}}
+    if self.shapes:
+      out["shapes"] = {k: list(v) for k, v in sorted(self.shapes.items())}
+    return out
 
   @classmethod
   def from_json(cls, d: dict) -> "PrecisionPlan":
-    """The plan of `to_json`'s {"default": ..., "sites": ...} (either may be left out, not both);
-    ValueError for other keys, so that another JSON file is not read as an all-bf16 plan."""
+    """The plan of `to_json`'s {"default": ..., "sites": ..., "shapes": ...} ("shapes" optional;
+    "default" or "sites" may be left out, not both); ValueError for other keys, so that another JSON
+    file is not read as an all-bf16 plan."""
     def site(s: dict) -> SitePrecision:
       return SitePrecision(**{g: GemmChoice(**s[g]) for g in GEMMS})
 
-    if not isinstance(d, dict) or not d.keys() & {"default", "sites"} or d.keys() - {"default", "sites"}:
-      raise ValueError(f"a precision plan is a JSON object with keys 'default' and 'sites', got "
-                       f"{sorted(d) if isinstance(d, dict) else type(d).__name__}")
+    def shape(name: str, v) -> tuple[int, int]:
+      if not (isinstance(v, list) and len(v) == 2 and all(type(x) is int and x > 0 for x in v)):
+        raise ValueError(f"shapes[{name!r}] must be [K, N] (two positive integers), got {v!r}")
+      return v[0], v[1]
+
+    if not isinstance(d, dict) or not d.keys() & {"default", "sites"} or d.keys() - {"default", "sites", "shapes"}:
+      raise ValueError(f"a precision plan is a JSON object with keys 'default' and 'sites' (and optionally "
+                       f"'shapes'), got {sorted(d) if isinstance(d, dict) else type(d).__name__}")
     return cls(sites={k: site(v) for k, v in d.get("sites", {}).items()},
-               default=site(d["default"]) if "default" in d else SitePrecision())
+               default=site(d["default"]) if "default" in d else SitePrecision(),
+               shapes={k: shape(k, v) for k, v in d.get("shapes", {}).items()})
 
   def save(self, path: str | Path) -> None:
     Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -160,6 +184,9 @@ class PrecisionPlan:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise PlanFileError(f"precision plan {p}: not a readable JSON file ({e})") from None
     try:
-      return cls.from_json(d.get("plan", d))
+      plan = cls.from_json(d.get("plan", d))
+      if "plan" in d and "rows" in d and not plan.shapes:  # train.probe's file from before plans held shapes
+        plan = dataclasses.replace(plan, shapes={r["site"]: (int(r["k"]), int(r["n"])) for r in d["rows"]})
+      return plan
     except (AttributeError, KeyError, TypeError, ValueError) as e:
       raise PlanFileError(f"precision plan {p}: not a precision plan ({type(e).__name__}: {e})") from None

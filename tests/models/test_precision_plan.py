@@ -9,7 +9,7 @@ import pytest
 from jaxrec.config import parse_config
 from jaxrec.layers import gemm_sites
 from jaxrec.models import DCNv2Config, ModelConfig, build_model, parse_precision_plan
-from jaxrec.precision.plan import GemmChoice, PrecisionPlan, SitePrecision
+from jaxrec.precision.plan import GemmChoice, PlanError, PrecisionPlan, SitePrecision
 from jaxrec.training import sharding
 from jaxrec.training.state import create_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_train_step
@@ -41,6 +41,31 @@ def test_plan_reaches_its_sites_and_foreign_sites_are_rejected():
   assert no_plan.top.layers[1].precision == SitePrecision.uniform("f32")  # compute_dtype's plain path
   with pytest.raises(ValueError, match=r"does not have: \['top.layers.2'\]"):
     build_model(SCHEMA, ModelConfig(dcnv2=SMALL), plan=PrecisionPlan(sites={"top.layers.2": fp8}))
+
+
+def test_a_plan_made_for_other_shapes_is_refused(tmp_path):
+  """A plan records its model's site shapes (Dispatch's do; train.probe's older files in their rows): a
+  same-named site of another shape refuses it, since the errors and timings behind it were of the other."""
+  m = build_model(SCHEMA, ModelConfig(dcnv2=SMALL))
+  sites = gemm_sites(m)
+  fp8 = SitePrecision.uniform("fp8_row")
+  plan = PrecisionPlan(sites={"top.layers.0": fp8}, shapes={name: (k, n) for name, k, n in sites})
+  assert PrecisionPlan.from_json(json.loads(json.dumps(plan.to_json()))).shapes == plan.shapes
+  assert build_model(SCHEMA, ModelConfig(dcnv2=SMALL), plan=plan).top.layers[0].precision == fp8
+  wider = DCNv2Config(embed_dim=4, bottom_mlp=(8,), num_cross=2, cross_rank=3, top_mlp=(32, 8))
+  with pytest.raises(PlanError, match=r"other GEMM shapes \(K x N\): top.layers.0 \(12 x 16 in the plan's model, "
+                                      r"12 x 32 here\); top.layers.1 \(16 x 8 in the plan's model, 32 x 8 here\)"):
+    build_model(SCHEMA, ModelConfig(dcnv2=wider), plan=plan)
+  # a probe file from before plans held shapes: they are read from its rows
+  rows = [{"site": name, "gemm": g, "m": 64, "k": k, "n": n} for name, k, n in sites for g in ("fwd", "dgrad", "wgrad")]
+  path = tmp_path / "precision_plan.json"
+  path.write_text(json.dumps({"plan": PrecisionPlan(sites={"top.layers.0": fp8}).to_json(), "rows": rows}))
+  assert PrecisionPlan.load(path).shapes == plan.shapes
+  with pytest.raises(PlanError, match="other GEMM shapes"):
+    build_model(SCHEMA, ModelConfig(dcnv2=wider, precision_plan=str(path)))
+  for bad in ([12], [12, 0], [12, 16.0], "12x16"):
+    with pytest.raises(ValueError, match=r"shapes\['top.layers.0'\] must be \[K, N\]"):
+      PrecisionPlan.from_json({"sites": {}, "shapes": {"top.layers.0": bad}})
 
 
 def test_precision_plan_spec(tmp_path):

@@ -29,7 +29,8 @@ def test_outputs_and_plan(probed):
   _, model, _ = probe.load_run(probed)
   sites = gemm_sites(model)
   plan = PrecisionPlan.from_json(out["plan"])
-  plan.check_sites([s for s, _, _ in sites])
+  plan.check_sites(sites)
+  assert plan.shapes == {name: (k, n) for name, k, n in sites}
   assert len(out["rows"]) == 3 * len(sites) and not out["timed"]
   assert all(r["speedup"] == "not timed" for r in out["rows"])
   for s, _, _ in sites:
