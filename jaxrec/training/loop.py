@@ -249,6 +249,11 @@ class StepClock:
     """Starts the next segment (after a boundary's eval, checkpoint and logging)."""
     self._mark, self._seg = time.perf_counter(), 0
 
+  def rate(self, batch_size: int) -> float | None:
+    """Examples/s over the ended segments; None while no step has been timed (a boundary at the
+    process's first step), which is no measurement, not 0 examples/s."""
+    return batch_size * self.steps / self.seconds if self.steps and self.seconds > 0 else None
+
 
 def append_jsonl(path: Path, record: dict) -> None:
   """Appends one JSON record as a line (metrics.jsonl)."""
@@ -336,7 +341,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
           loss = checked_mean_loss(losses, done, workdir)
           losses = []
           clock.lap()
-          rate = bs * clock.steps / clock.seconds if clock.seconds > 0 else None
+          rate = clock.rate(bs)
           if boundary_log:
             append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
           if boundary_eval:
@@ -361,7 +366,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   main_task = schema.labels[0]
   summary = {
       "steps": final_step,
-      "examples_per_sec": bs * clock.steps / clock.seconds if clock.seconds > 0 else None,
+      "examples_per_sec": clock.rate(bs),
       "eval_ne": res[f"{main_task}/ne"],
       "eval_auc": res[f"{main_task}/auc"],
       "eval_logloss": res[f"{main_task}/logloss"],

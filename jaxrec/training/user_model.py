@@ -154,7 +154,7 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
           loss = checked_mean_loss(losses, done, workdir)
           losses = []
           clock.lap()
-          rate = bs * clock.steps / clock.seconds if clock.seconds > 0 and clock.steps else None
+          rate = clock.rate(bs)
           if is_log:
             append_jsonl(metrics_path, {"step": done, "train/loss": loss, "examples_per_sec": rate})
           if is_eval:
@@ -167,7 +167,7 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
     ckpt.close()
     raise
-  rate = bs * clock.steps / clock.seconds if clock.seconds > 0 and clock.steps else None
+  rate = clock.rate(bs)
 
   res = run_eval(state)
   final_step = int(state.step)
