@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.layers import MLP, CrossNetwork, FusedEmbedding, MultiTaskHeads, pool, table_configs
-from jaxrec.layers.dense import dense_modules
+from jaxrec.layers.dense import dense_modules, gemm_sites
 from jaxrec.layers.mlp import ACTIVATIONS
 from jaxrec.precision.plan import PrecisionPlan
 
@@ -123,9 +123,8 @@ class DCNv2Ranker(nnx.Module):
                    dtype=dtype, plan=plan, path="top", rngs=rngs)
     self.heads = MultiTaskHeads(cfg.top_mlp[-1] if cfg.top_mlp else x_dim, schema.num_tasks, rngs=rngs)
     if plan is not None:
-      sites = dense_modules(self)
-      plan.check_sites([(name, layer.in_features, layer.out_features) for name, layer in sites])
-      for name, layer in sites:  # the blocks named their sites themselves: they must be the module paths
+      plan.check_sites(gemm_sites(self))
+      for name, layer in dense_modules(self):  # the blocks named their sites themselves: they must be the module paths
         if layer.precision != plan.site(name):
           raise AssertionError(f"GEMM site {name!r} was built with another site's precision")
 

@@ -119,7 +119,6 @@ def test_requests_of_different_sizes_batch_together(loaded, reference):
     assert sum(eng.batches_run.values()) >= 3
 
 
-
 def test_requests_that_exactly_fill_max_rows_run_as_one_batch(loaded, reference):
   """A request that brings the batch to exactly max_rows joins it (it fits): 30 + 34 rows are one
   batch of the 64 bucket, not two of 32."""
@@ -130,6 +129,7 @@ def test_requests_that_exactly_fill_max_rows_run_as_one_batch(loaded, reference)
     assert eng.batches_run == {8: 0, 32: 0, 64: 1}
     for resp, expected in zip(resps, expected_per_request(reference, reqs)):
       assert_matches(resp, expected, eng.schema.labels)
+
 
 def test_padding_rows_never_leak(loaded):
   """The same request scores the same alone in the smallest bucket and next to another in the largest."""

@@ -74,10 +74,7 @@ def test_loss_goes_down_and_eval_gives_probs():
 def test_embedding_lr_zero_freezes_the_table_and_trains_the_rest():
   _, frozen, *_ = run(1, steps=3, embedding_lr=0.0)
   _, learned, *_ = run(1, steps=3)
-  mesh = sharding.make_mesh(1)
-  cfg = ModelConfig(dcnv2=SMALL)
-  tx = dense_optimizer(OptimConfig())
-  _, init, _ = create_train_state(lambda: build_model(SCHEMA, cfg, row_multiple=1), tx, mesh)
+  init, _, _ = train_steps(OptimConfig(), [])
   np.testing.assert_array_equal(np.asarray(frozen.table), np.asarray(init.table))
   assert not np.array_equal(np.asarray(learned.table), np.asarray(init.table))  # the control moves it
   moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), frozen.params, init.params)
@@ -98,10 +95,6 @@ def train_steps(optim: OptimConfig, batches):
   return init, jax.device_get(state), graphdef
 
 
-def one_step(optim: OptimConfig, batch):
-  return train_steps(optim, [batch])
-
-
 def test_embedding_l2_shrinks_the_rows_weighted_examples_looked_up_and_nothing_else():
   """embedding_l2 adds l2 * row to each live lookup's gradient: with a penalty far above the loss
   gradient every row a weighted example looked up moves toward zero; rows looked up only by
@@ -110,7 +103,7 @@ def test_embedding_l2_shrinks_the_rows_weighted_examples_looked_up_and_nothing_e
   weights = np.ones(64, np.float32)
   weights[32:] = 0.0
   batch = batch.replace(weights=jax.numpy.asarray(weights))
-  init, after, graphdef = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, embedding_l2=1e3), batch)
+  init, after, graphdef = train_steps(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, embedding_l2=1e3), [batch])
   ids = np.asarray(merge_state(graphdef, jax.device_put(init)).embedding.row_ids(batch.sparse))
   mask = np.asarray(batch.sparse_mask)
   live = set(ids[:32][mask[:32]].tolist())
@@ -125,8 +118,8 @@ def test_weight_decay_is_decoupled_and_scaled_by_the_learning_rate():
   """AdamW: with weight_decay w a step moves each dense parameter p by a further -dense_lr * w * p
   from where the same step without decay takes it (the Adam part is the same)."""
   batch = make_batch(0)
-  init, plain, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1), batch)
-  _, decayed, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, weight_decay=0.5), batch)
+  init, plain, _ = train_steps(OptimConfig(dense_lr=3e-3, embedding_lr=0.1), [batch])
+  _, decayed, _ = train_steps(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, weight_decay=0.5), [batch])
   for p0, a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(plain.params), jax.tree.leaves(decayed.params)):
     np.testing.assert_allclose(np.asarray(b) - np.asarray(a), -3e-3 * 0.5 * np.asarray(p0), rtol=1e-3, atol=1e-7)
   assert any(np.any(np.asarray(p) != 0) for p in jax.tree.leaves(init.params))  # not a trivial 0 == 0
@@ -136,8 +129,8 @@ def test_warmup_starts_the_dense_learning_rate_at_zero():
   """warmup_steps ramps the dense learning rate linearly from 0: the first step leaves the dense
   parameters where they were (the embedding table, on Adagrad, still moves); without warm-up it moves them."""
   batch = make_batch(0)
-  init, warm, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, warmup_steps=4), batch)
-  _, cold, _ = one_step(OptimConfig(dense_lr=3e-3, embedding_lr=0.1), batch)
+  init, warm, _ = train_steps(OptimConfig(dense_lr=3e-3, embedding_lr=0.1, warmup_steps=4), [batch])
+  _, cold, _ = train_steps(OptimConfig(dense_lr=3e-3, embedding_lr=0.1), [batch])
   for p0, w in zip(jax.tree.leaves(init.params), jax.tree.leaves(warm.params)):
     np.testing.assert_array_equal(np.asarray(w), np.asarray(p0))
   assert any(np.any(np.asarray(c) != np.asarray(p0)) for p0, c in zip(jax.tree.leaves(init.params),
