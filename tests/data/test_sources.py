@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from jaxrec.data.adsworld import AdsWorldConfig
+from jaxrec.data.batch import Schema, SparseFeature
 from jaxrec.data.errors import DataSpecError
+from jaxrec.data.examples import Examples
 from jaxrec.data.pipeline import ExamplesSource, train_iterator
+from jaxrec.data.readers._common import one_hot_batch
 from jaxrec.data.sources import AdsWorldSource, DataConfig, DataSpec, _world, open_train_eval, parse_spec
 from jaxrec.data import readers
 
@@ -62,9 +65,6 @@ def test_split_leaving_a_side_empty_is_refused(tmp_path):
 def test_seeded_split_partitions_the_rows_and_depends_on_the_seed():
   """Examples.split: disjoint train and eval that cover every row, eval_fraction of them in eval,
   the same rows for the same seed and other rows for another (DataConfig.split_seed)."""
-  from jaxrec.data.batch import Schema, SparseFeature
-  from jaxrec.data.examples import Examples
-  from jaxrec.data.readers._common import one_hot_batch
   n = 200
   schema = Schema(dense=("t",), sparse=(SparseFeature("user", 5),), labels=("click",))
   ex = Examples(schema, one_hot_batch(dense=np.arange(n, dtype=np.float32)[:, None], ids=np.zeros((n, 1), np.int64),

@@ -292,12 +292,11 @@ def test_fused_blocknorm_below_256_features_ignores_the_padded_bias(recipe):
   if recipe == "row":
     a, b, sa, sb = operands(m, n, k, seed=21)
     kern, ref_fn, mag_fn, t_gemm = fp8_gemm, fp8_gemm_reference, row_mag, 2 * gamma(k + 2)
-    sa = sa * 1e-3
   else:
     _, (a, b, sa, sb) = block_operands(m, n, k, seed=21)
     kern, ref_fn, mag_fn = fp8_gemm_blockwise, fp8_gemm_blockwise_reference, block_mag
     t_gemm = 2 * gamma(k + 3 * sb.shape[1] + 2)
-    sa = sa * 1e-3
+  sa = sa * 1e-3  # small products
   bias = jnp.asarray(np.random.default_rng(22).normal(size=n), jnp.float32)
   y = kern(a, b, sa, sb, bias=bias, norm="block", out_dtype=jnp.float32, interpret=not on_gpu)
   ref = np.asarray(ref_fn(a, b, sa, sb, bias=bias, norm="block", out_dtype=jnp.float32), np.float64)

@@ -51,7 +51,7 @@ def _partly_masked(schema, seed):
   """A batch whose rows use 1 to max_len of their ids, so sum and mean pooling differ."""
   b = _batch(schema, seed=seed)
   mask = np.arange(schema.max_len)[None, None, :] < np.random.default_rng(seed).integers(
-      1, schema.max_len + 1, (6, schema.num_sparse, 1))
+      1, schema.max_len + 1, (len(b.dense), schema.num_sparse, 1))
   return dataclasses.replace(b, sparse_mask=mask)
 
 

@@ -9,7 +9,9 @@ import pytest
 from jaxrec.data.batch import Schema, SparseFeature, batch_from_numpy
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
 from jaxrec.training import sharding
-from jaxrec.training.state import create_train_state, merge_state
+from jaxrec.training.losses import weighted_bce
+from jaxrec.training.sparse_adagrad import dense_rowwise_adagrad
+from jaxrec.training.state import create_train_state, merge_model, merge_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
 SCHEMA = Schema(dense=("d0", "d1", "d2"),
@@ -144,9 +146,6 @@ def test_two_steps_match_a_hand_written_adamw_and_rowwise_adagrad():
   with this config's b1, b2, decoupled decay) and row-wise Adagrad on the dense gradient with this
   config's eps, over two steps so that the moments and the accumulator carry. Settings away from
   the defaults (b1, b2, eps, l2, decay, half the examples at weight 0), so a swapped or ignored one shows."""
-  from jaxrec.training.losses import weighted_bce
-  from jaxrec.training.sparse_adagrad import dense_rowwise_adagrad
-  from jaxrec.training.state import merge_model
   optim = OptimConfig(dense_lr=3e-3, embedding_lr=0.1, embedding_l2=0.05, weight_decay=0.2, adam_b1=0.7,
                       adam_b2=0.9, adagrad_eps=0.05)
   weights = np.ones(64, np.float32)
