@@ -382,6 +382,13 @@ def test_non_finite_scores_are_a_422_never_nan_in_the_json(client, example):
   assert client.post("/v1/rank", json=example).status_code == 200
 
 
+# A failed orbax restore closes its asyncio loop while tensorstore reads are still in flight; a read that
+# finishes afterwards calls back into the closed loop, which Python reports as an unraisable
+# "RuntimeError: Event loop is closed" (orbax-checkpoint 0.12.4 / tensorstore; measured 1 in 240 failed
+# restores with three restoring processes on 2 cores). It is harmless (the restore has already failed
+# with its own error) and not ours to fix, so only that exact message is ignored here.
+@pytest.mark.filterwarnings(r"ignore:Exception ignored in[\s\S]*RuntimeError. Event loop is closed"
+                            ":pytest.PytestUnraisableExceptionWarning")
 def test_reload_of_an_unreadable_checkpoint_is_409_and_keeps_serving(run_dir, example, tmp_path):
   wd = tmp_path / "run"
   shutil.copytree(run_dir, wd)
