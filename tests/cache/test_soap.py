@@ -189,11 +189,14 @@ def test_a_non_finite_or_out_of_range_embedding_is_never_written():
   with _soap(odd, config=dataclasses.replace(SOAP, max_abs=1e3)) as soap:
     assert _sources(soap.serve([1, 2, 3, 4, 5])) == ["FALLBACK"] * 5
     assert soap.wait_idle(5)
+    c = soap.counters()
+    assert c["refresh_failures"] == 3 and c["refresh_written"] == 2 and "beyond |1000|" in soap.last_error
     served = soap.serve([1, 2, 3, 4, 5])
     assert _sources(served) == ["FALLBACK", "DIRECT", "FALLBACK", "FALLBACK", "DIRECT"]
     assert np.isfinite(np.asarray(served.embedding)).all() and np.abs(np.asarray(served.embedding)).max() == 5
+    assert soap.wait_idle(5)  # the three failed users were queued again, and fail again
     c = soap.counters()
-    assert c["refresh_failures"] == 3 and c["refresh_written"] == 2 and "beyond |1000|" in soap.last_error
+    assert c["refresh_failures"] == 6 and c["refresh_written"] == 2
 
 
 def test_usable_rows():
