@@ -202,16 +202,29 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
       return e.code, json.loads(e.read())
 
 
+def _stderr_until(proc: subprocess.Popen, marker: str) -> str:
+  """The server's stderr up to and including the first line holding `marker`; fails on end of file."""
+  lines = []
+  while marker not in (line := proc.stderr.readline()):
+    if not line:
+      pytest.fail(f"the server never printed {marker!r}: {''.join(lines)}{kill_server(proc)}")
+    lines.append(line)
+  return "".join(lines) + line
+
+
 @pytest.fixture(scope="module")
 def server(run_root):
   proc, url, port = _start(run_root, "--admin_token", TOKEN)
-  yield proc, url
+  # /healthz answers once one worker serves; a SIGTERM before the other has connected stops the server
+  # while it starts, unannounced. Tests begin after "serving ... with 2 HTTP worker processes".
+  started = _stderr_until(proc, "HTTP worker processes")
+  yield proc, url, started
   if proc.poll() is None:
     kill_server(proc)
 
 
 def test_workers_serve_rank_errors_metrics_and_reload(server, registry):
-  proc, url = server
+  proc, url, _ = server
   example = _get(url + "/v1/models/tiny/example")
   status, reply = _post(url, example)
   assert status == 200, reply
@@ -246,9 +259,9 @@ def test_workers_serve_rank_errors_metrics_and_reload(server, registry):
 
 
 def test_sigterm_drains_workers_then_engines(server):
-  proc, _ = server
+  proc, _, started = server
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=90)
+  err = started + proc.communicate(timeout=90)[1]
   assert proc.returncode == 0, err
   assert "with 2 HTTP worker processes" in err and "drained and stopped" in err and "Traceback" not in err
 
