@@ -38,6 +38,7 @@ import enum
 import functools
 import inspect
 import io
+import math
 import sys
 import textwrap
 import tokenize
@@ -158,8 +159,8 @@ def _parse(tp: Any, text: str) -> Any:
     value = tp(text.strip()) if tp in (int, float) else text
   except ValueError:
     raise _BadValue(tp.__name__) from None
-  if tp is float and value != value:  # NaN passes every `x < 0` / `x <= 0` check of a __post_init__
-    raise _BadValue("float (a number, not nan)")
+  if tp is float and not math.isfinite(value):  # NaN passes every `x < 0` check of a __post_init__, inf
+    raise _BadValue("float (a finite number)")    # every `x > 0` one: no config field means either
   return value
 
 
@@ -300,6 +301,9 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str, desc
         _fail(prog, f"--{name} needs a value of type {_type_name(leaf.tp)}")
       text = argv[i]
       i += 1
+    if leaf.tp is str and not text.strip() and isinstance(leaf.default, str) and leaf.default:
+      # a field with a non-empty default gives "" no meaning: `--workdir ""` would write into the current directory
+      _fail(prog, f"--{name} needs a non-empty value (default {leaf.default!r})")
     try:
       values[name] = _parse(leaf.tp, text)
     except _BadValue as e:
@@ -350,6 +354,8 @@ def _from_json(tp: Any, value: Any, name: str) -> Any:
       return tp[value]
     raise bad
   if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if not math.isfinite(value):  # json.loads reads NaN and Infinity
+      raise bad
     return float(value)
   if type(value) is tp:
     return value

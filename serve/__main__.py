@@ -47,7 +47,7 @@ class ServeConfig:
   """token for /admin/* (Authorization: Bearer TOKEN); none reads JAXREC_ADMIN_TOKEN, and without
   either the admin endpoints answer 403"""
   max_depth: int = 3
-  """how many levels below workdir to look for runs"""
+  """how many levels below workdir to look for runs (>= 1)"""
   drain_timeout_s: float = 30.0
   """on SIGINT/SIGTERM, how long in-flight requests may take to finish"""
   log_level: str = "warning"
@@ -71,6 +71,8 @@ class ServeConfig:
       raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
     if not 1 <= self.workers <= 64:
       raise ValueError(f"workers must be in [1, 64], got {self.workers}")
+    if self.max_depth < 1:
+      raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
     if not 0 <= self.drain_timeout_s <= 86_400:
       raise ValueError(f"drain_timeout_s must be in [0, 86400] seconds, got {self.drain_timeout_s}")
 
@@ -84,17 +86,14 @@ def main(argv: list[str] | None = None) -> int:
   cfg = parse_config(ServeConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
   try:
     runs = discover_runs(Path(cfg.workdir), cfg.max_depth)
-  except NoRunsError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
-  try:
     engine_cfgs = engine_configs(list(runs), cfg.engine, cfg.engine_per_model)
-  except ValueError as e:
+  except (NoRunsError, ValueError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   token = cfg.admin_token or os.environ.get("JAXREC_ADMIN_TOKEN") or None
-  print(f"loading {len(runs)} model(s) and compiling buckets {list(cfg.engine.buckets)}: "
-        + ", ".join(f"{n} ({p})" for n, p in runs.items()), file=sys.stderr, flush=True)
+  print(f"loading {len(runs)} model(s) and compiling their buckets: "
+        + ", ".join(f"{n} ({p}, buckets {list(engine_cfgs[n].buckets)})" for n, p in runs.items()),
+        file=sys.stderr, flush=True)
   try:
     registry = Registry.open(runs, engine_cfgs)
   except (FileNotFoundError, ValueError) as e:
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
   app = create_app(registry, cfg.http, admin_token=token)
   server = GracefulServer(uvicorn.Config(app, log_level=cfg.log_level, loop=cfg.loop, access_log=False,
                                          timeout_graceful_shutdown=math.ceil(cfg.drain_timeout_s)))
-  print(f"serving {registry.names} on http://{cfg.host}:{sock.getsockname()[1]} (admin "
+  print(f"serving {registry.names} on {_url(cfg.host, sock.getsockname()[1])} (admin "
         f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True)
   try:
     server.run(sockets=[sock])
@@ -126,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
   return 0 if server.started else 1
 
 
+def _url(host: str, port: int) -> str:
+  """http://HOST:PORT, an IPv6 address in brackets (http://[::1]:8000)."""
+  return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _serve_with_workers(cfg: ServeConfig, registry: Registry, token: str | None, sock) -> int:
   bridge = Bridge(registry, cfg.workers)
   rc = 1
@@ -134,7 +138,7 @@ def _serve_with_workers(cfg: ServeConfig, registry: Registry, token: str | None,
                           loop=cfg.loop, drain_timeout_s=cfg.drain_timeout_s)
     port = sock.getsockname()[1]
     rc = run_workers(bridge, procs, cfg.drain_timeout_s, announce=lambda: print(
-        f"serving {registry.names} on http://{cfg.host}:{port} with {cfg.workers} HTTP worker processes (admin "
+        f"serving {registry.names} on {_url(cfg.host, port)} with {cfg.workers} HTTP worker processes (admin "
         f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True))
   finally:
     sock.close()

@@ -53,7 +53,7 @@ from jaxrec.training.state import merge_state, split_model
 from jaxrec.training.user_model import load_user_model
 from serve.request import EncodedRequest, RankRequest, RequestEncoder, RequestError, Rows, concat_rows
 from serve.scoring import ranker_probs
-from serve.user_embedding import UserCacheConfig, UserEmbeddings, embedding_columns, load_user_embeddings
+from serve.user_embedding import MAX_WAIT_MS, UserCacheConfig, UserEmbeddings, embedding_columns, load_user_embeddings
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "LoadedRanker", "Overloaded", "RankResponse",
            "RequestError", "SwapError", "UserEmbeddingInfo", "load_ranker", "open_engine"]
@@ -96,8 +96,9 @@ class EngineConfig:
     if not 1 <= self.max_candidates <= self.max_rows <= self.buckets[-1]:
       raise ValueError(f"need 1 <= max_candidates ({self.max_candidates}) <= max_rows ({self.max_rows}) "
                        f"<= largest bucket ({self.buckets[-1]})")
-    if self.max_wait_ms < 0 or self.max_queue < 1:
-      raise ValueError("max_wait_ms must be >= 0 and max_queue >= 1")
+    if not 0 <= self.max_wait_ms <= MAX_WAIT_MS or self.max_queue < 1:
+      raise ValueError(f"need 0 <= max_wait_ms <= {MAX_WAIT_MS} and max_queue >= 1, got {self.max_wait_ms} "
+                       f"and {self.max_queue}")
 
   def bucket_for(self, rows: int) -> int:
     return next(b for b in self.buckets if b >= rows)

@@ -49,18 +49,28 @@ def is_ranker_run(path: Path) -> bool:
 
 
 def discover_runs(root: Path, max_depth: int = 3) -> dict[str, Path]:
-  """{model name: run directory} under `root`, sorted by name; raises NoRunsError when there is none."""
+  """{model name: run directory} under `root`, sorted by name; raises NoRunsError when there is none,
+  ValueError when two runs would get one name (runs "a.b" and "a/b")."""
   root = Path(root)
+  if max_depth < 1:
+    raise ValueError(f"max_depth must be >= 1, got {max_depth}")
   if not root.is_dir():
     raise NoRunsError(f"{root} is not a directory")
   if is_ranker_run(root):
     return {root.resolve().name: root}
+  if (root / "user_model.json").exists():
+    raise NoRunsError(f"{root} is a user model's workdir (user_model.json), not a ranker run; train a ranker "
+                      f"that consumes it with `python -m train.ranker --data.user_model {root} --workdir DIR` "
+                      "and serve DIR")
   runs: dict[str, Path] = {}
 
   def walk(d: Path, depth: int) -> None:
     for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
       if is_ranker_run(child):
-        runs[child.relative_to(root).as_posix().replace("/", ".")] = child
+        name = child.relative_to(root).as_posix().replace("/", ".")
+        if name in runs:
+          raise ValueError(f"runs {runs[name]} and {child} would both be served as {name!r}; rename one")
+        runs[name] = child
       elif depth < max_depth and not (child / "user_model.json").exists():
         walk(child, depth + 1)
 

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 SOURCE_NAMES = {Source.DIRECT: "direct", Source.FRESH: "fresh", Source.FAILOVER: "failover",
                 Source.FALLBACK: "fallback", Source.NEEDS_INFERENCE: "needs_inference"}
 EMB_PREFIX = "user_emb_"
+MAX_WAIT_MS = 60_000.0
+"""the longest batching wait or deadline a server config takes (ms): a batcher or refresh worker waits
+no longer than one minute for anything"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,7 @@ class UserCacheConfig:
   direct_capacity: int = 1 << 16
   """direct-tier slots (users)"""
   failover_capacity: int = 1 << 18
-  """failover-tier slots (users); keep >= direct_capacity"""
+  """failover-tier slots (users); >= direct_capacity"""
   stabilize_m: int = 1
   """served embedding = mean of the user's last m embeddings written"""
   refresh_batch: int = 256
@@ -99,13 +102,22 @@ class UserCacheConfig:
   default embedding, as when the user model fails (a default `train.user_model` run: |value| at most
   4.5 over 20,000 eval-stream users' embeddings, 2026-12-07)"""
 
-  def __post_init__(self):
-    if self.max_users_kept < 1:
-      raise ValueError(f"max_users_kept must be >= 1, got {self.max_users_kept}")
+  def __post_init__(self):  # checked here, not only when a SUM ranker is served, and named as the flags are
+    for name in ("direct_capacity", "failover_capacity", "stabilize_m", "refresh_batch", "refresh_queue",
+                 "max_users_kept"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if not 0 <= self.direct_ttl_s <= self.failover_ttl_s:
+      raise ValueError(f"need 0 <= direct_ttl_s <= failover_ttl_s, got {self.direct_ttl_s} and {self.failover_ttl_s}")
+    if self.failover_capacity < self.direct_capacity:
+      raise ValueError(f"failover_capacity ({self.failover_capacity}) must be >= direct_capacity "
+                       f"({self.direct_capacity}): the failover tier keeps every user the direct tier does")
     if self.mode not in ("soap", "sync"):
       raise ValueError(f"mode must be 'soap' or 'sync', got {self.mode!r}")
-    if not self.sync_deadline_ms > 0:
-      raise ValueError(f"sync_deadline_ms must be > 0, got {self.sync_deadline_ms}")
+    if not 0 <= self.refresh_wait_ms <= MAX_WAIT_MS:
+      raise ValueError(f"refresh_wait_ms must be in [0, {MAX_WAIT_MS}], got {self.refresh_wait_ms}")
+    if not 0 < self.sync_deadline_ms <= MAX_WAIT_MS:
+      raise ValueError(f"sync_deadline_ms must be in (0, {MAX_WAIT_MS}], got {self.sync_deadline_ms}")
     if not self.max_abs_embedding > 0:
       raise ValueError(f"max_abs_embedding must be > 0, got {self.max_abs_embedding}")
 

@@ -14,13 +14,14 @@ from jaxrec.training.loop import drop_records_after
 from jaxrec.training.step import OptimConfig
 
 
-def test_nan_floats_are_refused_on_the_command_line(capsys):
+@pytest.mark.parametrize("text", ["nan", "inf", "-Infinity", "1e400"])
+def test_non_finite_floats_are_refused_on_the_command_line(capsys, text):
   from train.ranker import Args
   with pytest.raises(SystemExit) as info:
-    parse_config(Args, ["--optim.dense_lr", "nan"], prog="p", description="")
+    parse_config(Args, ["--optim.dense_lr", text], prog="p", description="")
   assert info.value.code == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "--optim.dense_lr: expected float (a number, not nan), got 'nan'" in err
+  assert err.count("\n") == 1 and f"--optim.dense_lr: expected float (a finite number), got {text!r}" in err
 
 
 @pytest.mark.parametrize("kw", [{"dense_lr": float("inf")}, {"embedding_lr": float("inf")},
@@ -182,3 +183,104 @@ def test_user_model_refuses_a_stream_too_short_for_the_run(tmp_path, capsys):
   err = capsys.readouterr().err
   assert rc == 2 and "raise --data.world.horizon_days" in err and "Traceback" not in err
   assert not (tmp_path / "u" / "checkpoints").exists()
+
+
+def test_more_devices_or_an_uneven_batch_is_one_line_before_the_workdir_is_touched(tmp_path, capsys):
+  from tests.serve.test_engine import SMOKE
+  from train import ranker, user_model
+  wd = tmp_path / "r"
+  assert ranker.main(["--workdir", str(wd), *SMOKE, "--train.num_devices", "16"]) == 2
+  assert "asked for 16 devices, 8 are available" in capsys.readouterr().err
+  assert ranker.main(["--workdir", str(wd), *SMOKE, "--train.num_devices", "8", "--data.batch_size", "12"]) == 2
+  assert "--data.batch_size=12 must be a multiple of the 8 devices" in capsys.readouterr().err
+  assert not wd.exists()
+  assert user_model.main(["--workdir", str(tmp_path / "u"), "--train.num_devices", "16", "--no-train.progress"]) == 2
+  err = capsys.readouterr().err
+  assert "asked for 16 devices" in err and "Traceback" not in err and not (tmp_path / "u").exists()
+
+
+def test_a_pallas_plan_without_a_gpu_is_one_line(tmp_path, capsys):
+  from tests.serve.test_engine import SMOKE
+  from train import ranker
+  assert ranker.main(["--workdir", str(tmp_path / "r"), *SMOKE, "--model.precision_plan", "uniform:fp8_row:pallas"]) == 2
+  err = capsys.readouterr().err
+  assert "runs the jaxrec Pallas kernels, which need a GPU (sm90); the backend here is 'cpu'" in err
+  assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.kind", "logreg", "--model.precision_plan", "uniform:fp8_row"], "the logreg model has no GEMM sites"),
+    (["--optim.adam_b1", "1.5"], "need optim.adam_b1 and optim.adam_b2 in [0, 1) and optim.adagrad_eps > 0"),
+    (["--optim.adam_b2", "1"], "need optim.adam_b1 and optim.adam_b2 in [0, 1)"),
+    (["--optim.adagrad_eps", "-1"], "optim.adagrad_eps > 0, got 0.9, 0.999 and -1.0"),
+    (["--data.train", "adsworld:train@train"], "'train@train' is not an ads-world stream name"),
+    (["--workdir", ""], "--workdir needs a non-empty value (default 'runs/ranker')"),
+])
+def test_ranker_settings_refused_before_training(argv, message, capsys, tmp_path):
+  from train import ranker
+  try:  # refused by the config parser (SystemExit) or by main's error report
+    rc = ranker.main(["--workdir", str(tmp_path / "r"), *argv])
+  except SystemExit as e:
+    rc = e.code
+  err = capsys.readouterr().err
+  assert rc == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+  assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data.train", "libfm:frappe/frappe.validation.libfm@train"], "data.train: 'libfm:frappe/"),
+    (["--data.eval", "eval@eval"], "is not an ads-world stream name"),
+])
+def test_user_model_takes_ads_world_stream_names_only(argv, message, capsys):
+  from train import user_model
+  with pytest.raises(SystemExit) as info:
+    user_model.main(argv)
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ranker.data.world.seed", "7"], "ranker.data.world is set by the study, not by --ranker.data.world (set --world.*"),
+    (["--tower.data.world.num_users", "500"], "tower.data.world is set by the study"),
+    (["--ranker.model.seed", "9"], "ranker.model.seed is set by the study, not by --ranker.model.seed (set --seeds"),
+    (["--ranker.data.user_model", "/nowhere"], "ranker.data.user_model is set by the study"),
+    (["--tower.fresh"], "tower.fresh is set by the study"),
+    (["--ranker.data.eval", "adsworld:train"], "--data.train and --data.eval are the same data"),
+])
+def test_sum_study_refuses_settings_it_would_override_or_fail_on_late(argv, message, capsys):
+  from train import sum_study
+  with pytest.raises(SystemExit) as info:
+    sum_study.main(argv)
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_sum_study_checks_the_rankers_mesh_before_training_the_user_model(tmp_path, capsys):
+  from train import sum_study
+  assert sum_study.main(["--workdir", str(tmp_path / "s"), "--ranker.train.num_devices", "8",
+                         "--ranker.data.batch_size", "100"]) == 2
+  err = capsys.readouterr().err
+  assert "--ranker.data.batch_size=100 must be a multiple of the 8 devices" in err
+  assert not (tmp_path / "s").exists()
+
+
+def test_an_unreadable_config_of_a_resumable_run_is_a_workdir_conflict(tmp_path):
+  from jaxrec.training.loop import RankerConfig, WorkdirConflictError, prepare_workdir
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  (tmp_path / "config.json").write_text("{bad")
+  with pytest.raises(WorkdirConflictError, match="config.json is unreadable .* pass --fresh to start over"):
+    prepare_workdir(RankerConfig(), tmp_path)
+  prepare_workdir(RankerConfig(fresh=True), tmp_path)  # --fresh starts over
+  assert json.loads((tmp_path / "config.json").read_text())["fresh"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--failover_ttl_s", "10"], "failover_ttl_s (10) must be >= the direct TTLs whose failover tier is replayed"),
+    (["--stream", "eval@eval"], "stream: 'eval@eval' is not an ads-world stream name"),
+])
+def test_replay_refuses_what_the_server_would(argv, message, capsys):
+  from serve import replay
+  with pytest.raises(SystemExit) as info:
+    replay.main(argv)
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and message in err

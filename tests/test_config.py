@@ -84,13 +84,13 @@ def test_nested_overrides_of_every_type():
       "--data.train", "criteo:/data/day_0", "--data.eval=none", "--data.batch-size", "1024",
       "--model.hidden", "512,256,1", "--model.pair=3,0.25", "--model.precision", "FP8",
       "--model.optim.lr=3e-4", "--model.optim.schedule", "constant", "--model.optim.clip", "1.5",
-      "--steps=7", "--fresh", "--workdir", "",
+      "--steps=7", "--fresh", "--workdir", "out",
   )
   assert cfg == Config(
       data=Data(train="criteo:/data/day_0", eval=None, batch_size=1024),
       model=Model(hidden=(512, 256, 1), pair=(3, 0.25), precision=Precision.FP8,
                   optim=Optim(lr=3e-4, schedule="constant", clip=1.5)),
-      steps=7, fresh=True, workdir="",
+      steps=7, fresh=True, workdir="out",
   )
   assert isinstance(cfg.model.pair[1], float) and isinstance(cfg.steps, int)
 
@@ -136,6 +136,8 @@ def test_later_overrides_win_and_empty_tuple_and_base():
         (["--model.precision", "fp16"], "expected one of {F32,FP8}"),
         (["--fresh=maybe"], "--fresh: expected bool (true/false/yes/no/1/0), got 'maybe'"),
         (["--steps"], "--steps needs a value of type int"),
+        (["--workdir", ""], "--workdir needs a non-empty value (default 'runs/default')"),
+        (["--data.train= "], "--data.train needs a non-empty value (default 'synthetic')"),
         (["--steps", "--fresh"], "--steps needs a value of type int"),
         (["--no-fresh=1"], "--no-fresh takes no value"),
         (["--no-steps"], "unknown field --no-steps"),
@@ -203,6 +205,8 @@ def test_dict_round_trip_through_json():
         ({"model": {"pair": [1]}}, "config field model.pair: expected int,float"),
         ({"model": {"precision": "fp8"}}, "config field model.precision"),
         ({"model": {"optim": {"schedule": "linear"}}}, "config field model.optim.schedule"),
+        ({"model": {"optim": {"lr": float("inf")}}}, "config field model.optim.lr: expected float, got inf"),
+        ({"model": {"optim": {"lr": float("nan")}}}, "config field model.optim.lr: expected float, got nan"),
         ({"data": 3}, "config data: expected a dict"),
     ],
 )

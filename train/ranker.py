@@ -21,8 +21,10 @@ from jaxrec.data.sources import DataConfig
 from jaxrec.models import ModelConfig
 from jaxrec.precision.plan import PlanError
 from jaxrec.precision.probe import ProbeConfig
+from jaxrec.training.checkpoint import CheckpointError
 from jaxrec.training.loop import (LoopConfig, RankerConfig, TrainingDivergedError, WorkdirConflictError,
                                   interrupted_message, train_and_evaluate)
+from jaxrec.training.sharding import MeshError
 from jaxrec.training.step import OptimConfig
 
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                       aliases=ALIASES)
   try:
     summary = train_and_evaluate(args.ranker_config(), args.workdir)
-  except (DataFormatError, DataSpecError, WorkdirConflictError, PlanError, TrainingDivergedError) as e:
+  except (DataFormatError, DataSpecError, WorkdirConflictError, PlanError, TrainingDivergedError, MeshError,
+          CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

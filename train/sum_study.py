@@ -22,7 +22,10 @@ from jaxrec.data.errors import DataSpecError
 from jaxrec.data.sources import DataConfig
 from jaxrec.models import DCNv2Config, ModelConfig
 from jaxrec.models.user_tower import UserTowerConfig
-from jaxrec.training.loop import LoopConfig, WorkdirConflictError
+from jaxrec.precision.plan import PlanError
+from jaxrec.training.checkpoint import CheckpointError
+from jaxrec.training.loop import LoopConfig, TrainingDivergedError, WorkdirConflictError
+from jaxrec.training.sharding import MeshError
 from jaxrec.training.sum_study import SumStudyConfig, run_sum_study
 from jaxrec.training.user_model import UserDataConfig, UserModelConfig
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.sum_study", description=__doc__.split("\n\n")[0])
   try:
     out = run_sum_study(args.study_config(), args.workdir)
-  except (DataSpecError, WorkdirConflictError) as e:
+  except (DataSpecError, WorkdirConflictError, TrainingDivergedError, PlanError, MeshError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print((Path(args.workdir) / "sum_study.md").read_text())

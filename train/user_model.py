@@ -18,7 +18,9 @@ import sys
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataSpecError
 from jaxrec.models.user_tower import UserTowerConfig
+from jaxrec.training.checkpoint import CheckpointError
 from jaxrec.training.loop import LoopConfig, TrainingDivergedError, WorkdirConflictError, interrupted_message
+from jaxrec.training.sharding import MeshError
 from jaxrec.training.step import OptimConfig
 from jaxrec.training.user_model import UserDataConfig, UserModelConfig, train_user_model
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.user_model", description=__doc__.split("\n\n")[0])
   try:
     summary = train_user_model(args.user_model_config(), args.workdir)
-  except (DataSpecError, WorkdirConflictError, TrainingDivergedError) as e:
+  except (DataSpecError, WorkdirConflictError, TrainingDivergedError, MeshError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -44,6 +44,8 @@ def markdown(results: dict, cfg) -> str:
     runs = res["runs"]
     tasks = [k[:-3] for k in next(iter(runs.values())).get("metrics", {}) if k.endswith("/ne")]
     head = f"## {source}: {res['measured_requests']} measured requests of {res['requests']}"
+    if source == "adsworld":
+      head += f" (stream {cfg.stream!r})"
     if "measured_rows" in res:
       head += f", {res['measured_rows']} candidate rows scored"
     lines += [head, ""]

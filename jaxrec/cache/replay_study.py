@@ -46,6 +46,7 @@ from jaxrec.data.batch import Batch
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.paths import require_data
 from jaxrec.data.pipeline import pad_batch
+from jaxrec.data.sources import check_stream_name
 from jaxrec.metrics import MetricAccumulator
 from jaxrec.progress import progress
 from jaxrec.training import sharding
@@ -132,6 +133,11 @@ class ReplayConfig:
       raise ValueError("ttls_s must include 0 (the no-cache reference the NE change is measured against)")
     if any(t < 0 for t in self.soap_ttls_s) or self.headline_ttl_s < 0 or self.failover_ttl_s < 0:
       raise ValueError("soap_ttls_s, headline_ttl_s and failover_ttl_s must be >= 0")
+    served_stale = [self.headline_ttl_s] * bool(self.failure_rates) + list(self.soap_ttls_s)
+    if served_stale and self.failover_ttl_s < max(served_stale):  # what the server refuses too (ERCacheConfig)
+      raise ValueError(f"failover_ttl_s ({self.failover_ttl_s}) must be >= the direct TTLs whose failover tier is "
+                       f"replayed: headline_ttl_s (with failure runs) and soap_ttls_s, up to {max(served_stale)}")
+    check_stream_name(self.stream, "stream")
     if any(not 0.0 < r <= 1.0 for r in self.failure_rates):
       raise ValueError(f"failure_rates must be in (0, 1] (the TTL sweep is the run without failures), got "
                        f"{self.failure_rates}")

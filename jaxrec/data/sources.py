@@ -1,7 +1,8 @@
 """Data specs `FORMAT:PATH[@SPLIT]` -> batch sources.
 
     adsworld[:STREAM]          the synthetic ads world; STREAM names an independent example
-                               stream (default "train"; use "eval" for evaluation)
+                               stream (default "train"; use "eval" for evaluation): any name of
+                               letters, digits, "_", "-", ".", and no @SPLIT
     criteo:PATH                Criteo Kaggle TSV (label, 13 ints, 26 hex categoricals)
     libfm:PATH                 libFM lines (Frappe)
     movielens:DIR              MovieLens-100k folder (u.data, u.user, u.item)
@@ -20,15 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch
 from jaxrec.data.count_features import add_count_features
-from jaxrec.data.errors import DataSpecError
+from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.examples import Examples
-from jaxrec.data.paths import default_data_dir
+from jaxrec.data.paths import DATA_DIR_ENV, default_data_dir
 from jaxrec.data.pipeline import BatchSource, ExamplesSource
 from jaxrec.data import readers
 
@@ -112,13 +114,23 @@ def parse_spec(spec: str) -> DataSpec:
     raise DataSpecError(f"data spec {spec!r}: unknown format {fmt!r}; formats: {', '.join(FORMATS)} "
                         "(write FORMAT:PATH[@SPLIT], e.g. libfm:frappe/frappe.validation.libfm@train)")
   if fmt == "adsworld":
-    return DataSpec("adsworld", rest or "train", "all")
+    return DataSpec("adsworld", check_stream_name(rest or "train", f"data spec {spec!r}"), "all")
   path, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "all")
   if not path:
     raise DataSpecError(f"data spec {spec!r}: format {fmt} needs a path, as {fmt}:PATH[@SPLIT]")
   if split not in SPLITS:
     raise DataSpecError(f"data spec {spec!r}: split must be one of {SPLITS}, got {split!r}")
   return DataSpec(fmt, path, split)
+
+
+def check_stream_name(name: str, what: str) -> str:
+  """`name` if it can name an ads-world stream, else DataSpecError: each name (train, eval, eval2, ...)
+  is its own seeded request log, so a stray "@train" or "libfm:..." would silently name a new one."""
+  if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+    raise DataSpecError(f"{what}: {name!r} is not an ads-world stream name (letters, digits, '_', '-', '.'; each "
+                        "name, e.g. train or eval, is its own seeded request log, so the ads world takes no @SPLIT "
+                        "and no file)")
+  return name
 
 
 def resolve_path(path: str) -> Path:
@@ -168,7 +180,11 @@ class AdsWorldSource:
 
 def open_examples(spec: DataSpec, cfg: DataConfig) -> Examples:
   """The in-memory rows of a file spec (after its @train/@eval split)."""
-  examples = _read(spec.format, resolve_path(spec.path))
+  path = resolve_path(spec.path)
+  if not path.exists() and not Path(spec.path).expanduser().is_absolute():
+    raise DataFormatError(spec.path, None, None, f"no such file here ({Path.cwd()}) or in the real-data folder "
+                          f"{default_data_dir()} (set {DATA_DIR_ENV} to look elsewhere)")
+  examples = _read(spec.format, path)
   if spec.split != "all":
     if cfg.split_by == "time":
       train, evl = examples.time_split(cfg.eval_fraction)
@@ -190,11 +206,9 @@ def _world(cfg: AdsWorldConfig) -> AdsWorld:
   return AdsWorld(cfg)
 
 
-def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSource, BatchSource]:
-  """The training and eval sources of a DataConfig, with the eval spec defaulted and checked.
-
-  `train_examples` (steps x batch size) lets an ads-world eval stream cover the training period.
-  """
+def train_eval_specs(cfg: DataConfig) -> tuple[DataSpec, DataSpec]:
+  """The training and eval specs of a DataConfig, the eval one defaulted; DataSpecError when they are
+  the same data or share rows. Reads no data."""
   train_spec = parse_spec(cfg.train)
   if cfg.eval:
     eval_spec = parse_spec(cfg.eval)
@@ -212,6 +226,15 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
     raise DataSpecError(f"--data.train {train_spec} and --data.eval {eval_spec} share rows (the same data; only "
                         "its @train and @eval splits are disjoint); evaluating on training rows would overstate "
                         "quality")
+  return train_spec, eval_spec
+
+
+def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSource, BatchSource]:
+  """The training and eval sources of a DataConfig, with the eval spec defaulted and checked.
+
+  `train_examples` (steps x batch size) lets an ads-world eval stream cover the training period.
+  """
+  train_spec, eval_spec = train_eval_specs(cfg)
   files = "adsworld" not in (train_spec.format, eval_spec.format)
   if cfg.count_features and not files:
     raise DataSpecError("--data.count_features needs finite training rows in memory (a file); the ads "

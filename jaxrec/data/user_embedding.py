@@ -61,6 +61,12 @@ class UserEmbeddingSource:
 
 
 def with_user_embedding(train, evl, workdir: str | Path) -> tuple[UserEmbeddingSource, UserEmbeddingSource]:
-  """Wraps a (train, eval) pair of ads-world sources with the frozen tower of `workdir` (loaded once)."""
+  """Wraps a (train, eval) pair of ads-world sources with the frozen tower of `workdir` (loaded once).
+  UserModelError when the eval stream is the one the tower trained on: its embeddings would carry the
+  eval rows' own labels into the ranker's inputs."""
   tower = load_user_model(workdir)
+  if isinstance(evl, AdsWorldSource) and evl.stream == tower.config.data.train:
+    raise UserModelError(f"user model {str(workdir)!r} was trained on the ads world's {evl.stream!r} stream, "
+                         "the ranker's eval data: evaluating on rows the user model learned from would overstate "
+                         "quality; pass another --data.eval stream, or train the user model on another one")
   return UserEmbeddingSource(train, tower), UserEmbeddingSource(evl, tower)

@@ -29,6 +29,8 @@ class ModelConfig:
 
   def __post_init__(self):
     parse_precision_plan(self.precision_plan)  # a bad spec or plan file fails when the config is made
+    if self.kind == "logreg" and self.precision_plan:
+      raise ValueError("the logreg model has no GEMM sites; model.precision_plan applies to dcnv2 only")
 
 
 def is_plan_file(spec: str) -> bool:

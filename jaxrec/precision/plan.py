@@ -119,6 +119,10 @@ class PrecisionPlan:
   def site(self, name: str) -> SitePrecision:
     return self.sites.get(name, self.default)
 
+  def uses_pallas(self) -> bool:
+    """Whether any GEMM runs the jaxrec Pallas kernels (which need a GPU)."""
+    return any(s.gemm(g).impl == "pallas" for s in (self.default, *self.sites.values()) for g in GEMMS)
+
   def __hash__(self) -> int:  # frozen + dict field: hash by content so plans can be static args
     return hash((tuple(sorted(self.sites.items())), self.default))
 

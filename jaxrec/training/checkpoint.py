@@ -18,6 +18,10 @@ from jaxrec.training.state import TrainState
 FIELDS = ("step", "params", "opt_state", "table", "table_acc")  # what every checkpoint holds; newer ones add fp8
 
 
+class CheckpointError(ValueError):
+  """A checkpoint folder that cannot be read back (emptied, partly copied or partly deleted)."""
+
+
 class Checkpointer:
 
   def __init__(self, workdir: Path, *, max_to_keep: int = 2):
@@ -47,7 +51,10 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {self.directory}")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    meta = self.manager.item_metadata(step)
+    try:
+      meta = self.manager.item_metadata(step)
+    except ValueError as e:  # orbax: "Unable to retrieve default item ..." for an empty or partial step folder
+      raise self._damaged(step, e) from None
     fields = FIELDS + ("fp8",)
     if "fp8" not in meta:
       # written before TrainState had `fp8` (2026-12-06): fine for a model without fp8_delayed sites
@@ -66,8 +73,16 @@ class Checkpointer:
       shown = ", ".join(f"{k}: saved {saved.get(k)}, this model {wanted.get(k)}" for k in differ[:3])
       raise ValueError(f"the checkpoint at step {step} under {self.directory} was written for another model ({shown}"
                        f"{', ...' if len(differ) > 3 else ''}): it cannot be restored into this one")
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(want, strict=not differ))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(want, strict=not differ))
+    except ValueError as e:  # tensorstore: array data missing or truncated
+      raise self._damaged(step, e) from None
     return TrainState(**{"fp8": {}, **restored})
+
+  def _damaged(self, step: int, e: Exception) -> CheckpointError:
+    return CheckpointError(f"the checkpoint at step {step} under {self.directory} is incomplete or damaged "
+                           f"({str(e).splitlines()[0][:300]}); remove {self.directory / str(step)} to use the one "
+                           "before it")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

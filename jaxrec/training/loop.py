@@ -34,7 +34,7 @@ from jaxrec.data.pipeline import BatchSource, train_iterator
 from jaxrec.data.sources import DataConfig, open_train_eval
 from jaxrec.metrics import MetricAccumulator
 from jaxrec.models import ModelConfig, build_model, is_plan_file, parse_precision_plan
-from jaxrec.precision.plan import PrecisionPlan
+from jaxrec.precision.plan import PlanError, PrecisionPlan
 from jaxrec.plotting import plot_training_curves
 from jaxrec.progress import progress
 from jaxrec.training import sharding
@@ -147,7 +147,11 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
   saved = workdir / config_file
   mine = config_to_dict(cfg)
   if saved.exists() and (workdir / "checkpoints").exists():
-    old = json.loads(saved.read_text())
+    try:
+      old = json.loads(saved.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise WorkdirConflictError(f"{saved} is unreadable ({e}), so the run in {workdir} cannot be resumed; "
+                                 "pass --fresh to start over, or use another --workdir") from None
     try:  # fill fields added since the run was saved with their defaults before comparing
       old = config_to_dict(config_from_dict(type(cfg), old))
     except ValueError:
@@ -265,15 +269,19 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
   workdir = Path(workdir)
   plan = parse_precision_plan(cfg.model.precision_plan)
+  if plan is not None and plan.uses_pallas() and jax.default_backend() != "gpu":
+    raise PlanError(f"model.precision_plan {cfg.model.precision_plan!r} runs the jaxrec Pallas kernels, which need "
+                    f"a GPU (sm90); the backend here is {jax.default_backend()!r}: use the xla impl "
+                    "(e.g. uniform:fp8_row)")
+  mesh = sharding.make_mesh(cfg.train.num_devices)  # before anything is written into the workdir
+  sharding.check_batch_size(cfg.data.batch_size, mesh)
+  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
   prepare_workdir(cfg, workdir)
   pin_precision_plan(cfg.model.precision_plan, plan, workdir)
   train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
 
-  mesh = sharding.make_mesh(cfg.train.num_devices)
-  sharding.check_batch_size(cfg.data.batch_size, mesh)
-  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
   n_dev = mesh.devices.size
   tx = dense_optimizer(cfg.optim)
   model_fn = lambda: build_model(schema, cfg.model, row_multiple=n_dev)  # noqa: E731

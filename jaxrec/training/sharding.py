@@ -16,12 +16,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXIS = "data"
 
 
+class MeshError(ValueError):
+  """More devices asked for than there are, or a batch size the mesh cannot split evenly."""
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D mesh named "data" over the first `num_devices` local devices (default: all)."""
   devices = jax.local_devices()
   n = len(devices) if num_devices in (None, 0) else num_devices
   if not 1 <= n <= len(devices):
-    raise ValueError(f"asked for {n} devices, {len(devices)} are available")
+    raise MeshError(f"asked for {n} devices, {len(devices)} are available (--train.num_devices; 0 = all)")
   return Mesh(np.array(devices[:n]), (AXIS,))
 
 
@@ -37,4 +41,4 @@ def row_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "--data.batch_size") -> None:
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"{what}={batch_size} must be a multiple of the {n} devices in the mesh")
+    raise MeshError(f"{what}={batch_size} must be a multiple of the {n} devices in the mesh")

@@ -43,9 +43,11 @@ class OptimConfig:
   warmup_steps: int = 0
   """linear warm-up of the dense learning rate over this many steps"""
   adam_b1: float = 0.9
+  """Adam's first-moment decay, in [0, 1)"""
   adam_b2: float = 0.999
+  """Adam's second-moment decay, in [0, 1)"""
   adagrad_eps: float = 1e-8
-  """epsilon of the row-wise Adagrad denominator"""
+  """epsilon of the row-wise Adagrad denominator (> 0)"""
 
   def __post_init__(self):
     if not (math.isfinite(self.dense_lr) and math.isfinite(self.embedding_lr)):
@@ -56,6 +58,9 @@ class OptimConfig:
                        f"table), got dense_lr={self.dense_lr}, embedding_lr={self.embedding_lr}")
     if self.embedding_l2 < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
       raise ValueError("optim.embedding_l2, weight_decay and warmup_steps must be >= 0")
+    if not (0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1 and self.adagrad_eps > 0):
+      raise ValueError(f"need optim.adam_b1 and optim.adam_b2 in [0, 1) and optim.adagrad_eps > 0, got "
+                       f"{self.adam_b1}, {self.adam_b2} and {self.adagrad_eps}")
 
 
 def dense_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

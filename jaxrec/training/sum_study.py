@@ -36,7 +36,7 @@ from jaxrec.data.adsworld import AdsWorldConfig
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.data.domain_stream import DomainStreamSource
 from jaxrec.data.pipeline import BatchSource, pad_batch, train_iterator
-from jaxrec.data.sources import DataConfig, _world, open_train_eval, parse_spec
+from jaxrec.data.sources import DataConfig, _world, open_train_eval, parse_spec, train_eval_specs
 from jaxrec.data.user_embedding import UserEmbeddingSource
 from jaxrec.metrics import MetricAccumulator
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
@@ -93,6 +93,16 @@ class SumStudyConfig:
       raise ValueError("seeds must name at least one seed")
     if parse_spec(self.ranker.data.train).format != "adsworld":
       raise ValueError(f"the study needs the ads world; ranker.data.train is {self.ranker.data.train!r}")
+    train_eval_specs(self.ranker.data)  # the same data or shared rows: refused now, not after the user model
+    set_by_study = {"tower.data.world": (self.tower.data.world, AdsWorldConfig(), "set --world.* instead"),
+                    "ranker.data.world": (self.ranker.data.world, AdsWorldConfig(), "set --world.* instead"),
+                    "ranker.data.user_model": (self.ranker.data.user_model, "", "it trains its own"),
+                    "ranker.model.seed": (self.ranker.model.seed, 0, "set --seeds instead"),
+                    "tower.fresh": (self.tower.fresh, False, "set --fresh instead"),
+                    "ranker.fresh": (self.ranker.fresh, False, "set --fresh instead")}
+    for name, (value, default, hint) in set_by_study.items():
+      if value != default:
+        raise ValueError(f"{name} is set by the study, not by --{name} ({hint})")
 
 
 def ranker_variant(cfg: SumStudyConfig, user_model: str, seed: int) -> RankerConfig:
@@ -272,6 +282,11 @@ def markdown_table(rows: list[dict], conflict_domain: int) -> str:
 def run_sum_study(cfg: SumStudyConfig, workdir: str | Path) -> dict:
   """Runs the study (module docstring); returns what sum_study.json holds."""
   workdir = Path(workdir)
+  rc = ranker_variant(cfg, "", cfg.seeds[0])
+  for name, run in (("tower", cfg.tower), ("ranker", rc)):  # refused now, not after minutes of training
+    mesh = sharding.make_mesh(run.train.num_devices)
+    sharding.check_batch_size(run.data.batch_size, mesh, f"--{name}.data.batch_size")
+    sharding.check_batch_size(run.data.eval_batch_size, mesh, f"--{name}.data.eval_batch_size")
   make_workdir(workdir)
   t0 = time.perf_counter()
   seconds = {}

@@ -36,7 +36,7 @@ from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.data.errors import DataSpecError
 from jaxrec.data.pipeline import train_iterator
-from jaxrec.data.sources import AdsWorldSource, _world, check_stream_length  # _world: the one shared world per config
+from jaxrec.data.sources import AdsWorldSource, _world, check_stream_length, check_stream_name  # _world: the one shared world per config
 from jaxrec.data.user_history import HistoryConfig, HistorySource, UserHistory, add_history, user_history
 from jaxrec.models.user_tower import UserTowerConfig, build_user_tower
 from jaxrec.progress import progress
@@ -76,6 +76,8 @@ class UserDataConfig:
     for name in ("batch_size", "eval_batch_size", "eval_examples"):
       if getattr(self, name) < 1:
         raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("train", "eval"):  # the user model trains on the ads world only: bare stream names
+      check_stream_name(getattr(self, name), f"data.{name}")
     if self.train == self.eval:
       raise ValueError(f"data.train and data.eval are the same stream ({self.train!r})")
 
@@ -105,8 +107,11 @@ def open_user_sources(cfg: UserDataConfig, train_examples: int) -> tuple[History
 def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) the user model and evaluates it per domain; returns summary.json's dict."""
   workdir = Path(workdir)
-  prepare_workdir(cfg, workdir, run_files=RUN_FILES, config_file=CONFIG_FILE, what="a user model")
   steps, bs = cfg.train.steps, cfg.data.batch_size
+  mesh = sharding.make_mesh(cfg.train.num_devices)  # before anything is written into the workdir
+  sharding.check_batch_size(bs, mesh)
+  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
+  prepare_workdir(cfg, workdir, run_files=RUN_FILES, config_file=CONFIG_FILE, what="a user model")
   train_src, eval_src = open_user_sources(cfg.data, steps * bs)
   check_stream_length(train_src.base, steps * bs, "--train.steps x --data.batch_size")
   check_stream_length(eval_src.base, eval_src.base.eval_examples_read(cfg.data.eval_batch_size),
@@ -114,9 +119,6 @@ def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
 
-  mesh = sharding.make_mesh(cfg.train.num_devices)
-  sharding.check_batch_size(bs, mesh)
-  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
   tx = dense_optimizer(cfg.optim)
   n_dev = mesh.devices.size
   (workdir / TABLE_FILE).write_text(json.dumps({"row_multiple": n_dev}) + "\n")

@@ -7,7 +7,7 @@ import pytest
 
 from jaxrec.data.adsworld import AdsWorldConfig
 from jaxrec.data.batch import Schema, SparseFeature
-from jaxrec.data.errors import DataSpecError
+from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.examples import Examples
 from jaxrec.data.pipeline import ExamplesSource, train_iterator
 from jaxrec.data.readers._common import one_hot_batch
@@ -23,7 +23,9 @@ def test_parse_spec_forms():
 
 
 @pytest.mark.parametrize("spec,msg", [("parquet:x", "unknown format"), ("criteo:", "needs a path"),
-                                      ("libfm:x@test", "split must be one of")])
+                                      ("libfm:x@test", "split must be one of"),
+                                      ("adsworld:train@train", "'train@train' is not an ads-world stream name"),
+                                      ("adsworld:a b", "takes no @SPLIT and no file")])
 def test_bad_specs_are_clear(spec, msg):
   with pytest.raises(DataSpecError, match=msg):
     parse_spec(spec)
@@ -164,3 +166,10 @@ def test_bad_data_file_gives_clear_cli_error(tmp_path, capsys):
                     "--no-train.progress"])
   err = capsys.readouterr().err
   assert rc == 2 and str(bad) in err and ":2:" in err
+
+
+def test_a_missing_relative_data_file_says_both_places_it_looked(monkeypatch, tmp_path):
+  monkeypatch.setenv("JAXREC_DATA_DIR", str(tmp_path))
+  with pytest.raises(DataFormatError, match=rf"nonexistent: no such file here \(.*\) or in the real-data folder "
+                                            rf"{tmp_path} \(set JAXREC_DATA_DIR to look elsewhere\)"):
+    open_train_eval(DataConfig(train="libfm:nonexistent@train"))

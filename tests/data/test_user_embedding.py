@@ -189,6 +189,9 @@ def test_bad_user_model_workdirs_are_clear(tower_dir, tmp_path):
   assert issubclass(UserModelError, DataSpecError)  # so `python -m train.ranker` reports it in one line
   with pytest.raises(UserModelError, match="another ads world.*num_users"):
     open_train_eval(dataclasses.replace(_data(tower_dir), world=dataclasses.replace(SMALL, num_users=400)))
+  # the tower trained on "train": a ranker evaluated there would score rows the embeddings learned from
+  with pytest.raises(UserModelError, match="trained on the ads world's 'train' stream, the ranker's eval data"):
+    open_train_eval(_data(tower_dir, train="adsworld:eval2", eval="adsworld:train"))
   tower = load_user_model(tower_dir)
   with pytest.raises(UserModelError, match="need the ads world"):
     UserEmbeddingSource(ExamplesSource.__new__(ExamplesSource), tower)

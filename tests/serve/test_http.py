@@ -357,8 +357,13 @@ def test_discover_runs_in_a_folder(run_dir, tmp_path):
   assert list(discover_runs(tmp_path / "study" / "base" / "seed0")) == ["seed0"]
   with pytest.raises(NoRunsError, match="holds no ranker run"):
     discover_runs(tmp_path / "deep")
-  with pytest.raises(NoRunsError):
+  with pytest.raises(NoRunsError, match="is a user model's workdir .* --data.user_model"):
     discover_runs(user_model)
+  with pytest.raises(ValueError, match="max_depth must be >= 1"):
+    discover_runs(tmp_path, 0)
+  shutil.copytree(run_dir, tmp_path / "study.base" / "seed0")  # "study.base/seed0" and "study/base/seed0"
+  with pytest.raises(ValueError, match="would both be served as 'study.base.seed0'; rename one"):
+    discover_runs(tmp_path)
 
 
 def test_cli_clear_error_on_a_folder_without_runs(tmp_path, capsys):
@@ -405,6 +410,7 @@ def test_reload_of_an_unreadable_checkpoint_is_409_and_keeps_serving(run_dir, ex
       assert r.status_code == 409, r.text
       err = r.json()["error"]
       assert err["type"] == "swap_failed" and "cannot load the newest checkpoint" in err["message"]
+      assert f"the checkpoint at step 8 under {wd.absolute() / 'checkpoints'} is incomplete or damaged" in err["message"]
       shutil.rmtree(bad)
       (wd / "schema.json").write_text("{}")  # valid JSON of the wrong shape
       r = c.post("/admin/reload", headers=auth)
@@ -412,6 +418,16 @@ def test_reload_of_an_unreadable_checkpoint_is_409_and_keeps_serving(run_dir, ex
       assert c.post("/v1/rank", json=example).json() == before  # the served checkpoint stayed
   finally:
     reg.close()
+
+
+def test_cli_clear_error_on_an_empty_checkpoint_folder(run_dir, tmp_path, capsys):
+  wd = tmp_path / "run"
+  shutil.copytree(run_dir, wd)
+  (wd / "checkpoints" / "99").mkdir()  # a step folder left empty (an interrupted copy by hand)
+  assert serve_main.main(["--workdir", str(wd), "--port", "0"]) == 2
+  last = capsys.readouterr().err.splitlines()[-1]
+  assert last.startswith("python -m serve: error: cannot load a run: the checkpoint at step 99 ")
+  assert "is incomplete or damaged" in last and f"remove {wd.absolute() / 'checkpoints' / '99'}" in last
 
 
 @pytest.mark.parametrize("name, text", [("config.json", '{"model": 5}'), ("config.json", "[]"),

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from jaxrec.config import parse_config
 from serve import registry as registry_mod
+from serve.__main__ import ServeConfig, _url
 from serve.engine import EngineConfig
 from serve.registry import Registry, engine_configs
 
@@ -63,3 +65,31 @@ def test_cli_refuses_a_bad_per_model_file(tmp_path, capsys):
   assert main(["--workdir", str(run), "--engine_per_model", str(tmp_path / "pm.json")]) == 2
   err = capsys.readouterr().err
   assert "'other' is not served (models: ['demo'])" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine.max_wait_ms", "1e13"], "need 0 <= max_wait_ms <= 60000.0"),
+    (["--engine.max_wait_ms", "inf"], "--engine.max_wait_ms: expected float (a finite number)"),
+    (["--engine.user_cache.refresh_wait_ms", "1e13"], "refresh_wait_ms must be in [0, 60000.0]"),
+    (["--engine.user_cache.sync_deadline_ms", "61000"], "sync_deadline_ms must be in (0, 60000.0]"),
+    (["--engine.user_cache.refresh_batch", "0"], "refresh_batch must be >= 1, got 0"),
+    (["--engine.user_cache.refresh_queue", "0"], "refresh_queue must be >= 1, got 0"),
+    (["--engine.user_cache.direct_capacity", "0"], "direct_capacity must be >= 1, got 0"),
+    (["--engine.user_cache.stabilize_m", "0"], "stabilize_m must be >= 1, got 0"),
+    (["--engine.user_cache.direct_ttl_s", "-1"], "need 0 <= direct_ttl_s <= failover_ttl_s, got -1 and 86400"),
+    (["--engine.user_cache.failover_ttl_s", "10"], "need 0 <= direct_ttl_s <= failover_ttl_s, got 60 and 10"),
+    (["--engine.user_cache.failover_capacity", "4", "--engine.user_cache.direct_capacity", "64"],
+     "failover_capacity (4) must be >= direct_capacity (64)"),
+    (["--max_depth", "0"], "max_depth must be >= 1, got 0"),
+])
+def test_bad_server_settings_are_refused_before_anything_loads(args, message, capsys):
+  """Every model's settings are checked, served SUM ranker or not: a wait of 1e13 ms or inf once passed
+  and then killed the batcher thread (time_t overflow) behind a /healthz that still said ok."""
+  with pytest.raises(SystemExit) as info:
+    parse_config(ServeConfig, args, prog="python -m serve", description="")
+  err = capsys.readouterr().err
+  assert info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_announced_urls_bracket_ipv6_hosts():
+  assert _url("::1", 8000) == "http://[::1]:8000" and _url("127.0.0.1", 80) == "http://127.0.0.1:80"
