@@ -23,7 +23,8 @@ TF/s counts the GEMM's 2 M N K for both ops; speedups are against the op's XLA b
 Every output is checked against an f32 reference of the same operands (relative Frobenius error
 within bf16 output rounding, 2^-7). On a GPU the time is the median of `--iters` calls of summed
 CUPTI kernel time (jax.experimental.mosaic.gpu.profiler.measure) after a warm-up; without a GPU
-the Pallas kernel runs in the Mosaic GPU interpreter and the wall-clock times are NOT speeds.
+the Pallas kernel runs in the Mosaic GPU interpreter, `--iters` is capped at 3 (said so when it applies)
+and the wall-clock times are NOT speeds.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SMOKE = ((128, 128, 128), (256, 256, 256))
 E4M3 = jnp.float8_e4m3fn
 BLOCK = 128  # the block recipe's block
 TOL = 2.0 ** -7
+CPU_ITERS = 3  # --iters' cap without a GPU: the Pallas interpreter is slow
 
 
 def full_sweep() -> list[tuple[int, int, int]]:
@@ -214,13 +216,22 @@ def write_outputs(rows: list[dict], out: Path, on_gpu: bool) -> None:
   print(f"wrote {out / 'bench.csv'} and {out / 'bench.png'}")
 
 
+def _out_dir(text: str) -> Path:
+  """--out's type: "" would be the current directory, which nobody means."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("needs a directory, got an empty path")
+  return Path(text)
+
+
 def sweep_parser(prog: str, description: str, out_help: str) -> argparse.ArgumentParser:
   """The options of both kernel benchmarks (this one and bench_quantize): --smoke, --iters, --out,
   --seconds; `parse_sweep_args` checks them."""
   p = argparse.ArgumentParser(prog=prog, description=description)
   p.add_argument("--smoke", action="store_true", help="tiny sweep (default when there is no GPU)")
-  p.add_argument("--iters", type=int, default=20, help="timed calls per variant (median reported)")
-  p.add_argument("--out", type=Path, default=None, help=out_help)
+  p.add_argument("--iters", type=int, default=20,
+                 help=f"timed calls per variant (median reported); without a GPU at most {CPU_ITERS}, since "
+                      "interpret-mode Pallas is slow")
+  p.add_argument("--out", type=_out_dir, default=None, help=out_help)
   p.add_argument("--seconds", type=float, default=0.0,
                  help="start no new shape after this many seconds (0 = no limit), so that a time-boxed run "
                       "still writes its outputs")
@@ -229,7 +240,8 @@ def sweep_parser(prog: str, description: str, out_help: str) -> argparse.Argumen
 
 def parse_sweep_args(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, bool, bool]:
   """(args, on_gpu, smoke): the options checked (a usage error otherwise) and --out created before the
-  sweep, not after it; without a GPU the smoke sweep, said so."""
+  sweep, not after it; without a GPU the smoke sweep and at most CPU_ITERS timed calls (`a.iters` is
+  lowered), both said so."""
   a = p.parse_args(argv)
   if a.iters < 1:
     p.error(f"--iters must be >= 1, got {a.iters}")
@@ -244,6 +256,9 @@ def parse_sweep_args(p: argparse.ArgumentParser, argv: list[str] | None) -> tupl
   if not on_gpu:
     print("no GPU: running the smoke sweep with the Pallas kernel in the Mosaic GPU interpreter; "
           "times below are CPU wall-clock, not kernel speeds")
+    if a.iters > CPU_ITERS:
+      print(f"no GPU: timing {CPU_ITERS} calls per variant, not --iters {a.iters} (interpret-mode Pallas is slow)")
+      a.iters = CPU_ITERS
   return a, on_gpu, a.smoke or not on_gpu
 
 
@@ -251,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
   p = sweep_parser("python -m kernels_pallas.bench", __doc__.split("\n\n")[0],
                    "also write bench.csv and bench.png here")
   a, on_gpu, smoke = parse_sweep_args(p, argv)
-  rows = run(SMOKE if smoke else full_sweep(), a.iters if on_gpu else min(a.iters, 3), on_gpu, a.seconds)
+  rows = run(SMOKE if smoke else full_sweep(), a.iters, on_gpu, a.seconds)
   if a.out is not None:
     write_outputs(rows, a.out, on_gpu)
   bad = [r for r in rows if not r["ok"]]

@@ -16,8 +16,8 @@ fraction of the H100's 3.35 TB/s HBM3 peak. Every output, XLA's included, is che
 against fp8_quantize_reference on the same device (the count of differing bytes is printed; on CPU
 XLA's row recipe may differ next to fp8 rounding ties, see fp8_quantize_sm90). On a GPU the time is the
 median of `--iters` calls of summed CUPTI kernel time (jax.experimental.mosaic.gpu.profiler.measure)
-after a warm-up; without a GPU the kernel runs in the Mosaic GPU interpreter and the wall-clock
-times are NOT speeds.
+after a warm-up; without a GPU the kernel runs in the Mosaic GPU interpreter, `--iters` is capped at 3
+(said so when it applies) and the wall-clock times are NOT speeds.
 """
 
 from __future__ import annotations
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                    "also write quantize.csv here")
   p.add_argument("--in-dtype", choices=("bfloat16", "float32"), default="bfloat16")
   a, on_gpu, smoke = parse_sweep_args(p, argv)
-  rows = run(SMOKE if smoke else full_sweep(), jnp.dtype(a.in_dtype),
-             a.iters if on_gpu else min(a.iters, 3), on_gpu, a.seconds)
+  rows = run(SMOKE if smoke else full_sweep(), jnp.dtype(a.in_dtype), a.iters, on_gpu, a.seconds)
   if a.out is not None:
     write_csv(rows, a.out)
   bad = [r for r in rows if not r["ok"]]

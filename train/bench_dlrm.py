@@ -10,7 +10,8 @@ layers of rank 512 over 27*128, top MLP 1024-1024-512-256-1, batch 65536, bf16 c
 parameters; jaxrec trains embeddings with sparse row-wise Adagrad and dense layers with Adam (the
 anchor uses plain SGD everywhere, which is cheaper per step). Batches are random and already on
 the device, as in the anchor, so this measures the training step, not the input pipeline.
-Prints examples/s (median of several timed loops after warm-up) and model TF/s.
+Prints examples/s (median of several timed loops after warm-up) and model TF/s on stdout; progress
+(setup, compile and warm-up, the timed loops) goes to stderr.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import jax.numpy as jnp
 
 from jaxrec.data.batch import Batch, Schema, SparseFeature
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
+from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.state import create_train_state
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_train_step
 
 NUM_DENSE, NUM_SPARSE, DIM = 13, 26, 128
+WARMUP_STEPS = 3  # the first compiles the step
 
 
 def flops_per_example(x_dim: int = (NUM_SPARSE + 1) * DIM) -> float:
@@ -53,6 +56,11 @@ def random_batch(key: jax.Array, batch: int, rows: int) -> Batch:
   )
 
 
+def note(msg: str) -> None:
+  """A progress line on stderr (stdout carries only the results)."""
+  print(f"bench_dlrm: {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m train.bench_dlrm", description=__doc__.split("\n\n")[0])
   p.add_argument("--small", action="store_true", help="CPU smoke size: batch 1024, 1000 rows per table")
@@ -74,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
   model_cfg = ModelConfig(dcnv2=DCNv2Config(embed_dim=DIM, bottom_mlp=(512, 256), num_cross=3, cross_rank=512,
                                             top_mlp=(1024, 1024, 512, 256), compute_dtype=a.dtype,
                                             max_rows_per_feature=rows))
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(batch, mesh, "--batch")
+  try:  # a usage error before anything is built or compiled, not a traceback
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(batch, mesh, "--batch")
+  except ValueError as e:
+    p.error(str(e))
+  note(f"building the model and {batch}-example batches on {mesh.devices.size} device(s) ...")
   optim = OptimConfig(dense_lr=1e-4, embedding_lr=0.01)
   tx = dense_optimizer(optim)
   graphdef, state, state_sh = create_train_state(
@@ -84,18 +96,23 @@ def main(argv: list[str] | None = None) -> int:
   step = make_train_step(graphdef, tx, optim, state_sh, bsh)
   batches = [jax.device_put(random_batch(k, batch, rows), bsh) for k in jax.random.split(jax.random.key(0), 3)]
 
+  note(f"compiling the train step and warming up ({WARMUP_STEPS} steps) ...")
   t0 = time.perf_counter()
-  for i in range(3):
+  for i in range(WARMUP_STEPS):
     state, m = step(state, batches[i % 3])
   jax.block_until_ready(state)
   warm = time.perf_counter() - t0
+  note(f"compiled and warmed up in {warm:.1f}s; timing {a.repeats} loop(s) of {steps} steps")
   times = []
-  for _ in range(a.repeats):
-    t0 = time.perf_counter()
-    for i in range(steps):
-      state, m = step(state, batches[i % 3])
-    jax.block_until_ready(state)
-    times.append((time.perf_counter() - t0) / steps)
+  # the bar moves once per loop, after its steps finished: a sync per step would change what is timed
+  with progress(a.repeats * steps, "timed steps") as bar:
+    for _ in range(a.repeats):
+      t0 = time.perf_counter()
+      for i in range(steps):
+        state, m = step(state, batches[i % 3])
+      jax.block_until_ready(state)
+      times.append((time.perf_counter() - t0) / steps)
+      bar.update(steps, step_ms=times[-1] * 1e3)
   t = statistics.median(times)
   loss = float(m["loss"])
   print(f"device={jax.devices()[0].device_kind} x{mesh.devices.size} batch={batch} rows/table={rows} "

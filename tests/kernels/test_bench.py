@@ -55,3 +55,39 @@ def test_seconds_budget_stops_the_sweep_and_still_writes(tmp_path, capsys):
 
 def test_full_sweep_starts_with_the_training_batch():
   assert bench.full_sweep()[0][0] == 16384 and bench.full_sweep()[-1] == (8192, 8192, 8192)
+
+
+def test_no_gpu_iters_cap_is_said_and_documented(capsys, monkeypatch):
+  """Without a GPU --iters is capped at 3 (interpret mode is slow): the run says so, --help too."""
+  import jax
+  import pytest
+  from kernels_pallas import bench_quantize
+  if any(d.platform == "gpu" for d in jax.devices()):
+    pytest.skip("the cap applies only without a GPU")
+  for mod in (bench, bench_quantize):
+    got = []
+    # run(shapes, [in_dtype,] iters, on_gpu, seconds): record the iters the sweep would get
+    monkeypatch.setattr(mod, "run", lambda *args: got.append(args[-3]) or [])
+    assert mod.main(["--smoke", "--iters", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU: timing 3 calls per variant, not --iters 7 (interpret-mode Pallas is slow)" in out
+    assert got == [3]
+    assert mod.main(["--smoke", "--iters", "2"]) == 0  # under the cap: used as given, nothing said
+    assert got[-1] == 2 and "not --iters" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+      mod.main(["--help"])
+    assert e.value.code == 0 and "without a GPU at most 3" in " ".join(capsys.readouterr().out.split())
+
+
+def test_empty_out_is_a_usage_error(tmp_path, capsys, monkeypatch):
+  """`--out ""` was Path("."): the CSV (and PNG) landed in the current directory."""
+  import pytest
+  from kernels_pallas import bench_quantize
+  monkeypatch.chdir(tmp_path)
+  for mod in (bench, bench_quantize):
+    monkeypatch.setattr(mod, "run", lambda *args: pytest.fail("the sweep started"))
+    for out in ("", " "):
+      with pytest.raises(SystemExit) as e:
+        mod.main(["--smoke", "--iters", "1", "--out", out])
+      assert e.value.code == 2 and "argument --out: needs a directory, got an empty path" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == []
