@@ -49,7 +49,7 @@ from jaxrec.data.sources import open_train_eval
 from jaxrec.layers.dense import gemm_sites, prequantize_fp8_weights
 from jaxrec.metrics import log_loss
 from jaxrec.models import build_model
-from jaxrec.precision.plan import GEMMS, PrecisionPlan
+from jaxrec.precision.plan import GEMMS, PlanError, PrecisionPlan
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.loop import make_workdir
@@ -89,6 +89,9 @@ class Args:
     bad = sorted(set(self.impls) - {"xla", "pallas"})
     if bad:
       raise ValueError(f"unknown --impls {bad}; choose from xla, pallas")
+    if self.plan and "plan" not in self.variants:
+      raise ValueError(f"--plan {self.plan} is for the 'plan' variant, which --variants {','.join(self.variants)} "
+                       "leaves out")
 
 
 def variant_plans(args: Args, run_dir: Path) -> dict[str, PrecisionPlan | None]:
@@ -105,6 +108,21 @@ def variant_plans(args: Args, run_dir: Path) -> dict[str, PrecisionPlan | None]:
       for impl in impls:
         plans[f"{recipe}:{impl}"] = PrecisionPlan.uniform(recipe, impl)
   return plans
+
+
+def check_plans(plans: dict[str, PrecisionPlan | None], sites: list[tuple[str, int, int]], backend: str) -> None:
+  """PlanError (a ValueError), before anything is timed, for a variant whose plan names sites (or
+  shapes) the model lacks, or runs the Pallas kernels on a backend other than a GPU."""
+  for name, plan in plans.items():
+    if plan is None:
+      continue
+    if plan.uses_pallas() and backend != "gpu":
+      raise PlanError(f"variant {name} runs the jaxrec Pallas kernels, which need a GPU; the backend here is "
+                      f"{backend!r}: use --impls xla (and a plan of xla GEMMs)")
+    try:
+      plan.check_sites(sites)
+    except PlanError as e:
+      raise PlanError(f"variant {name}: {e}") from None
 
 
 def _median_step_s(fn, steps: int, repeats: int) -> float:
@@ -135,9 +153,11 @@ def run(args: Args) -> dict:
   _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
   schema = eval_src.schema
   mesh = sharding.make_mesh(1)
-  _, restored, _ = restore_ranker(cfg, schema, run_dir, mesh, row_multiple=1)
   model_cfg = dataclasses.replace(cfg.model, precision_plan="",
                                   dcnv2=dataclasses.replace(cfg.model.dcnv2, compute_dtype="bfloat16"))
+  sites = gemm_sites(nnx.eval_shape(lambda: build_model(schema, model_cfg)))
+  check_plans(plans, sites, jax.default_backend())  # before the bf16 variant is timed, not after
+  _, restored, _ = restore_ranker(cfg, schema, run_dir, mesh, row_multiple=1)
   host = []
   for i, b in enumerate(eval_src.eval_batches(args.batch)):
     host.append(b)
@@ -148,7 +168,6 @@ def run(args: Args) -> dict:
   tx = dense_optimizer(cfg.optim)
   results: dict[str, dict] = {}
   probs_bf16 = ll_bf16 = None
-  sites = gemm_sites(nnx.eval_shape(lambda: build_model(schema, model_cfg)))
   with progress(len(plans) * len(PHASES), "bench_precision") as bar:
     for name, plan in plans.items():
       model_fn = lambda plan=plan: build_model(schema, model_cfg, plan=plan)  # noqa: E731

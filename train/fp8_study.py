@@ -27,7 +27,8 @@ import jax
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
-from jaxrec.models import DCNv2Config, ModelConfig
+from jaxrec.models import DCNv2Config, ModelConfig, parse_precision_plan
+from jaxrec.precision.plan import PrecisionPlan
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, make_workdir, train_and_evaluate
 from jaxrec.training.step import OptimConfig
 from train import probe as probe_entry
@@ -52,8 +53,25 @@ class Args:
   fresh: bool = False
 
   def __post_init__(self):
-    if not self.fp8.startswith("fp8_"):
-      raise ValueError(f"--fp8 must be an FP8 numerics (fp8_tensor, fp8_row, fp8_block, fp8_delayed), got {self.fp8!r}")
+    try:  # uniform:NUMERICS[:IMPL] is how runs() hands --fp8 to the baseline_fp8 model
+      ok = self.fp8.startswith("fp8_") and parse_precision_plan(f"uniform:{self.fp8}") is not None
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError("--fp8 must be an FP8 numerics (fp8_tensor, fp8_row, fp8_block, fp8_delayed), optionally "
+                       f"with :xla or :pallas, got {self.fp8!r}")
+
+
+def check_plans(args: Args, backend: str) -> None:
+  """ValueError, before any training, for a --fp8 or --plan that cannot run here: a plan file that
+  does not load, or the Pallas kernels (an impl of pallas) on a backend other than a GPU."""
+  plans = {f"--fp8 {args.fp8}": parse_precision_plan(f"uniform:{args.fp8}")}
+  if args.plan:
+    plans[f"--plan {args.plan}"] = PrecisionPlan.load(args.plan)
+  for given, plan in plans.items():
+    if plan.uses_pallas() and backend != "gpu":
+      raise ValueError(f"{given} runs the jaxrec Pallas kernels, which need a GPU; the backend here is "
+                       f"{backend!r}: use the xla impl")
 
 
 def runs(args: Args, plan_path: str) -> dict[str, ModelConfig]:
@@ -73,6 +91,7 @@ def _rate(examples_per_sec: float | None) -> str:
 def run(args: Args) -> dict:
   wd = Path(args.workdir)
   make_workdir(wd)
+  check_plans(args, jax.default_backend())  # before the first of four trainings, not at the second
   plan_path = args.plan
   if not plan_path:
     pdir = wd / "probe"

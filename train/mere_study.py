@@ -29,6 +29,7 @@ import numpy as np
 from jaxrec.config import parse_config
 from jaxrec.layers.dense import gemm_sites
 from jaxrec.precision.error_model import GEMMS, METRICS
+from jaxrec.precision.probe import ProbeState
 from jaxrec.training.loop import make_workdir
 from train import probe as probe_entry
 
@@ -53,6 +54,8 @@ class Args:
   def __post_init__(self):
     if not self.runs:
       raise ValueError("pass --runs DIR[,DIR...]: workdirs of probed runs (python -m train.probe leaves one)")
+    if not self.metrics:
+      raise ValueError(f"--metrics is empty: choose one or more of {', '.join(METRICS)}")
     bad = [m for m in self.metrics if m not in METRICS]
     if bad:
       raise ValueError(f"unknown metric(s) {bad}; choose from {', '.join(METRICS)}")
@@ -75,17 +78,16 @@ def summarise(table: list[dict]) -> dict:
           "both_above_standard": int(((lr > 1) & (rr > 1)).sum()), "learned_closer_to_real": int(closer)}
 
 
-def study_run(args: Args, run_dir: Path) -> dict:
-  stats_path = run_dir / "probe_stats.npz"
-  if not stats_path.exists():
-    raise FileNotFoundError(f"{run_dir} has no probe_stats.npz: probe it first (python -m train.probe)")
-  stats = probe_entry.load_stats(stats_path)
+def study_run(args: Args, run_dir: Path, stats: ProbeState) -> dict:
+  """One run's estimates; `stats`: its statistics, as probe_entry.check_run returned them."""
   _, model, eval_src = probe_entry.load_run(run_dir)
   sites = gemm_sites(model)
   pargs = probe_entry.Args(from_run=str(run_dir), candidates=args.candidates, samples=args.samples, rows=args.rows,
                            seed=args.seed)
   out = {}
   operands = probe_entry.real_operands(model, eval_src, args.rows, args.samples)  # once for every metric
+  if operands.note:
+    print(f"note: {run_dir}: {operands.note}", flush=True)
   for metric in args.metrics:
     m = probe_entry.measure(pargs, sites, stats, model, eval_src, metric=metric, operands=operands)
     out[metric] = {}
@@ -93,13 +95,14 @@ def study_run(args: Args, run_dir: Path) -> dict:
       table = [{"site": s, "candidate": c, **{st: m[s][st][c][g].mean for st in ("learned", "standard", "real")}}
                for s, _, _ in sites for c in args.candidates]
       out[metric][g] = {"table": table, "summary": summarise(table)}
-  return {"dy_probed": bool(stats.grads), "metrics": out}
+  return {"dy_probed": bool(stats.grads), "real_operands_note": operands.note, "metrics": out}
 
 
 def run(args: Args) -> dict:
   outdir = Path(args.out)
   make_workdir(outdir)  # before minutes of error-model sampling, not after
-  results = {r: study_run(args, Path(r)) for r in args.runs}
+  stats = {r: probe_entry.check_run(Path(r)) for r in args.runs}  # every run, before minutes of work on the first
+  results = {r: study_run(args, Path(r), stats[r]) for r in args.runs}
   (outdir / "mere_study.json").write_text(json.dumps({"config": dataclasses.asdict(args), "runs": results},
                                                      indent=2) + "\n")
   lines = ["| run | metric | GEMM | learned / N(0,1) (geo-mean) | real / N(0,1) (geo-mean) | learned > N(0,1) | "
@@ -113,7 +116,8 @@ def run(args: Args) -> dict:
                      f"{s['geo_real_over_standard']:.3f} | {s['learned_above_standard']} of {s['pairs']} | "
                      f"{s['real_above_standard']} | {s['both_above_standard']} | "
                      f"{s['learned_closer_to_real']} of {s['pairs']} |")
-  (outdir / "mere_study.md").write_text("\n".join(lines) + "\n")
+  notes = [f"Note: {r}: {res['real_operands_note']}." for r, res in results.items() if res["real_operands_note"]]
+  (outdir / "mere_study.md").write_text("\n".join(lines + ([""] + notes if notes else [])) + "\n")
   return results
 
 

@@ -47,8 +47,10 @@ def _fmt(e: dict) -> str:
 
 
 def write_report(path: Path, *, run: str, sites: list[tuple[str, int, int]], candidates: list[str], mere: dict,
-                 rows: list[dict], probe: dict, bound: float, timed: bool, aggregate: dict | None) -> Path:
-  """report.md: the plan per site and GEMM, MERE learned vs N(0, 1) vs real per GEMM, the Probe's overhead."""
+                 rows: list[dict], probe: dict, bound: float, timed: bool, aggregate: dict | None,
+                 real_operands: dict | None = None) -> Path:
+  """report.md: the plan per site and GEMM, MERE learned vs N(0, 1) vs real per GEMM, the Probe's overhead.
+  real_operands: {"samples", "rows", "eval_rows", "note"} of the real operands (train.probe.RealOperands)."""
   lines = [f"# Precision plan for {run}", ""]
   ov, secs = probe.get("probe_overhead"), probe.get("probe_seconds")  # None: a run without summary.json
   lines += [f"Probe: every {probe.get('probe_every')} steps, {probe.get('probe_updates')} updates, "
@@ -57,6 +59,10 @@ def write_report(path: Path, *, run: str, sites: list[tuple[str, int, int]], can
             + ("not measured" if ov is None else f"{100 * ov:.2f}% of training step time") + ".", ""]
   lines += [f"Rule (jaxrec.precision.dispatch): MERE upper 95% bound < {bound} and, when timed, speedup over "
             f"XLA bf16 > 1.05, fastest wins; else bf16. Timings: {'measured on this device' if timed else 'not timed (no GPU)'}.", ""]
+  if real_operands:
+    ro = real_operands
+    lines += [f"Real operands: {ro['samples']} samples of {ro['rows']} eval rows each, padding rows left out"
+              + (f". Note: {ro['note']}" if ro["note"] else "") + ".", ""]
   lines += ["## Plan", "", "| site | K | N | GEMM | choice | MERE [95% CI] | speedup | reason |", "|---|---|---|---|---|---|---|---|"]
   kn = {n: (k, nn) for n, k, nn in sites}
   for r in rows:

@@ -28,3 +28,18 @@ def test_report_of_a_run_without_summary_and_with_the_f32_candidate(tmp_path):
                       mere=_mere({"bf16": 0.002}), rows=rows, probe=probe, bound=0.1, timed=False,
                       aggregate=None).read_text()
   assert "every 10 steps, 3 updates, 0.50 s timed over 1 updates, overhead 1.00% of training step time." in text
+
+
+def test_report_says_which_real_operands_it_scored(tmp_path):
+  """The real-operands column once scored one zero-padded eval batch (samples 1, interval [0, inf])
+  without a word; the report now names its samples and rows, and why they are fewer than asked."""
+  rows = [{"site": "s", "gemm": g, "candidate": "xla_bf16", "speedup": "not timed", "reason": "r"} for g in GEMMS]
+  common = dict(run="r", sites=[("s", 8, 4)], candidates=["bf16"], mere=_mere({"bf16": 0.002}), rows=rows,
+                probe=dict.fromkeys(PROBE_KEYS), bound=0.1, timed=False, aggregate=None)
+  note = "the eval split has 200 real rows, fewer than --samples 3 x --rows 256: ..."
+  text = write_report(tmp_path / "r.md", **common,
+                      real_operands={"samples": 2, "rows": 100, "eval_rows": 200, "note": note}).read_text()
+  assert "Real operands: 2 samples of 100 eval rows each, padding rows left out. Note: " + note in text
+  text = write_report(tmp_path / "r2.md", **common,
+                      real_operands={"samples": 3, "rows": 256, "eval_rows": 768, "note": ""}).read_text()
+  assert "Real operands: 3 samples of 256 eval rows each, padding rows left out.\n" in text
