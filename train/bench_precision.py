@@ -116,9 +116,7 @@ def check_plans(plans: dict[str, PrecisionPlan | None], sites: list[tuple[str, i
   for name, plan in plans.items():
     if plan is None:
       continue
-    if plan.uses_pallas() and backend != "gpu":
-      raise PlanError(f"variant {name} runs the jaxrec Pallas kernels, which need a GPU; the backend here is "
-                      f"{backend!r}: use --impls xla (and a plan of xla GEMMs)")
+    plan.check_backend(backend, f"variant {name}")
     try:
       plan.check_sites(sites)
     except PlanError as e:

@@ -69,9 +69,7 @@ def check_plans(args: Args, backend: str) -> None:
   if args.plan:
     plans[f"--plan {args.plan}"] = PrecisionPlan.load(args.plan)
   for given, plan in plans.items():
-    if plan.uses_pallas() and backend != "gpu":
-      raise ValueError(f"{given} runs the jaxrec Pallas kernels, which need a GPU; the backend here is "
-                       f"{backend!r}: use the xla impl")
+    plan.check_backend(backend, given)
 
 
 def runs(args: Args, plan_path: str) -> dict[str, ModelConfig]:

@@ -123,6 +123,13 @@ class PrecisionPlan:
     """Whether any GEMM runs the jaxrec Pallas kernels (which need a GPU)."""
     return any(s.gemm(g).impl == "pallas" for s in (self.default, *self.sites.values()) for g in GEMMS)
 
+  def check_backend(self, backend: str, given: str) -> None:
+    """PlanError when the plan (`given`: where it came from, e.g. a flag and its value) runs the Pallas
+    kernels and `backend` (jax.default_backend()) is not a GPU: refused before training or timing."""
+    if self.uses_pallas() and backend != "gpu":
+      raise PlanError(f"{given} runs the jaxrec Pallas kernels, which need a GPU (sm90); the backend here is "
+                      f"{backend!r}: use the xla impl (e.g. uniform:fp8_row)")
+
   def __hash__(self) -> int:  # frozen + dict field: hash by content so plans can be static args
     return hash((tuple(sorted(self.sites.items())), self.default))
 

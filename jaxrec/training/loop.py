@@ -34,7 +34,7 @@ from jaxrec.data.pipeline import BatchSource, train_iterator
 from jaxrec.data.sources import DataConfig, open_train_eval
 from jaxrec.metrics import MetricAccumulator
 from jaxrec.models import ModelConfig, build_model, is_plan_file, parse_precision_plan
-from jaxrec.precision.plan import PlanError, PrecisionPlan
+from jaxrec.precision.plan import PrecisionPlan
 from jaxrec.plotting import plot_training_curves
 from jaxrec.progress import progress
 from jaxrec.training import sharding
@@ -269,10 +269,8 @@ def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
   workdir = Path(workdir)
   plan = parse_precision_plan(cfg.model.precision_plan)
-  if plan is not None and plan.uses_pallas() and jax.default_backend() != "gpu":
-    raise PlanError(f"model.precision_plan {cfg.model.precision_plan!r} runs the jaxrec Pallas kernels, which need "
-                    f"a GPU (sm90); the backend here is {jax.default_backend()!r}: use the xla impl "
-                    "(e.g. uniform:fp8_row)")
+  if plan is not None:
+    plan.check_backend(jax.default_backend(), f"model.precision_plan {cfg.model.precision_plan!r}")
   mesh = sharding.make_mesh(cfg.train.num_devices)  # before anything is written into the workdir
   sharding.check_batch_size(cfg.data.batch_size, mesh)
   sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
