@@ -284,3 +284,31 @@ def test_replay_refuses_what_the_server_would(argv, message, capsys):
     replay.main(argv)
   err = capsys.readouterr().err
   assert info.value.code == 2 and message in err
+
+
+def test_a_workdir_another_run_is_using_is_refused_and_freed_when_it_ends(tmp_path, capsys):
+  """Two runs in one workdir would interleave their checkpoints and metrics: the second is refused,
+  naming the first's pid, until the first ends (however it ends: the OS drops the lock)."""
+  import subprocess
+  import sys
+
+  from tests.serve.test_engine import SMOKE
+  from train import ranker
+  wd = tmp_path / "r"
+  wd.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from pathlib import Path; from jaxrec.training.loop import lock_workdir; "
+       "lock_workdir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)", str(wd)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    assert ranker.main(["--workdir", str(wd), *SMOKE]) == 2
+    err = capsys.readouterr().err
+    assert f"{wd} is in use by another run (pid {holder.pid}); wait for it to finish" in err
+    assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+    holder.stdout.close()
+  assert ranker.main(["--workdir", str(wd), *SMOKE]) == 0  # its lock died with it
+  assert ranker.main(["--workdir", str(wd), *SMOKE, "--train.steps", "8"]) == 0  # and this process's own was released

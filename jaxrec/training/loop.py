@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import sys
 import time
@@ -126,14 +128,50 @@ def make_workdir(path: str | Path) -> Path:
   return path
 
 
+_LOCKS: dict[Path, object] = {}
+"""the workdir locks this process holds (open files), by resolved path"""
+
+
+def lock_workdir(workdir: Path) -> None:
+  """Takes an exclusive lock on WORKDIR/.lock until `unlock_workdir` (or the process ends, however it
+  ends: the OS drops it); WorkdirConflictError naming the holder's pid when another process holds it,
+  since two runs writing checkpoints and metrics into one folder would interleave them silently."""
+  key = workdir.resolve()
+  if key in _LOCKS:  # this process holds it already
+    return
+  f = open(workdir / ".lock", "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "unknown"
+    f.close()
+    raise WorkdirConflictError(f"{workdir} is in use by another run (pid {holder}); wait for it to finish, "
+                               "or use another --workdir") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"{os.getpid()}\n")
+  f.flush()
+  _LOCKS[key] = f
+
+
+def unlock_workdir(workdir: Path) -> None:
+  """Releases `lock_workdir`'s lock (nothing when this process holds none)."""
+  f = _LOCKS.pop(Path(workdir).resolve(), None)
+  if f is not None:
+    f.close()
+
+
 def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILES,
                     config_file: str = "config.json", what: str = "a run") -> None:
   """Creates `workdir`, clears it for `cfg.fresh`, refuses to resume a run whose data / model /
   optim config differs (fields added since it was saved count as their defaults) or to write into
   another kind of run's workdir (checkpoints without `config_file`), saves `cfg`.
 
-  `cfg` is any config dataclass with `fresh`, `data`, `model` and `optim` fields."""
+  `cfg` is any config dataclass with `fresh`, `data`, `model` and `optim` fields. Locks the workdir
+  first (`lock_workdir`): one run at a time."""
   make_workdir(workdir)
+  lock_workdir(workdir)
   if (workdir / "checkpoints").exists() and not (workdir / config_file).exists():
     # every run writes its config before its first checkpoint: these belong to another kind of run
     # (a user model's workdir given to a ranker, or the reverse), which even --fresh must not delete
@@ -266,8 +304,15 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
-  """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json."""
-  workdir = Path(workdir)
+  """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json.
+  The workdir is locked while it runs (`lock_workdir`)."""
+  try:
+    return _train_and_evaluate(cfg, Path(workdir))
+  finally:
+    unlock_workdir(Path(workdir))
+
+
+def _train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   plan = parse_precision_plan(cfg.model.precision_plan)
   if plan is not None:
     plan.check_backend(jax.default_backend(), f"model.precision_plan {cfg.model.precision_plan!r}")
