@@ -227,16 +227,21 @@ def test_ranker_settings_refused_before_training(argv, message, capsys, tmp_path
   assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def _config_refusal(main, argv: list[str], capsys) -> str:
+  """The stderr of main(argv), which the config parser must refuse (SystemExit 2)."""
+  with pytest.raises(SystemExit) as info:
+    main(argv)
+  assert info.value.code == 2
+  return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data.train", "libfm:frappe/frappe.validation.libfm@train"], "data.train: 'libfm:frappe/"),
     (["--data.eval", "eval@eval"], "is not an ads-world stream name"),
 ])
 def test_user_model_takes_ads_world_stream_names_only(argv, message, capsys):
   from train import user_model
-  with pytest.raises(SystemExit) as info:
-    user_model.main(argv)
-  err = capsys.readouterr().err
-  assert info.value.code == 2 and message in err
+  assert message in _config_refusal(user_model.main, argv, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -249,10 +254,8 @@ def test_user_model_takes_ads_world_stream_names_only(argv, message, capsys):
 ])
 def test_sum_study_refuses_settings_it_would_override_or_fail_on_late(argv, message, capsys):
   from train import sum_study
-  with pytest.raises(SystemExit) as info:
-    sum_study.main(argv)
-  err = capsys.readouterr().err
-  assert info.value.code == 2 and message in err and err.count("\n") == 1
+  err = _config_refusal(sum_study.main, argv, capsys)
+  assert message in err and err.count("\n") == 1
 
 
 def test_sum_study_checks_the_rankers_mesh_before_training_the_user_model(tmp_path, capsys):
@@ -280,10 +283,7 @@ def test_an_unreadable_config_of_a_resumable_run_is_a_workdir_conflict(tmp_path)
 ])
 def test_replay_refuses_what_the_server_would(argv, message, capsys):
   from serve import replay
-  with pytest.raises(SystemExit) as info:
-    replay.main(argv)
-  err = capsys.readouterr().err
-  assert info.value.code == 2 and message in err
+  assert message in _config_refusal(replay.main, argv, capsys)
 
 
 def test_a_workdir_another_run_is_using_is_refused_and_freed_when_it_ends(tmp_path, capsys):

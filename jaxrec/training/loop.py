@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,18 @@ def unlock_workdir(workdir: Path) -> None:
   f = _LOCKS.pop(Path(workdir).resolve(), None)
   if f is not None:
     f.close()
+
+
+def releases_workdir_lock(train: Callable[[Any, Path], dict]) -> Callable[[Any, str | Path], dict]:
+  """Wraps a `train(cfg, workdir: Path)` whose prepare_workdir locks the workdir: the wrapped one takes
+  a str or Path and releases the lock however `train` ends."""
+  @functools.wraps(train)
+  def run(cfg, workdir: str | Path) -> dict:
+    try:
+      return train(cfg, Path(workdir))
+    finally:
+      unlock_workdir(Path(workdir))
+  return run
 
 
 def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILES,
@@ -303,22 +316,15 @@ def append_jsonl(path: Path, record: dict) -> None:
     f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(cfg: RankerConfig, workdir: str | Path) -> dict:
+@releases_workdir_lock
+def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   """Trains (or resumes) and evaluates; returns the summary that is also written to summary.json.
   The workdir is locked while it runs (`lock_workdir`)."""
-  try:
-    return _train_and_evaluate(cfg, Path(workdir))
-  finally:
-    unlock_workdir(Path(workdir))
-
-
-def _train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   plan = parse_precision_plan(cfg.model.precision_plan)
   if plan is not None:
     plan.check_backend(jax.default_backend(), f"model.precision_plan {cfg.model.precision_plan!r}")
-  mesh = sharding.make_mesh(cfg.train.num_devices)  # before anything is written into the workdir
-  sharding.check_batch_size(cfg.data.batch_size, mesh)
-  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
+  # before anything is written into the workdir
+  mesh = sharding.training_mesh(cfg.train.num_devices, cfg.data.batch_size, cfg.data.eval_batch_size)
   prepare_workdir(cfg, workdir)
   pin_precision_plan(cfg.model.precision_plan, plan, workdir)
   train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)

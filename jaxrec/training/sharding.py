@@ -42,3 +42,12 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "--data.batch_size
   n = mesh.devices.size
   if batch_size % n:
     raise MeshError(f"{what}={batch_size} must be a multiple of the {n} devices in the mesh")
+
+
+def training_mesh(num_devices: int | None, batch_size: int, eval_batch_size: int, flags: str = "--data") -> Mesh:
+  """make_mesh(num_devices), with the training and eval batch sizes checked to split over it
+  (MeshError naming FLAGS.batch_size / FLAGS.eval_batch_size)."""
+  mesh = make_mesh(num_devices)
+  check_batch_size(batch_size, mesh, f"{flags}.batch_size")
+  check_batch_size(eval_batch_size, mesh, f"{flags}.eval_batch_size")
+  return mesh

@@ -284,9 +284,7 @@ def run_sum_study(cfg: SumStudyConfig, workdir: str | Path) -> dict:
   workdir = Path(workdir)
   rc = ranker_variant(cfg, "", cfg.seeds[0])
   for name, run in (("tower", cfg.tower), ("ranker", rc)):  # refused now, not after minutes of training
-    mesh = sharding.make_mesh(run.train.num_devices)
-    sharding.check_batch_size(run.data.batch_size, mesh, f"--{name}.data.batch_size")
-    sharding.check_batch_size(run.data.eval_batch_size, mesh, f"--{name}.data.eval_batch_size")
+    sharding.training_mesh(run.train.num_devices, run.data.batch_size, run.data.eval_batch_size, f"--{name}.data")
   make_workdir(workdir)
   t0 = time.perf_counter()
   seconds = {}

@@ -44,7 +44,8 @@ from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
 from jaxrec.training.loop import (LoopConfig, StepClock, WorkdirConflictError, append_jsonl, checked_mean_loss,
-                                  drop_records_after, open_checkpointer, prepare_workdir, unlock_workdir)
+                                  drop_records_after, open_checkpointer, prepare_workdir,
+                                  releases_workdir_lock)
 from jaxrec.training.state import TrainState, merge_model, plan_train_state, table_rows_used
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
 
@@ -104,20 +105,13 @@ def open_user_sources(cfg: UserDataConfig, train_examples: int) -> tuple[History
   return train, evl
 
 
-def train_user_model(cfg: UserModelConfig, workdir: str | Path) -> dict:
+@releases_workdir_lock
+def train_user_model(cfg: UserModelConfig, workdir: Path) -> dict:
   """Trains (or resumes) the user model and evaluates it per domain; returns summary.json's dict.
   The workdir is locked while it runs (`lock_workdir`)."""
-  try:
-    return _train_user_model(cfg, Path(workdir))
-  finally:
-    unlock_workdir(Path(workdir))
-
-
-def _train_user_model(cfg: UserModelConfig, workdir: Path) -> dict:
   steps, bs = cfg.train.steps, cfg.data.batch_size
-  mesh = sharding.make_mesh(cfg.train.num_devices)  # before anything is written into the workdir
-  sharding.check_batch_size(bs, mesh)
-  sharding.check_batch_size(cfg.data.eval_batch_size, mesh, "--data.eval_batch_size")
+  # before anything is written into the workdir
+  mesh = sharding.training_mesh(cfg.train.num_devices, bs, cfg.data.eval_batch_size)
   prepare_workdir(cfg, workdir, run_files=RUN_FILES, config_file=CONFIG_FILE, what="a user model")
   train_src, eval_src = open_user_sources(cfg.data, steps * bs)
   check_stream_length(train_src.base, steps * bs, "--train.steps x --data.batch_size")
