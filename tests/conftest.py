@@ -65,3 +65,16 @@ def data_dir() -> Path:
   if not path.is_dir():
     pytest.skip(f"real data folder {path} absent")
   return path
+
+
+@pytest.fixture(autouse=True)
+def no_workdir_lock_left_held():
+  """Fails a test that leaves a workdir lock held (`jaxrec.training.loop.lock_workdir`), after releasing
+  it: entrypoints release theirs however they end, and a leaked one is an open file that would refuse
+  a later run into that folder from this process."""
+  yield
+  loop = sys.modules.get("jaxrec.training.loop")  # not imported: nothing can be held
+  held = sorted(str(p) for p in loop._LOCKS) if loop is not None else []
+  for path in held:
+    loop.unlock_workdir(Path(path))
+  assert not held, f"workdir locks left held: {held}"

@@ -268,12 +268,15 @@ def test_sum_study_checks_the_rankers_mesh_before_training_the_user_model(tmp_pa
 
 
 def test_an_unreadable_config_of_a_resumable_run_is_a_workdir_conflict(tmp_path):
-  from jaxrec.training.loop import RankerConfig, WorkdirConflictError, prepare_workdir
+  from jaxrec.training.loop import RankerConfig, WorkdirConflictError, prepare_workdir, unlock_workdir
   (tmp_path / "checkpoints" / "4").mkdir(parents=True)
   (tmp_path / "config.json").write_text("{bad")
-  with pytest.raises(WorkdirConflictError, match="config.json is unreadable .* pass --fresh to start over"):
-    prepare_workdir(RankerConfig(), tmp_path)
-  prepare_workdir(RankerConfig(fresh=True), tmp_path)  # --fresh starts over
+  try:
+    with pytest.raises(WorkdirConflictError, match="config.json is unreadable .* pass --fresh to start over"):
+      prepare_workdir(RankerConfig(), tmp_path)
+    prepare_workdir(RankerConfig(fresh=True), tmp_path)  # --fresh starts over
+  finally:
+    unlock_workdir(tmp_path)  # prepare_workdir locks the workdir; the entrypoints release it
   assert json.loads((tmp_path / "config.json").read_text())["fresh"] is True
 
 

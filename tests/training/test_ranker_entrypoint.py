@@ -155,15 +155,18 @@ def test_a_run_saved_before_new_config_fields_still_resumes(tmp_path):
   """config.json written by an older version (without fields added since) is not a conflict."""
   import json
 
-  from jaxrec.training.loop import prepare_workdir
+  from jaxrec.training.loop import prepare_workdir, unlock_workdir
   from train.ranker import smoke
   cfg = smoke()
-  prepare_workdir(cfg, tmp_path)
-  (tmp_path / "checkpoints").mkdir()
-  saved = json.loads((tmp_path / "config.json").read_text())
-  del saved["data"]["count_features"], saved["model"]["precision_plan"]
-  (tmp_path / "config.json").write_text(json.dumps(saved))
-  prepare_workdir(cfg, tmp_path)  # no WorkdirConflictError
+  try:
+    prepare_workdir(cfg, tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["data"]["count_features"], saved["model"]["precision_plan"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    prepare_workdir(cfg, tmp_path)  # no WorkdirConflictError
+  finally:
+    unlock_workdir(tmp_path)  # prepare_workdir locks the workdir; the entrypoints release it
 
 
 def test_delayed_scaling_histories_are_checkpointed_and_resume_exactly(tmp_path):
