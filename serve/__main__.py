@@ -27,6 +27,7 @@ from typing import Literal
 import uvicorn
 
 from jaxrec.config import parse_config
+from jaxrec.interrupts import entrypoint
 from serve.app import HttpConfig, create_app
 from serve.engine import EngineConfig
 from serve.registry import NoRunsError, Registry, discover_runs, engine_configs
@@ -82,6 +83,7 @@ def smoke() -> ServeConfig:
   return ServeConfig(engine=EngineConfig(buckets=(8, 64, 256), max_rows=256, max_candidates=256, max_queue=32))
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   cfg = parse_config(ServeConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
   try:
@@ -139,7 +141,7 @@ def _serve_with_workers(cfg: ServeConfig, registry: Registry, token: str | None,
     port = sock.getsockname()[1]
     rc = run_workers(bridge, procs, cfg.drain_timeout_s, announce=lambda: print(
         f"serving {registry.names} on {_url(cfg.host, port)} with {cfg.workers} HTTP worker processes (admin "
-        f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True))
+        f"{'enabled' if token else 'disabled'}); Ctrl-C drains and stops", file=sys.stderr, flush=True), sock=sock)
   finally:
     sock.close()
     registry.close(drain=True, timeout=cfg.drain_timeout_s)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrec.interrupts import entrypoint
 from serve.engine import EngineConfig, open_engine
 from serve.request import RankRequest
 
@@ -69,6 +70,7 @@ def run(workdir: Path, threads: int, candidates: int, seconds: float, cfg: Engin
           "p99_ms": float(np.percentile(ms, 99))}
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m serve.bench_engine", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", default="runs/demo", help="a ranker run (default runs/demo)")

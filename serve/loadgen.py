@@ -19,7 +19,10 @@ The report (printed, and written as JSON to --out): requests/s answered and answ
 percentiles (ms) of all answers (latency_ms: 503s included, transport errors not) and of 200s
 (ok_latency_ms, the one the printed line leads with), counts by status code, transport errors, drops,
 and in open mode how late the sends went out (send_lag_ms).
-Everything stops after `duration` s plus at most `timeout_s` for requests in flight.
+Everything stops after `duration` s plus at most `timeout_s` for requests in flight. Ctrl-C or
+SIGTERM stops it early: the report then covers the time until then, says `interrupted` (the signal's
+name), and the exit status is 130 or 143. The exit status is 1 when requests went out and none was
+answered (e.g. the server went away).
 
 >>> check_loopback("http://127.0.0.1:8000"), check_loopback("http://localhost:8000")
 (None, None)
@@ -35,7 +38,9 @@ import dataclasses
 import ipaddress
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -45,6 +50,7 @@ import aiohttp
 import numpy as np
 
 from jaxrec.config import parse_config
+from jaxrec.interrupts import entrypoint
 
 PROG = "python -m serve.loadgen"
 
@@ -179,22 +185,26 @@ async def _open(client, url, bodies, cfg: LoadConfig, t_count: float, t_end: flo
   rng = np.random.default_rng(cfg.seed + 1)
   in_flight: set[asyncio.Task] = set()
   nxt, i = time.perf_counter(), 0
-  while nxt < t_end:
-    await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
-    counted = nxt >= t_count
-    if len(in_flight) >= cfg.concurrency:
-      tally.dropped += counted
-    else:
-      tally.sent += counted
-      if counted:
-        tally.send_lag_ms.append((time.perf_counter() - nxt) * 1e3)
-      task = asyncio.create_task(_send(client, url, bodies[i % len(bodies)], tally if counted else None, t0=nxt))
-      in_flight.add(task)
-      task.add_done_callback(in_flight.discard)
-      i += 1
-    nxt += float(rng.exponential(1.0 / cfg.rate))
-  if in_flight:
-    await asyncio.wait(in_flight)
+  try:
+    while nxt < t_end:
+      await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+      counted = nxt >= t_count
+      if len(in_flight) >= cfg.concurrency:
+        tally.dropped += counted
+      else:
+        tally.sent += counted
+        if counted:
+          tally.send_lag_ms.append((time.perf_counter() - nxt) * 1e3)
+        task = asyncio.create_task(_send(client, url, bodies[i % len(bodies)], tally if counted else None, t0=nxt))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        i += 1
+      nxt += float(rng.exponential(1.0 / cfg.rate))
+    if in_flight:
+      await asyncio.wait(in_flight)
+  finally:  # interrupted: the requests in flight are dropped, not left to count as errors when the session closes
+    for task in list(in_flight):
+      task.cancel()
 
 
 async def run_load(cfg: LoadConfig) -> dict:
@@ -218,20 +228,48 @@ async def run_load(cfg: LoadConfig) -> dict:
     t0 = time.perf_counter()
     t_count, t_end = t0 + cfg.warmup, t0 + cfg.warmup + cfg.duration
     run = _closed if cfg.mode == "closed" else _open
-    await run(client, "/v1/rank", bodies, cfg, t_count, t_end, tally)
-    wall = time.perf_counter() - t_count
+    interrupted = await _interruptible(run(client, "/v1/rank", bodies, cfg, t_count, t_end, tally))
+    wall = max(time.perf_counter() - t_count, 0.0)  # (interrupted during the warm-up: nothing was counted)
   answered = len(tally.latencies_ms)
+  per_s = lambda n: round(n / wall, 2) if wall > 0 else 0.0  # noqa: E731
   return {
       "url": base, "model": cfg.model, "mode": cfg.mode, "concurrency": cfg.concurrency,
       "rate": cfg.rate if cfg.mode == "open" else None, "duration_s": cfg.duration, "candidates": cfg.candidates,
+      "interrupted": interrupted,  # None, or the signal that cut the run short
       "wall_s": round(wall, 3), "sent": tally.sent, "answered": answered, "dropped": tally.dropped,
-      "rps": round(answered / wall, 2), "ok_rps": round(len(tally.ok_latencies_ms) / wall, 2),
-      "candidates_per_s": round(len(tally.ok_latencies_ms) * cfg.candidates / wall, 1),
+      "rps": per_s(answered), "ok_rps": per_s(len(tally.ok_latencies_ms)),
+      "candidates_per_s": per_s(len(tally.ok_latencies_ms) * cfg.candidates),
       "latency_ms": _percentiles(tally.latencies_ms), "ok_latency_ms": _percentiles(tally.ok_latencies_ms),
       "status": dict(sorted(tally.status.items())), "errors": tally.errors,
       "send_lag_ms": _percentiles(tally.send_lag_ms) if cfg.mode == "open" else None,
       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
+
+
+async def _interruptible(load) -> str | None:
+  """Runs the coroutine `load`. When Ctrl-C (asyncio.run cancels the main task) or SIGTERM (made to do the
+  same here, in the main thread) cuts it short, returns "SIGINT" or "SIGTERM" instead of raising, so the
+  caller reports what was measured until then; else None."""
+  if threading.current_thread() is not threading.main_thread():  # no signals here; cancelled is cancelled
+    await load
+    return None
+  loop, task = asyncio.get_running_loop(), asyncio.current_task()
+  terminated = []
+
+  def terminate():
+    terminated.append(True)
+    task.cancel()
+
+  before = signal.getsignal(signal.SIGTERM)
+  loop.add_signal_handler(signal.SIGTERM, terminate)
+  try:
+    await load
+    return None
+  except asyncio.CancelledError:
+    return "SIGTERM" if terminated else "SIGINT"
+  finally:
+    loop.remove_signal_handler(signal.SIGTERM)  # (which sets the default action)
+    signal.signal(signal.SIGTERM, before)
 
 
 def summary(report: dict) -> str:
@@ -246,9 +284,13 @@ def summary(report: dict) -> str:
     line += f", all {report['answered']} answers {pct(report['latency_ms'])}"
   if report.get("send_lag_ms"):
     line += f", send lag p99 {fmt(report['send_lag_ms']['p99'])} max {fmt(report['send_lag_ms']['max'])} ms"
-  return line + f", status {report['status']}, errors {report['errors']}, dropped {report['dropped']}"
+  line += f", status {report['status']}, errors {report['errors']}, dropped {report['dropped']}"
+  return (f"interrupted ({report['interrupted']}) after {report['wall_s']:.1f} s of the {report['duration_s']:g} s "
+          "asked: " + line
+          if report.get("interrupted") else line)
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   cfg = parse_config(LoadConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
   if cfg.out:  # checked before the load runs, not after it
@@ -269,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the folder went away or filled up during the run: the summary above stays
       print(f"{PROG}: error: cannot write --out {cfg.out}: {e}", file=sys.stderr)
       return 2
+  if report["interrupted"]:
+    return 128 + signal.Signals[report["interrupted"]]
+  if report["sent"] and not report["answered"]:
+    print(f"{PROG}: error: none of the {report['sent']} requests was answered (the server went away?)",
+          file=sys.stderr)
+    return 1
   return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from jaxrec.cache.replay_study import ReplayConfig, run_replay_study
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
+from jaxrec.interrupts import entrypoint
 from jaxrec.training.loop import WorkdirConflictError
 
 
@@ -36,6 +37,7 @@ class Args(ReplayConfig):
     return ReplayConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ReplayConfig)})
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m serve.replay", description=__doc__.split("\n\n")[0])
   try:

@@ -414,21 +414,22 @@ def start_workers(bridge: Bridge, sock: socket.socket, n: int, **kw) -> list[mul
 
 
 def run_workers(bridge: Bridge, procs: list[multiprocessing.Process], drain_timeout_s: float,
-                announce) -> int:
+                announce, sock: socket.socket) -> int:
   """Waits for the workers to connect (then calls `announce()`), then for SIGINT/SIGTERM or for every
-  worker to exit; forwards one SIGTERM to each live worker and waits for them to drain. Returns the
-  exit status: 0 after a signal, 1 when the workers did not start or all died on their own."""
+  worker to exit; closes this process's copy of the listening socket `sock`, forwards one SIGTERM to
+  each live worker and waits for them to drain. Returns the exit status: 0 after a signal, 1 when the
+  workers did not start or all died on their own."""
   stop = threading.Event()
   original = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
     if not bridge.wait_for_workers(120.0, alive=lambda: all(p.is_alive() for p in procs) and not stop.is_set()):
       if stop.is_set():  # told to stop while starting
-        _stop(procs, drain_timeout_s)
+        _stop(procs, drain_timeout_s, sock)
         return 0
       dead = [f"{p.name} exit code {p.exitcode}" for p in procs if not p.is_alive()]
       print("error: the HTTP workers did not start: " + (", ".join(dead) or "not all connected within 120 s"),
             file=sys.stderr, flush=True)
-      _stop(procs, drain_timeout_s)
+      _stop(procs, drain_timeout_s, sock)
       return 1
     announce()
     reported: set[str] = set()
@@ -440,14 +441,17 @@ def run_workers(bridge: Bridge, procs: list[multiprocessing.Process], drain_time
       if len(reported) == len(procs):
         print("error: every HTTP worker exited", file=sys.stderr, flush=True)
         return 1
-    _stop(procs, drain_timeout_s)
+    _stop(procs, drain_timeout_s, sock)
     return 0
   finally:
     for sig, handler in original.items():
       signal.signal(sig, handler)
 
 
-def _stop(procs: list[multiprocessing.Process], drain_timeout_s: float) -> None:
+def _stop(procs: list[multiprocessing.Process], drain_timeout_s: float, sock: socket.socket) -> None:
+  # First this process's copy of the listening socket: while any copy is open the kernel completes new
+  # connections into the backlog, which no stopping worker accepts, and resets them when the last copy closes.
+  sock.close()
   for p in procs:
     if p.is_alive():
       with contextlib.suppress(ProcessLookupError):

@@ -130,6 +130,7 @@ def test_ctrl_c_is_one_line_with_how_to_resume(monkeypatch, tmp_path, capsys):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(ranker, "train_and_evaluate", interrupted)
+  (tmp_path / "r" / "checkpoints" / "5").mkdir(parents=True)  # a run that saved a checkpoint
   assert ranker.main(["--workdir", str(tmp_path / "r")]) == 130
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "run the same command again to resume" in err

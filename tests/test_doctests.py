@@ -8,7 +8,7 @@ import pytest
 MODULES = ["jaxrec.layers.embedding", "jaxrec.metrics", "jaxrec.progress", "jaxrec.data.adsworld",
            "jaxrec.data.readers.criteo", "jaxrec.layers.blocknorm", "jaxrec.data.count_features", "jaxrec.ops.fp8_dense", "jaxrec.precision.plan",
            "jaxrec.ops.planned_dense", "jaxrec.ops.delayed_dense", "jaxrec.layers.dense", "jaxrec.models.factory", "serve.request",
-           "serve.registry", "serve.metrics", "serve.loadgen"]
+           "serve.registry", "serve.metrics", "serve.loadgen", "jaxrec.interrupts"]
 
 
 @pytest.mark.parametrize("name", MODULES)

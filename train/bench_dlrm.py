@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.data.batch import Batch, Schema, SparseFeature
+from jaxrec.interrupts import entrypoint
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
 from jaxrec.progress import progress
 from jaxrec.training import sharding
@@ -61,6 +62,7 @@ def note(msg: str) -> None:
   print(f"bench_dlrm: {msg}", file=sys.stderr, flush=True)
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m train.bench_dlrm", description=__doc__.split("\n\n")[0])
   p.add_argument("--small", action="store_true", help="CPU smoke size: batch 1024, 1000 rows per table")

@@ -46,6 +46,7 @@ from flax import nnx
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import open_train_eval
+from jaxrec.interrupts import entrypoint
 from jaxrec.layers.dense import gemm_sites, prequantize_fp8_weights
 from jaxrec.metrics import log_loss
 from jaxrec.models import build_model
@@ -250,6 +251,7 @@ def format_table(out: dict) -> str:
   return "\n".join(lines)
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.bench_precision", description=__doc__.split("\n\n")[0])
   dest = Path(args.out)

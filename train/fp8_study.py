@@ -27,6 +27,7 @@ import jax
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
+from jaxrec.interrupts import entrypoint
 from jaxrec.models import DCNv2Config, ModelConfig, parse_precision_plan
 from jaxrec.precision.plan import PrecisionPlan
 from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, make_workdir, train_and_evaluate
@@ -122,6 +123,7 @@ def run(args: Args) -> dict:
   return out
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.fp8_study", description=__doc__.split("\n\n")[0])
   try:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxrec.config import parse_config
+from jaxrec.interrupts import entrypoint
 from jaxrec.layers.dense import gemm_sites
 from jaxrec.precision.error_model import GEMMS, METRICS
 from jaxrec.precision.probe import ProbeState
@@ -121,6 +122,7 @@ def run(args: Args) -> dict:
   return results
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.mere_study", description=__doc__.split("\n\n")[0])
   try:

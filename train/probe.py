@@ -31,6 +31,7 @@ from flax import nnx
 from jaxrec.config import config_to_dict, parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig, open_train_eval
+from jaxrec.interrupts import entrypoint, exit_status
 from jaxrec.layers.dense import capture_gemm_operands, dense_modules, gemm_sites
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
 from jaxrec.precision import dispatch
@@ -226,6 +227,10 @@ def measure(args: Args, sites, stats: ProbeState, model, eval_src, metric: str =
   return out
 
 
+OUTPUTS = ("mere_heatmap.png", "mere_heatmap_real.png", "report.md", "precision_plan.json")
+"""what `run` writes into --workdir, in this order: the plan last, so that it is there only when the rest is"""
+
+
 def run(args: Args) -> dict:
   workdir = Path(args.workdir)
   make_workdir(workdir)
@@ -240,6 +245,9 @@ def run(args: Args) -> dict:
                         fresh=args.fresh)
     if args.probe.every == 0 or args.probe.every > args.train.steps:
       raise ValueError(f"--probe.every must be in [1, --train.steps={args.train.steps}] to collect statistics")
+  for name in OUTPUTS:  # an earlier probe's: a run interrupted or failing from here on must not leave them beside its own
+    (workdir / name).unlink(missing_ok=True)
+  if not args.from_run:
     probe_info = train_and_evaluate(rcfg, run_dir)
     stats = check_run(run_dir)
   cfg, model, eval_src = load_run(run_dir)
@@ -273,7 +281,6 @@ def run(args: Args) -> dict:
       "probe": {k: probe_info.get(k) for k in probe_keys}, "aggregate": agg, "real_operands": real_info,
       "config": config_to_dict(args),
   }
-  (workdir / "precision_plan.json").write_text(json.dumps(out, indent=2) + "\n")
   names = [s for s, _, _ in sites]
   cands = list(args.candidates)
   plot_mere_heatmap(mere_json, names, cands, workdir / "mere_heatmap.png", "learned")
@@ -282,9 +289,11 @@ def run(args: Args) -> dict:
   write_report(workdir / "report.md", run=str(run_dir), sites=sites, candidates=cands, mere=mere_json,
                rows=out["rows"], probe=out["probe"], bound=args.bound, timed=out["timed"], aggregate=agg,
                real_operands=real_info)
+  (workdir / "precision_plan.json").write_text(json.dumps(out, indent=2) + "\n")  # last: see OUTPUTS
   return out
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.probe", description=__doc__.split("\n\n")[0])
   try:
@@ -292,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
   except (DataFormatError, DataSpecError, WorkdirConflictError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
+    resumes = "" if args.from_run else f" (training resumes from the newest checkpoint in {args.workdir}/checkpoints)"
+    print(f"\ninterrupted: no plan was written; run the same command again to go on{resumes}", file=sys.stderr)
+    return exit_status(e)
   chosen = {}
   for r in out["rows"]:
     chosen[r["candidate"]] = chosen.get(r["candidate"], 0) + 1

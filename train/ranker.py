@@ -18,6 +18,7 @@ import sys
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.sources import DataConfig
+from jaxrec.interrupts import entrypoint, exit_status
 from jaxrec.models import ModelConfig
 from jaxrec.precision.plan import PlanError
 from jaxrec.precision.probe import ProbeConfig
@@ -64,6 +65,7 @@ def smoke() -> RankerConfig:
   )
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.ranker", description=__doc__.split("\n\n")[0],
                       aliases=ALIASES)
@@ -73,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
           CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
     print(interrupted_message(args.workdir), file=sys.stderr)
-    return 130
+    return exit_status(e)
   keys = ("steps", "eval_ne", "oracle_ne", "ne_over_oracle", "eval_auc", "eval_calibration", "examples_per_sec")
   print("final:", ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
                             for k in keys if k in summary and summary[k] is not None))

@@ -20,6 +20,7 @@ from jaxrec.config import parse_config
 from jaxrec.data.adsworld import AdsWorldConfig
 from jaxrec.data.errors import DataSpecError
 from jaxrec.data.sources import DataConfig
+from jaxrec.interrupts import entrypoint
 from jaxrec.models import DCNv2Config, ModelConfig
 from jaxrec.models.user_tower import UserTowerConfig
 from jaxrec.precision.plan import PlanError
@@ -55,6 +56,7 @@ def smoke() -> SumStudyConfig:
   return SumStudyConfig(world=AdsWorldConfig.small(), tower=tower, ranker=ranker, seeds=(0,))
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.sum_study", description=__doc__.split("\n\n")[0])
   try:

@@ -17,6 +17,7 @@ import sys
 
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataSpecError
+from jaxrec.interrupts import entrypoint, exit_status
 from jaxrec.models.user_tower import UserTowerConfig
 from jaxrec.training.checkpoint import CheckpointError
 from jaxrec.training.loop import LoopConfig, TrainingDivergedError, WorkdirConflictError, interrupted_message
@@ -49,6 +50,7 @@ def smoke() -> UserModelConfig:
   )
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
   args = parse_config(Args, argv, prog="python -m train.user_model", description=__doc__.split("\n\n")[0])
   try:
@@ -56,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
   except (DataSpecError, WorkdirConflictError, TrainingDivergedError, MeshError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
     print(interrupted_message(args.workdir), file=sys.stderr)
-    return 130
+    return exit_status(e)
   keys = ("steps", "eval_click_ne", "oracle_click_ne", "eval_click_auc", "eval_conversion_ne", "examples_per_sec")
   print("final:", ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
                             for k in keys if summary.get(k) is not None))

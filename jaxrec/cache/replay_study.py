@@ -288,11 +288,19 @@ def _age_histogram(trace: Trace, measured: np.ndarray) -> dict:
   return {"edges_s": list(AGE_EDGES_S), "counts": np.histogram(age, edges)[0].tolist()}
 
 
+OUTPUTS = ("replay_ttl.png", "replay_staleness.png", "replay_failover.png", "replay.md", "replay.json")
+"""what `run_replay_study` writes, in this order: replay.json last, so that it is there only when the rest is"""
+
+
 def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
-  """Runs every source's replays; writes replay.json, replay.md and the PNGs into `workdir`."""
+  """Runs every source's replays; writes `OUTPUTS` into `workdir`, after removing an earlier study's (an
+  interrupted or failed run, or one whose sources were all skipped and so draws no plots, must not leave
+  them beside its own)."""
   from jaxrec.cache import replay_report
   wd = Path(workdir)
   make_workdir(wd)
+  for name in OUTPUTS:
+    (wd / name).unlink(missing_ok=True)
   t0 = time.time()
   results: dict = {"config": config_to_dict(cfg), "date": datetime.date.today().isoformat(), "sources": {},
                    "skipped": {}}
@@ -329,9 +337,9 @@ def run_replay_study(cfg: ReplayConfig, workdir: str | Path) -> dict:
                                     "runs": _replay_all(stream, fresh, cfg, measured),
                                     "consecutive_within": _gap_shares(stream, measured)}
   results["seconds"] = time.time() - t0
-  (wd / "replay.json").write_text(json.dumps(results, indent=2, allow_nan=True))
-  (wd / "replay.md").write_text(replay_report.markdown(results, cfg))
   replay_report.plots(results, cfg, wd)
+  (wd / "replay.md").write_text(replay_report.markdown(results, cfg))
+  (wd / "replay.json").write_text(json.dumps(results, indent=2, allow_nan=True))  # last: see OUTPUTS
   return results
 
 

@@ -86,7 +86,8 @@ class ExamplesSource:
 
 
 def train_iterator(source: BatchSource, *, batch_size: int, start: int, stop: int,
-                   num_threads: int = 2, prefetch: int = 8) -> Iterator[Batch]:
-  """Training batches start..stop-1 through a grain pipeline with threaded prefetch."""
+                   num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:
+  """Training batches start..stop-1 through a grain pipeline with threaded prefetch (an iterator of
+  Batch; `close()` it when stopping early, which ends its prefetch threads)."""
   ds = grain.MapDataset.range(start, stop).map(lambda i: source.train_batch(int(i), batch_size))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

@@ -8,24 +8,42 @@ bit for bit on CPU, as one that never stopped.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxrec.interrupts import deferred_interrupts
 from jaxrec.training.state import TrainState
 
 FIELDS = ("step", "params", "opt_state", "table", "table_acc")  # what every checkpoint holds; newer ones add fp8
 
 
 class CheckpointError(ValueError):
-  """A checkpoint folder that cannot be read back (emptied, partly copied or partly deleted)."""
+  """A checkpoint folder that cannot be read back (emptied, partly copied or partly deleted), or a
+  checkpoint that could not be written (disk full, permissions)."""
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+  """Keeps the message of an error orbax logs from its background threads and drops the traceback (60 to
+  100 lines each, several per failed save): the error itself reaches the caller as a CheckpointError."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 class Checkpointer:
+  """Asynchronous orbax checkpoints under WORKDIR/checkpoints. `close()` (or `wait()`) finishes the save in
+  flight; a save that failed (disk full, no permission) surfaces there or at the next `save` as a
+  CheckpointError. While open, orbax's error logs are one line each (`_OneLineOrbaxErrors`)."""
 
   def __init__(self, workdir: Path, *, max_to_keep: int = 2):
     self.directory = (Path(workdir) / "checkpoints").absolute()
+    self._log_filter = _OneLineOrbaxErrors()
+    logging.getLogger("absl").addFilter(self._log_filter)
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=ocp.StandardCheckpointHandler(),  # item_metadata reads the saved tree
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -35,7 +53,13 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state))
+    """Starts writing the checkpoint at `step` (after the one in flight, if any, has finished). A Ctrl-C
+    or SIGTERM meanwhile takes effect once the write is started, so that `close()` can finish it."""
+    try:
+      with deferred_interrupts():
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+    except (OSError, ValueError) as e:  # the save in flight failed, or this one could not start
+      raise self._unwritable(e) from None
 
   def restore(self, abstract: TrainState, shardings: TrainState, step: int | None = None, *,
               table_rows_used: int | None = None) -> TrainState:
@@ -84,12 +108,27 @@ class Checkpointer:
                            f"({str(e).splitlines()[0][:300]}); remove {self.directory / str(step)} to use the one "
                            "before it")
 
+  def _unwritable(self, e: Exception) -> CheckpointError:
+    line = (str(e).splitlines() or [type(e).__name__])[0]
+    line = line if len(line) <= 300 else "..." + line[-250:]  # tensorstore's cause (No space left ...) comes last
+    return CheckpointError(f"writing a checkpoint under {self.directory} failed ({line}); "
+                           "the checkpoints that were finished are kept: make room or fix the permissions, then "
+                           "run the same command again to resume")
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointError when it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except (OSError, ValueError) as e:
+      raise self._unwritable(e) from None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes the save in flight and closes; CheckpointError when that save failed (closed all the same)."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+      logging.getLogger("absl").removeFilter(self._log_filter)
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +100,17 @@ def checked_mean_loss(losses: list[jax.Array], done: int, workdir: Path) -> floa
   return loss
 
 
+def has_checkpoint(workdir: str | Path) -> bool:
+  """Whether WORKDIR/checkpoints holds a finished checkpoint (a <step> folder; one being written is
+  <step>.orbax-checkpoint-tmp)."""
+  ckpts = Path(workdir) / "checkpoints"
+  return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
 def interrupted_message(workdir: str | Path) -> str:
-  """What a training entrypoint prints on Ctrl-C."""
+  """What a training entrypoint prints on Ctrl-C or SIGTERM."""
+  if not has_checkpoint(workdir):
+    return "\ninterrupted before the first checkpoint: the same command starts the run over"
   return f"\ninterrupted: run the same command again to resume from the newest checkpoint in {workdir}/checkpoints"
 
 
@@ -195,9 +204,11 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     for name in run_files:
       (workdir / name).unlink(missing_ok=True)
+  if (workdir / "checkpoints").exists():  # a run that could not write its checkpoints learns it now, not at the first
+    make_workdir(workdir / "checkpoints")
   saved = workdir / config_file
   mine = config_to_dict(cfg)
-  if saved.exists() and (workdir / "checkpoints").exists():
+  if saved.exists() and has_checkpoint(workdir):  # a run that saved no checkpoint has nothing to resume
     try:
       old = json.loads(saved.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -224,7 +235,7 @@ def pin_precision_plan(spec: str, plan: PrecisionPlan | None, workdir: Path) -> 
   if not is_plan_file(spec):
     return
   pinned = workdir / TRAINED_PLAN
-  if pinned.exists() and (workdir / "checkpoints").exists() and PrecisionPlan.load(pinned) != plan:
+  if pinned.exists() and has_checkpoint(workdir) and PrecisionPlan.load(pinned) != plan:
     raise WorkdirConflictError(
         f"{workdir} holds a run trained under a different precision plan than {spec} now holds; put the "
         f"run's plan back there (its copy is {pinned}), pass --fresh to start over, or use another --workdir")
@@ -337,8 +348,12 @@ def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
 
   ckpt = open_checkpointer(workdir, cfg.train.max_to_keep, cfg.train.steps)
-  state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
-                                                                   table_rows_used=table_rows_used(model_fn))
+  try:
+    state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
+                                                                     table_rows_used=table_rows_used(model_fn))
+  except BaseException:
+    ckpt.close()
+    raise
   start = int(state.step)
 
   train_bsh = batch_shardings(mesh, train_src.has_truth)
@@ -369,7 +384,7 @@ def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   steps, bs = cfg.train.steps, cfg.data.batch_size
   # logged by the killed run after its last checkpoint; a run with no steps left re-evaluates its last
   drop_records_after(metrics_path, start, evals_at_step=start >= steps)
-  batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
+  batches = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
   clock = StepClock()
   try:
@@ -412,14 +427,12 @@ def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
           clock.resume()
         bar.update(1)
 
-  except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
+    res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
+    final_step = int(state.step)
+    append_jsonl(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in res.items()}})
+  finally:  # after a Ctrl-C or an error too: finish a checkpoint being written, so the newest one restores
+    batches.close()  # (and stop the prefetch threads)
     ckpt.close()
-    raise
-
-  res = evaluate(eval_step, state, eval_src, schema, cfg.data.eval_batch_size, eval_bsh)
-  final_step = int(state.step)
-  append_jsonl(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in res.items()}})
-  ckpt.close()
   main_task = schema.labels[0]
   summary = {
       "steps": final_step,

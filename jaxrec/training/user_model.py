@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import numpy as np
@@ -126,8 +125,12 @@ def train_user_model(cfg: UserModelConfig, workdir: Path) -> dict:
   model_fn = lambda: build_user_tower(schema, cfg.model, row_multiple=n_dev)  # noqa: E731
   graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
   ckpt = open_checkpointer(workdir, cfg.train.max_to_keep, steps)
-  state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
-                                                                   table_rows_used=table_rows_used(model_fn))
+  try:
+    state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
+                                                                     table_rows_used=table_rows_used(model_fn))
+  except BaseException:
+    ckpt.close()
+    raise
   start = int(state.step)
   train_bsh, eval_bsh = batch_shardings(mesh, True), batch_shardings(mesh, True)
   train_step = make_train_step(graphdef, tx, cfg.optim, state_sh, train_bsh)
@@ -140,7 +143,7 @@ def train_user_model(cfg: UserModelConfig, workdir: Path) -> dict:
   metrics_path = workdir / "metrics.jsonl"
   # logged by a killed run after its last checkpoint; a run with no steps left re-evaluates its last
   drop_records_after(metrics_path, start, evals_at_step=start >= steps)
-  batches: Iterator[Batch] = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
+  batches = train_iterator(train_src, batch_size=bs, start=start, stop=steps)
   losses: list[jax.Array] = []
   clock = StepClock()
   try:
@@ -167,19 +170,17 @@ def train_user_model(cfg: UserModelConfig, workdir: Path) -> dict:
           bar.update(0, loss=f"{loss:.4f}", ex_s="-" if rate is None else f"{rate:,.0f}")
           clock.resume()  # the eval and checkpoint above are not training time
         bar.update(1)
-  except BaseException:  # Ctrl-C or an error: finish a checkpoint being written, so the newest one restores
+    rate = clock.rate(bs)
+    res = run_eval(state)
+    final_step = int(state.step)
+    rows = [train_src.train_batch(int(i), bs) for i in np.linspace(0, max(final_step - 1, 0), STATS_BATCHES)]
+    emb = np.concatenate([np.asarray(_embed(graphdef, state.params, state.table, b.sparse, b.sparse_mask, b.dense))
+                          for b in rows])
+    _save_stats(workdir / STATS_FILE, final_step, emb)
+    append_jsonl(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in flatten(res).items()}})
+  finally:  # after a Ctrl-C or an error too: finish a checkpoint being written, so the newest one restores
+    batches.close()  # (and stop the prefetch threads)
     ckpt.close()
-    raise
-  rate = clock.rate(bs)
-
-  res = run_eval(state)
-  final_step = int(state.step)
-  rows = [train_src.train_batch(int(i), bs) for i in np.linspace(0, max(final_step - 1, 0), STATS_BATCHES)]
-  emb = np.concatenate([np.asarray(_embed(graphdef, state.params, state.table, b.sparse, b.sparse_mask, b.dense))
-                        for b in rows])
-  _save_stats(workdir / STATS_FILE, final_step, emb)
-  append_jsonl(metrics_path, {"step": final_step, **{f"eval/{k}": v for k, v in flatten(res).items()}})
-  ckpt.close()
   tasks = schema.labels
   summary = {
       "steps": final_step,

@@ -235,3 +235,32 @@ def test_transport_errors_are_counted_apart_from_answers():
   assert report["answered"] == 0 and report["status"] == {} and report["latency_ms"]["max"] is None, report
   assert sum(report["errors"].values()) == report["sent"] >= 2, report
   assert "errors {'" in loadgen.summary(report)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_load_reports_what_it_measured(signum, status, tmp_path, capsys):
+  """Ctrl-C or SIGTERM used to end the run with a traceback and no numbers; now the report covers the
+  time until then (printed and written to --out), marked interrupted, and the exit status says which."""
+  out = tmp_path / "load.json"
+  with stub_server(rank_delay_s=lambda i: 0.01) as url:
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signum))
+    timer.start()
+    try:
+      rc = loadgen.main(["--url", url, "--model", "stub", "--concurrency", "2", "--duration", "30", "--warmup", "0",
+                         "--candidates", "1", "--bodies", "2", "--out", str(out)])
+    finally:
+      timer.cancel()
+  report = json.loads(out.read_text())
+  assert rc == status and report["interrupted"] == signum.name, report
+  assert report["answered"] > 10 and 1.0 < report["wall_s"] < 5 and report["errors"] == {}, report
+  assert capsys.readouterr().out.startswith(f"interrupted ({signum.name}) after ")
+
+
+def test_a_load_that_nothing_answers_fails(capsys):
+  """Every request failing in transport (here: timing out; a server gone away is refused) used to pass as a
+  run with exit status 0."""
+  with stub_server(rank_delay_s=lambda i: 1.0) as url:
+    rc = loadgen.main(["--url", url, "--model", "stub", "--concurrency", "2", "--duration", "0.5", "--warmup", "0",
+                       "--candidates", "1", "--bodies", "2", "--timeout_s", "0.2"])
+  out, err = capsys.readouterr()
+  assert rc == 1 and "errors {'" in out and "none of the" in err and "requests was answered" in err, (out, err)

@@ -301,3 +301,39 @@ def test_a_taken_port_is_a_clear_error(run_root, workers):
     taken.close()
   assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
   assert "Traceback" not in out.stderr and "serving" not in out.stderr
+
+
+def test_stopping_closes_the_engines_listening_socket_before_the_workers_drain():
+  """While the engine process kept its copy of the listening socket open, the kernel went on completing
+  connections into the backlog that no stopping worker would accept, and reset them at the end (clients
+  saw 'connection reset' after ~150 ms instead of a refusal they can retry at once)."""
+  from serve.workers import _stop
+  sock = listen("127.0.0.1", 0)
+  port = sock.getsockname()[1]
+  worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  during_drain = []
+
+  class Worker:  # a multiprocessing.Process whose drain (join) tries a new connection
+    name, pid = "serve-worker-0", worker.pid
+
+    def is_alive(self):
+      return worker.poll() is None
+
+    def join(self, timeout=None):
+      try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        during_drain.append("accepted into the backlog")
+      except ConnectionRefusedError:
+        during_drain.append("refused")
+      worker.wait(timeout)
+
+    def kill(self):
+      worker.kill()
+
+  try:
+    _stop([Worker()], drain_timeout_s=5.0, sock=sock)
+  finally:
+    worker.kill()
+    worker.wait()
+    sock.close()
+  assert during_drain == ["refused"] and worker.returncode == -signal.SIGTERM

@@ -160,7 +160,7 @@ def test_a_run_saved_before_new_config_fields_still_resumes(tmp_path):
   cfg = smoke()
   try:
     prepare_workdir(cfg, tmp_path)
-    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)  # a saved step: the run resumes, so configs are compared
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["data"]["count_features"], saved["model"]["precision_plan"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
