@@ -242,6 +242,9 @@ def test_an_interrupted_load_reports_what_it_measured(signum, status, tmp_path, 
   """Ctrl-C or SIGTERM used to end the run with a traceback and no numbers; now the report covers the
   time until then (printed and written to --out), marked interrupted, and the exit status says which."""
   out = tmp_path / "load.json"
+  # as in a terminal: a shell starts background jobs (CI's, say) with SIGINT ignored, and Python then
+  # leaves it so, asyncio.run included
+  sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
   with stub_server(rank_delay_s=lambda i: 0.01) as url:
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signum))
     timer.start()
@@ -250,6 +253,7 @@ def test_an_interrupted_load_reports_what_it_measured(signum, status, tmp_path, 
                          "--candidates", "1", "--bodies", "2", "--out", str(out)])
     finally:
       timer.cancel()
+      signal.signal(signal.SIGINT, sigint)
   report = json.loads(out.read_text())
   assert rc == status and report["interrupted"] == signum.name, report
   assert report["answered"] > 10 and 1.0 < report["wall_s"] < 5 and report["errors"] == {}, report
