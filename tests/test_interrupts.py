@@ -145,7 +145,8 @@ def test_orbax_error_logs_lose_their_tracebacks_while_a_checkpointer_is_open(tmp
   ckpt = Checkpointer(tmp_path)
   try:
     assert absl.filter(record) and record.exc_info is None and record.getMessage() == "failed"
-    ours = logging.LogRecord("absl", logging.ERROR, "/repo/jaxrec/x.py", 1, "ours", (), (ValueError, ValueError(), None))
+    ours = logging.LogRecord("absl", logging.ERROR, "/repo/jaxrec/x.py", 1, "ours", (),
+                             (ValueError, ValueError(), None))
     assert absl.filter(ours) and ours.exc_info is not None  # only orbax's
   finally:
     ckpt.close()

@@ -272,16 +272,24 @@ def drop_records_after(path: Path, step: int, *, evals_at_step: bool = False) ->
     path.write_text("".join(kept))
 
 
-def open_checkpointer(workdir: Path, max_to_keep: int, steps: int) -> Checkpointer:
-  """The workdir's Checkpointer; WorkdirConflictError when its newest checkpoint is past `steps`
-  (resuming would train nothing and report that later step as if asked for)."""
+def open_checkpointer(workdir: Path, max_to_keep: int, steps: int, *, init: Callable[[], TrainState],
+                      abstract: TrainState, shardings: TrainState,
+                      model_fn: Callable[[], Any]) -> tuple[Checkpointer, TrainState]:
+  """The workdir's Checkpointer and the state to train from: its newest checkpoint restored into
+  `abstract` with `shardings` (a run of another device count too: `table_rows_used(model_fn)`), else
+  `init()`. WorkdirConflictError when the newest checkpoint is past `steps` (resuming would train
+  nothing and report that later step as if asked for). When anything fails, the Checkpointer is closed."""
   ckpt = Checkpointer(workdir, max_to_keep=max_to_keep)
-  latest = ckpt.latest_step()
-  if latest is not None and latest > steps:
+  try:
+    latest = ckpt.latest_step()
+    if latest is not None and latest > steps:
+      raise WorkdirConflictError(f"{workdir} holds a checkpoint at step {latest:,}, past --train.steps {steps:,}: "
+                                 f"pass --train.steps {latest} or more to go on from it, or --fresh to start over")
+    state = init() if latest is None else ckpt.restore(abstract, shardings, table_rows_used=table_rows_used(model_fn))
+  except BaseException:
     ckpt.close()
-    raise WorkdirConflictError(f"{workdir} holds a checkpoint at step {latest:,}, past --train.steps {steps:,}: pass "
-                               f"--train.steps {latest} or more to go on from it, or --fresh to start over")
-  return ckpt
+    raise
+  return ckpt, state
 
 
 class StepClock:
@@ -347,13 +355,8 @@ def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   model_fn = lambda: build_model(schema, cfg.model, row_multiple=n_dev)  # noqa: E731
   graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
 
-  ckpt = open_checkpointer(workdir, cfg.train.max_to_keep, cfg.train.steps)
-  try:
-    state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
-                                                                     table_rows_used=table_rows_used(model_fn))
-  except BaseException:
-    ckpt.close()
-    raise
+  ckpt, state = open_checkpointer(workdir, cfg.train.max_to_keep, cfg.train.steps, init=init, abstract=abstract,
+                                  shardings=state_sh, model_fn=model_fn)
   start = int(state.step)
 
   train_bsh = batch_shardings(mesh, train_src.has_truth)

@@ -35,7 +35,8 @@ from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.data.errors import DataSpecError
 from jaxrec.data.pipeline import train_iterator
-from jaxrec.data.sources import AdsWorldSource, _world, check_stream_length, check_stream_name  # _world: the one shared world per config
+# _world: the one shared world per config
+from jaxrec.data.sources import AdsWorldSource, _world, check_stream_length, check_stream_name
 from jaxrec.data.user_history import HistoryConfig, HistorySource, UserHistory, add_history, user_history
 from jaxrec.models.user_tower import UserTowerConfig, build_user_tower
 from jaxrec.progress import progress
@@ -124,13 +125,8 @@ def train_user_model(cfg: UserModelConfig, workdir: Path) -> dict:
   (workdir / TABLE_FILE).write_text(json.dumps({"row_multiple": n_dev}) + "\n")
   model_fn = lambda: build_user_tower(schema, cfg.model, row_multiple=n_dev)  # noqa: E731
   graphdef, init, abstract, state_sh = plan_train_state(model_fn, tx, mesh)
-  ckpt = open_checkpointer(workdir, cfg.train.max_to_keep, steps)
-  try:
-    state = init() if ckpt.latest_step() is None else ckpt.restore(abstract, state_sh,
-                                                                     table_rows_used=table_rows_used(model_fn))
-  except BaseException:
-    ckpt.close()
-    raise
+  ckpt, state = open_checkpointer(workdir, cfg.train.max_to_keep, steps, init=init, abstract=abstract,
+                                  shardings=state_sh, model_fn=model_fn)
   start = int(state.step)
   train_bsh, eval_bsh = batch_shardings(mesh, True), batch_shardings(mesh, True)
   train_step = make_train_step(graphdef, tx, cfg.optim, state_sh, train_bsh)
