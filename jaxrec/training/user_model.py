@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxrec.config import config_from_dict, config_to_dict
+from jaxrec.config import config_from_dict
 from jaxrec.data.adsworld import AdsWorld, AdsWorldConfig
 from jaxrec.data.batch import Batch, Schema
 from jaxrec.data.errors import DataSpecError
@@ -43,7 +43,7 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
-from jaxrec.training.loop import (LoopConfig, StepClock, WorkdirConflictError, append_jsonl, checked_mean_loss,
+from jaxrec.training.loop import (LoopConfig, StepClock, append_jsonl, checked_mean_loss,
                                   drop_records_after, open_checkpointer, prepare_workdir,
                                   releases_workdir_lock)
 from jaxrec.training.state import TrainState, merge_model, plan_train_state, table_rows_used

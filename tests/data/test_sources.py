@@ -1,7 +1,5 @@
 """Data specs, batch sources and the grain pipeline."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 

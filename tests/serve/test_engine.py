@@ -1,6 +1,5 @@
 """serve.engine: scores match the model, dynamic batching splits them back, no compiles after start."""
 
-import concurrent.futures
 import dataclasses
 import queue
 import threading
