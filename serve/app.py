@@ -27,6 +27,9 @@ of the offending value (e.g. "candidates[3].features.ad_price") or null:
     503 overloaded         more than max_in_flight rank requests at once (refused before parsing the
                            body), the engine's queue is full, or the request outwaited
                            request_timeout_s; carries Retry-After (seconds)
+
+A client that closes the connection before its body has arrived gets nothing; /metrics counts the
+request under code="499".
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from serve.engine import EngineClosed, Overloaded, RankResponse, SwapError
 from serve.metrics import CONTENT_TYPE, HttpMetrics, render
@@ -57,6 +61,9 @@ from serve.request import RankRequest, RequestError
 __all__ = ["ApiError", "Candidate", "HttpConfig", "RankBody", "RankReply", "create_app"]
 
 MAX_ABS_INT = 2**63 - 1  # larger JSON integers are refused before they reach float() or int64
+CLIENT_CLOSED = 499
+"""the status recorded (nginx's convention) for a request whose client closed the connection before
+its body arrived: no answer reaches anyone, and it is not a server error"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +110,8 @@ class RankBody(_Strict):
   user_id: int | None = Field(default=None, ge=0, le=MAX_ABS_INT,
                               description="the user, for models with a user tower (SUM); optional otherwise")
   features: Features = Field(default_factory=dict, description="request-level features, shared by every candidate")
-  candidates: list[Candidate] = Field(description="the items to score, at most the model's max_candidates")
+  candidates: list[Candidate] = Field(min_length=1, description="the items to score, at least one and at most "
+                                      "the model's max_candidates (GET /v1/models)")
 
 
 class ScoredCandidate(BaseModel):
@@ -116,6 +124,12 @@ class RankReply(BaseModel):
   model_version: int = Field(description="the checkpoint step that scored this request")
   user_embedding_source: Literal["direct", "fresh", "failover", "fallback"] | None = Field(
       description="where the user embedding came from (SUM models); null for plain rankers")
+  user_embedding_version: int | None = Field(
+      default=None, description="the user-model checkpoint step that wrote the served embedding (the newest of "
+      "the averaged ones); null for plain rankers and the fallback embedding")
+  user_embedding_age_s: int | None = Field(
+      default=None, description="seconds since the served embedding was written; null for plain rankers and the "
+      "fallback embedding")
   candidates: list[ScoredCandidate] = Field(description="in request order")
 
 
@@ -286,6 +300,8 @@ def _reply(name: str, resp: RankResponse, item_ids: list[int]) -> bytes:
   return to_json({  # pydantic's Rust serializer: a fifth of json.dumps's time for 200 candidates
       "model": name, "model_version": int(resp.model_version),
       "user_embedding_source": None if ue is None else ue.source,
+      "user_embedding_version": None if ue is None or ue.version < 0 else ue.version,
+      "user_embedding_age_s": None if ue is None or ue.age_s < 0 else ue.age_s,
       "candidates": [{"item_id": i, "scores": dict(zip(objectives, r))} for i, r in zip(item_ids, rows)],
   })
 
@@ -332,6 +348,8 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
       body = RankBody.model_validate_json(await request.body())
     except ValidationError as e:
       return _validation_error(e.errors())
+    except ClientDisconnect:  # the client hung up before sending its body: nobody to answer, not a 5xx
+      return Response(status_code=CLIENT_CLOSED)
     eng = engine_for(request, body.model)
     req = RankRequest(features=body.features, candidates=[c.features for c in body.candidates],
                       user_id=body.user_id)

@@ -32,6 +32,7 @@ old checkpoint stays.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -240,8 +241,11 @@ class Engine:
     self._worker: threading.Thread | None = None
     self.batches_run: dict[int, int] = {b: 0 for b in cfg.buckets}
     """how many batches each bucket has run"""
-    self._counts = {"requests": 0, "rows": 0, "failed_batches": 0, "failed_requests": 0, "swaps": 0}
-    self._batch_hist: dict[str, int] = {}
+    self._counts = {"requests": 0, "rows": 0, "failed_batches": 0, "failed_requests": 0, "swaps": 0,
+                    "failed_swaps": 0}
+    # every bin from the start (a batch holds at most max_rows requests): a histogram whose bins
+    # appear over time gives wrong increases to a scraper
+    self._batch_hist: dict[str, int] = {str(1 << i): 0 for i in range(int(_batch_bins(cfg.max_rows)).bit_length())}
 
   @property
   def ranker(self) -> LoadedRanker:
@@ -308,13 +312,24 @@ class Engine:
     serving the old one meanwhile), then replaces the served ranker between two batches: requests
     in flight or queued never fail, each is scored wholly by the old or the new one. Raises
     SwapError, and keeps serving the old ranker, if the new one has another schema or graph."""
-    with self._swap_lock:
+    with self._swap_lock, self._counting_refusals():
       self._check_swappable(ranker)
-      active = self._prepare(ranker, compile_steps=self._worker is not None)
-      self._active = active  # one reference assignment: the worker sees the old or the new whole
-      with self._stats_lock:
-        self._counts["swaps"] += 1
+      self._activate(self._prepare(ranker, compile_steps=self._worker is not None))
     return ranker.version
+
+  def _activate(self, active: _Active) -> None:
+    self._active = active  # one reference assignment: the worker sees the old or the new whole
+    with self._stats_lock:
+      self._counts["swaps"] += 1
+
+  @contextlib.contextmanager
+  def _counting_refusals(self):
+    try:
+      yield
+    except SwapError:
+      with self._stats_lock:
+        self._counts["failed_swaps"] += 1
+      raise
 
   def _check_swappable(self, ranker: LoadedRanker) -> None:
     """SwapError unless `ranker` has the served one's schema, graph and parameter shapes."""
@@ -329,8 +344,12 @@ class Engine:
 
   def reload(self) -> dict:
     """Hot-swaps in the newest checkpoint of the served ranker's workdir (see `swap`); returns
-    {"version": ranker step, "user_model_version": user-model step or None}."""
-    with self._swap_lock:
+    {"version": ranker step, "user_model_version": user-model step or None}.
+
+    A new user model and the new ranker are both compiled first and then switched in together, so
+    that the old ranker never reads the new user model's embeddings while the new one compiles
+    (embeddings already cached stay and age out: the cache mixes versions by design)."""
+    with self._swap_lock, self._counting_refusals():
       ranker = self._active.ranker
       if ranker.workdir is None:
         raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
@@ -338,30 +357,37 @@ class Engine:
         new = load_ranker(ranker.workdir)
       except Exception as e:  # noqa: BLE001 - unreadable, partial or deleted checkpoint, bad config: keep serving
         raise SwapError(f"cannot load the newest checkpoint of {ranker.workdir}: {type(e).__name__}: {e}") from None
-      if self.users is None:
-        return {"version": self.swap(new), "user_model_version": None}
-      try:
-        tower = load_user_model(self.users.embedder.tower.workdir)
-      except Exception as e:  # noqa: BLE001 - as above, for the user model
-        raise SwapError(f"cannot load the newest user model of {self.users.embedder.tower.workdir}: "
-                        f"{type(e).__name__}: {e}") from None
-      self._check_swappable(new)  # before the user model is swapped, so that a bad ranker swaps nothing
-      if tower.step != self.users.version:
+      embedder = None
+      if self.users is not None:
         try:
-          self.users.set_tower(tower)
+          tower = load_user_model(self.users.embedder.tower.workdir)
+        except Exception as e:  # noqa: BLE001 - as above, for the user model
+          raise SwapError(f"cannot load the newest user model of {self.users.embedder.tower.workdir}: "
+                          f"{type(e).__name__}: {e}") from None
+      self._check_swappable(new)  # before anything compiles: a bad ranker swaps nothing
+      if self.users is not None and tower.step != self.users.version:
+        try:
+          embedder = self.users.prepare_tower(tower)
         except ValueError as e:
           raise SwapError(str(e)) from None
-      return {"version": self.swap(new), "user_model_version": self.users.version}
+      active = self._prepare(new, compile_steps=self._worker is not None)
+      if embedder is not None:
+        self.users.use_embedder(embedder)
+      self._activate(active)
+      return {"version": new.version, "user_model_version": None if self.users is None else self.users.version}
 
   # ---- introspection
 
   def describe(self) -> dict:
-    """JSON-able description of what is served: {"version", "dense": [names], "sparse": [{"name",
-    "vocab_size", "max_len"}], "objectives": [labels], "max_candidates", "user_model": None or
-    {"workdir", "version", "embedding_dim", "features": [the tower's request features], "cache": {...}}}."""
+    """JSON-able description of what is served: {"version", "dense": [names a request may send],
+    "sparse": [{"name", "vocab_size", "max_len"}], "server_filled": [dense features the server fills
+    (user_emb_*), never sent], "objectives": [labels], "max_candidates", "user_model": None or
+    {"workdir", "version", "embedding_dim", "features": [the tower's request features], "dense",
+    "sparse" (those features, as above), "cache": {...}}}."""
     r, s = self._active.ranker, self.schema
-    return {"version": r.version, "dense": list(s.dense),
+    return {"version": r.version, "dense": [n for n in s.dense if n not in self._server_filled],
             "sparse": [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len} for f in s.sparse],
+            "server_filled": [n for n in s.dense if n in self._server_filled],
             "objectives": list(s.labels), "max_candidates": self.cfg.max_candidates,
             "user_model": None if self.users is None else self.users.describe()}
 

@@ -185,7 +185,8 @@ _ENGINE_COUNTERS = {
     "rows": "Candidate rows the engine scored (padding excluded).",
     "failed_batches": "Batches whose step raised (their requests failed).",
     "failed_requests": "Requests failed by a failed batch.",
-    "swaps": "Hot swaps of the served checkpoint.",
+    "swaps": "Hot swaps done (every successful reload counts, also one that found the same checkpoint step).",
+    "failed_swaps": "Hot swaps or reloads refused (SwapError: the served checkpoint was kept).",
 }
 _CACHE_TIERS = {  # ERCache counter (jaxrec.cache.ercache.COUNTERS) -> (family, tier)
     "direct_hits": ("hits", "direct"), "direct_misses": ("misses", "direct"),
@@ -198,7 +199,14 @@ _CACHE_OTHER = {
     "fallbacks": "User rows served the default user embedding (nothing cached young enough).",
     "writes": "User embeddings written to the cache.",
 }
-_CACHE_GAUGES = {"refresh_queued": "Users waiting for a background (SOAP) refresh of their embedding."}
+_CACHE_GAUGES = {"refresh_queued": "Refresh requests waiting for the SOAP worker (one per served batch that had "
+                                    "users not served from the direct tier)."}
+_SYNC_COUNTERS = {  # serve.user_embedding.UserEmbeddings.stats() in sync mode
+    "sync_inferences": "Sync mode: batches whose user-model inference finished within the deadline.",
+    "sync_timeouts": "Sync mode: batches whose user-model inference missed the deadline (failover tier served).",
+    "sync_errors": "Sync mode: batches whose user-model inference raised (failover tier served).",
+    "sync_unusable": "Sync mode: requests whose fresh embedding was non-finite or too large (not cached or served).",
+}
 
 
 def _metric_name(key: str) -> str:
@@ -232,9 +240,10 @@ def write_engine_stats(out: Exposition, model: str, stats: Mapping) -> None:
     elif key == "batch_requests_hist" and isinstance(value, Mapping):
       bins = sorted((int(k), int(n)) for k, n in value.items())
       bounds = [b for b, _ in bins]
-      total = float(sum(b * n for b, n in bins))  # bins are upper bounds: the sum is an upper bound too
-      out.add_histogram("jaxrec_engine_batch_requests", "Requests per batch (bucket bounds are powers of two; "
-                        "_sum counts each batch at its bound).", bounds, [n for _, n in bins] + [0], total, m)
+      # every batch's requests are in stats["requests"]: the exact sum, not the bins' bounds
+      total = float(stats.get("requests", sum(b * n for b, n in bins)))
+      out.add_histogram("jaxrec_engine_batch_requests", "Requests per batch (bucket bounds are powers of two, "
+                        "all present from the start).", bounds, [n for _, n in bins] + [0], total, m)
     elif key == "queue_depth" and _is_number(value):
       out.add("jaxrec_engine_queue_depth", "gauge", "Requests waiting in the engine's queue.", value, m)
     elif key == "version" and _is_number(value):
@@ -276,10 +285,14 @@ def _write_user_embedding(out: Exposition, m: Labels, stats: Mapping) -> None:
       out.add(f"jaxrec_cache_{key}", "gauge", _CACHE_GAUGES[key], value, m)
     else:  # the SOAP worker's counters (jaxrec.cache.soap.WORKER_COUNTERS)
       out.add(f"jaxrec_cache_{_metric_name(key)}_total", "counter", f"SOAP refresh worker: {key}.", value, m)
+  for key, help_text in _SYNC_COUNTERS.items():
+    if _is_number(stats.get(key)):
+      out.add(f"jaxrec_cache_{key}_total", "counter", help_text, stats[key], m)
   if _is_number(stats.get("users_kept")):
     out.add("jaxrec_user_embedding_users_kept", "gauge", "Users whose tower features are kept for refresh.",
             stats["users_kept"], m)
-  out.add("jaxrec_user_embedding_refresh_error", "gauge", "1 while the refresh worker's last attempt failed.",
+  out.add("jaxrec_user_embedding_refresh_error", "gauge",
+          "1 while the user model's last attempt (a SOAP refresh, or a sync-mode inference) failed.",
           int(stats.get("last_error") is not None), m)
 
 

@@ -343,6 +343,11 @@ class UserEmbeddings:
   def set_tower(self, tower: FrozenUserTower) -> None:
     """Hot-swaps the user model: compiles it for every batch size here, then refreshes (and sync
     mode's inferences) use it."""
+    self.use_embedder(self.prepare_tower(tower))
+
+  def prepare_tower(self, tower: FrozenUserTower) -> "TowerEmbedder":
+    """A new user model checked against the served one and compiled for every batch size here;
+    nothing is swapped until `use_embedder` (ValueError if it cannot replace the served one)."""
     if tower.out_features != self.embedder.dim:
       raise ValueError(f"the new user model makes {tower.out_features}-wide embeddings, the served one "
                        f"{self.embedder.dim}")
@@ -350,8 +355,11 @@ class UserEmbeddings:
     if tower.schema != self.embedder.schema or set(model.user_sparse) | set(model.user_dense) != self.features:
       raise ValueError("the new user model reads other features (or another schema) than the served one; "
                        "start a new engine for it")
-    embedder = TowerEmbedder(tower, self._tower_sizes, self.device)
-    self.soap.set_user_model(functools.partial(self._user_model, embedder), tower.step)
+    return TowerEmbedder(tower, self._tower_sizes, self.device)
+
+  def use_embedder(self, embedder: "TowerEmbedder") -> None:
+    """Refreshes (and sync mode's inferences) use `embedder` (from `prepare_tower`) from now on."""
+    self.soap.set_user_model(functools.partial(self._user_model, embedder), embedder.tower.step)
     self.embedder = embedder
 
   # ---- the compiled step
@@ -419,10 +427,13 @@ class UserEmbeddings:
           self.soap.last_error = (f"embeddings non-finite or beyond |{self.cfg.max_abs_embedding:g}| for "
                                   f"{unusable} requests")
           self._count(sync_unusable=unusable)
+        else:
+          self.soap.last_error = None
       except concurrent.futures.TimeoutError:
         # not started (still behind an earlier slow call): dropped, so slow calls never pile up
         # behind one another and later batches wait only for their own
         future.cancel()
+        self.soap.last_error = f"the user model missed its {self.cfg.sync_deadline_ms:g} ms deadline"
         self._count(sync_timeouts=1)
       except Exception as e:  # noqa: BLE001 - a failed user model serves the failover tier, never fails the batch
         log.warning("user model failed on %d requests: %r", int(need.sum()), e)
@@ -490,9 +501,15 @@ class UserEmbeddings:
     return {**out, **sync} if self.cfg.mode == "sync" else out
 
   def describe(self) -> dict:
-    """{"workdir", "version", "embedding_dim", "features": [the tower's request features], "cache": {config}}."""
+    """{"workdir", "version", "embedding_dim", "features": [the tower's request features], "dense": [those
+    that are numbers], "sparse": [{"name", "vocab_size", "max_len"} of those that are ids], "cache":
+    {config}, "rankers"}."""
+    u = self.embedder.schema
     return {"workdir": str(self.embedder.tower.workdir), "version": self.version, "embedding_dim": self.embedder.dim,
-            "features": sorted(self.features), "cache": dataclasses.asdict(self.cfg), "rankers": self.holders}
+            "features": sorted(self.features), "dense": [n for n in u.dense if n in self.features],
+            "sparse": [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len}
+                       for f in u.sparse if f.name in self.features],
+            "cache": dataclasses.asdict(self.cfg), "rankers": self.holders}
 
 
 def load_user_embeddings(ranker_workdir: Path, configured: str, cfg: UserCacheConfig, ranker_schema: Schema,

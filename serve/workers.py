@@ -13,9 +13,10 @@ it does several times that. With `--workers N` the work splits:
 Every worker accepts on the one listening socket the engine process bound (the kernel spreads the
 connections), so the port is as before. The engines, ERCache tiers and SOAP workers stay single:
 a user's requests share one cache whichever worker parses them. `/metrics` sums every worker's
-HTTP counters (each reports its own every second and when it serves /metrics) with the engines'
-stats; `/admin/reload` runs in the engine process. Workers never touch the accelerator (they run
-with JAX_PLATFORMS=cpu and only numpy), and live in their own process group: SIGINT/SIGTERM to the
+HTTP counters (each reports its own every second and when it serves /metrics, so the other
+workers' HTTP counters can trail the engines' by up to a second) with the engines' stats;
+`/admin/reload` runs in the engine process. Workers never touch the accelerator (they run with
+JAX_PLATFORMS=cpu and only numpy), and live in their own process group: SIGINT/SIGTERM to the
 engine process is forwarded once to each worker, which drains its in-flight requests, and then the
 engines drain. A worker that dies is reported and not restarted; the server stops when none is left.
 A worker also stops when the engine process goes away.
@@ -85,7 +86,7 @@ class Bridge:
   answers come back as their batches finish. Messages are tuples over multiprocessing connections:
 
       worker -> engine   ("rank", rid, model, EncodedRequest) | ("call", rid, method, args)
-                         | ("metrics", worker, snapshot)
+                         | ("metrics", worker, (seq, snapshot))
       engine -> worker   ("done", rid, result, exception)
   """
 
@@ -97,7 +98,7 @@ class Bridge:
     self.authkey = secrets.token_bytes(32)
     self._listener = multiprocessing.connection.Listener(self.address, family="AF_UNIX", authkey=self.authkey)
     self._lock = threading.Lock()
-    self._snapshots: dict[int, dict] = {}
+    self._snapshots: dict[int, tuple[int, dict]] = {}  # worker -> its newest (seq, HTTP snapshot)
     self.hellos = 0
     self._hello = threading.Condition(self._lock)
     self._conns: list = []
@@ -168,8 +169,7 @@ class Bridge:
         elif kind == "call":  # rare (schemas, stats, reload): off this thread, a reload takes seconds
           threading.Thread(target=self._call, args=(out, *msg[1:]), name="bridge-call", daemon=True).start()
         elif kind == "metrics":
-          with self._lock:
-            self._snapshots[msg[1]] = msg[2]
+          self._keep_newest(msg[1], msg[2])
     except (EOFError, OSError):
       pass
     finally:
@@ -199,11 +199,19 @@ class Bridge:
   def _do_example(self, name: str) -> dict:
     return self.registry.get(name).example_request()
 
-  def _do_metrics(self, worker: int, snapshot: dict) -> tuple[dict, dict]:
-    """(every worker's HTTP counters summed, {model: engine stats})."""
+  def _keep_newest(self, worker: int, numbered: tuple[int, dict]) -> None:
+    """Stores a worker's (seq, snapshot) unless a newer one is stored: pushes are stored on the
+    connection's thread and /metrics calls on their own, so they can arrive out of order, and an
+    older snapshot would take the counters backwards."""
     with self._lock:
-      self._snapshots[worker] = snapshot
-      snaps = list(self._snapshots.values())
+      if numbered[0] > self._snapshots.get(worker, (-1, None))[0]:
+        self._snapshots[worker] = numbered
+
+  def _do_metrics(self, worker: int, numbered: tuple[int, dict]) -> tuple[dict, dict]:
+    """(every worker's HTTP counters summed, {model: engine stats})."""
+    self._keep_newest(worker, numbered)
+    with self._lock:
+      snaps = [snap for _, snap in self._snapshots.values()]
     reg = self.registry
     return HttpMetrics.merged(snaps).snapshot(), {n: reg.engines[n].stats() for n in reg.names}
 
@@ -357,8 +365,14 @@ def worker_main(args: WorkerArgs, sock: socket.socket) -> None:
   registry = RemoteRegistry(link, hello)
   metrics = HttpMetrics()
 
+  seq, seq_lock = itertools.count(), threading.Lock()
+
+  def numbered() -> tuple[int, dict]:  # taken in seq order: a higher seq never holds older counts
+    with seq_lock:
+      return next(seq), metrics.snapshot()
+
   def source():
-    snap, stats = link.call("metrics", args.index, metrics.snapshot(), timeout=30.0)
+    snap, stats = link.call("metrics", args.index, numbered(), timeout=30.0)
     return HttpMetrics.merged([snap]), stats
 
   app = create_app(registry, args.http, admin_token=args.admin_token, metrics=metrics, metrics_source=source)
@@ -366,7 +380,7 @@ def worker_main(args: WorkerArgs, sock: socket.socket) -> None:
   def push():
     while True:
       time.sleep(METRICS_PUSH_S)
-      link.push("metrics", args.index, metrics.snapshot())
+      link.push("metrics", args.index, numbered())
 
   threading.Thread(target=push, name="metrics-push", daemon=True).start()
   gc.freeze()

@@ -23,9 +23,9 @@ Shapes: user ids are pairs (hi, lo) of u32 [B] (`split_keys(int64 ids)`, on the 
 as FALLBACK, write nothing and count nowhere). All functions are pure and jit-compiled,
 `f(state, ...) -> (state, ...)`; nothing leaves the device. They donate the state, so that the
 tiers are updated in place or passed through, never copied: the state passed in is dead
-afterwards (keep only the returned one). Cumulative counters (u32 scalars, wrapping at 2**32;
-see `COUNTERS`) ride in the state for a metrics exporter to read off the request path with
-`read_counters`.
+afterwards (keep only the returned one). Cumulative counters (64-bit, as u32 [2] pairs (hi, lo)
+with a carry: a request-rate counter in u32 would wrap within days; see `COUNTERS`) ride in the
+state for a metrics exporter to read off the request path with `read_counters`.
 
 Serving loop, synchronously (the server decides `ok`: inference succeeded within its deadline):
 
@@ -127,7 +127,7 @@ class ERCacheState:
   direct: HashTable  # values [Cd, D]: the stabilized embedding
   failover: HashTable  # values [Cf, m * D]: ring of the last m embeddings, `writes` counts them
   fallback: jax.Array  # [D] default embedding
-  counters: dict  # name (COUNTERS) -> u32 scalar, cumulative
+  counters: dict  # name (COUNTERS) -> u32 [2] (hi, lo), cumulative (`counter_values`)
   config: ERCacheConfig = struct.field(pytree_node=False)
 
   @classmethod
@@ -141,18 +141,27 @@ class ERCacheState:
                               max_probes=min(config.direct_max_probes, config.direct_capacity))
     fail = HashTable.create(config.failover_capacity, config.stabilize_m * config.dim, dtype=dtype,
                             max_probes=min(config.failover_max_probes, config.failover_capacity))
-    return cls(direct, fail, fb, {k: jnp.zeros((), jnp.uint32) for k in COUNTERS}, config)
+    return cls(direct, fail, fb, {k: jnp.zeros((2,), jnp.uint32) for k in COUNTERS}, config)
+
+
+def counter_values(counters) -> dict[str, int]:
+  """{name: int} from a state's counters ({name: u32 [2] (hi, lo)}, on device or host)."""
+  return {k: (int(v[0]) << 32) | int(v[1]) for k, v in jax.device_get(counters).items()}
 
 
 def read_counters(state: ERCacheState) -> dict[str, int]:
   """Host copy of the cumulative counters (one device-to-host transfer; not for the hot path)."""
-  return {k: int(v) for k, v in jax.device_get(state.counters).items()}
+  return counter_values(state.counters)
 
 
 def _count(state: ERCacheState, **add) -> ERCacheState:
+  """Adds to 64-bit counters kept as u32 (hi, lo): one add is below 2**32 (a batch's rows), so
+  one carry suffices."""
   counters = dict(state.counters)
   for k, v in add.items():
-    counters[k] = counters[k] + jnp.asarray(v).astype(jnp.uint32)
+    hi, lo = counters[k][0], counters[k][1]
+    new_lo = lo + jnp.asarray(v).astype(jnp.uint32)
+    counters[k] = jnp.stack([hi + (new_lo < lo).astype(jnp.uint32), new_lo])
   return state.replace(counters=counters)
 
 
@@ -295,5 +304,5 @@ def resolve_after_inference(state: ERCacheState, user_ids: Keys, now, looked_up:
   return state, _mask(state, valid, _merge(good, fresh, _merge(need, stale, looked_up)))
 
 
-__all__ = ["COUNTERS", "ERCacheConfig", "ERCacheState", "Keys", "Served", "Source", "direct_fresh",
+__all__ = ["COUNTERS", "ERCacheConfig", "ERCacheState", "Keys", "Served", "Source", "counter_values", "direct_fresh",
            "failover", "latest", "lookup", "read_counters", "resolve_after_inference", "split_keys", "write"]

@@ -125,6 +125,7 @@ class SoapCache:
     self._closed = threading.Event()
     self._thread: threading.Thread | None = None
     self.last_error: str | None = None
+    """why the last refresh attempt failed; None once one succeeds"""
 
   # -- lifecycle
 
@@ -302,6 +303,8 @@ class SoapCache:
     with self._lock:
       self._state = ercache.write(self._state, keys, emb, self._clock(), version, valid)
     self._count(refresh_written=n - bad)
+    if not bad:
+      self.last_error = None  # `last_error` describes the last attempt: this one succeeded
 
   # -- bookkeeping
 
@@ -343,7 +346,7 @@ class SoapCache:
     with self._idle:
       out = dict(self._counters)
     out["refresh_queued"] = self._queue.qsize()
-    return {**{k: int(v) for k, v in jax.device_get(cache).items()}, **out}
+    return {**ercache.counter_values(cache), **out}
 
 
 __all__ = ["SoapCache", "SoapConfig", "UserModel", "WORKER_COUNTERS", "bucket"]

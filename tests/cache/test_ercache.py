@@ -376,3 +376,18 @@ def test_a_write_at_exactly_the_failover_ttl_starts_a_new_ring():
     state, s = ercache.lookup(state, ids, gap)
     assert Source(int(s.source[0])) == Source.DIRECT
     assert float(s.embedding[0, 0]) == pytest.approx(want), gap
+
+
+def test_counters_carry_past_2_to_the_32():
+  """A request-rate counter passes 2**32 in days: the state's counters are 64-bit (u32 hi, lo with a
+  carry), not u32 scalars that wrap to small values."""
+  state = ERCacheState.create(_cfg(2, 5, 1))
+  near = jnp.asarray([0, 2**32 - 2], jnp.uint32)
+  state = state.replace(counters={**state.counters, "direct_misses": near,
+                                  "writes": jnp.asarray([7, 2**32 - 1], jnp.uint32)})
+  state, _ = ercache.lookup(state, split_keys(np.arange(4, dtype=np.int64)), 10)
+  state = ercache.write(state, split_keys(np.arange(4, dtype=np.int64)), jnp.ones((4, D)), 10, 1)
+  c = read_counters(state)
+  assert c["direct_misses"] == 2**32 + 2
+  assert c["writes"] == (8 << 32) + 3
+  assert c["direct_hits"] == 0

@@ -123,6 +123,7 @@ def test_a_failing_user_model_is_counted_and_the_failover_tier_covers():
     soap.set_user_model(embed(0), version=2)  # the worker survived all of it
     soap.serve([2])
     assert soap.wait_idle(5)
+    assert soap.last_error is None  # it describes the last attempt, which succeeded
     assert _sources(soap.serve([2])) == ["DIRECT"]
 
 

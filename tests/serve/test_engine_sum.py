@@ -12,7 +12,9 @@ import pytest
 
 from jaxrec.data.batch import batch_from_numpy
 from jaxrec.training.user_model import load_user_model, train_user_model
+from serve import metrics
 from serve.engine import Engine, EngineConfig, load_ranker, open_engine
+from serve.metrics import HttpMetrics
 from serve.request import RankRequest, RequestError, concat_rows
 from serve.user_embedding import UserCacheConfig
 from tests.serve.test_engine import SMOKE as RANKER_SMOKE
@@ -323,6 +325,11 @@ def test_describe_example_and_stats(engine, dirs):
   assert um["version"] == 10 and um["embedding_dim"] == 8 and um["workdir"] == str(dirs[0])
   assert {"user_id", "user_segment", "user_activity", "hist_ads", "hist_ctr_logit"} <= set(um["features"])
   assert um["cache"]["direct_ttl_s"] == 60 and um["cache"]["stabilize_m"] == 1
+  # what a client sends is listed with its type; the user_emb_* inputs the server fills are apart
+  assert not any(n.startswith("user_emb_") for n in d["dense"]) and len(d["server_filled"]) == um["embedding_dim"]
+  assert set(um["dense"]) | {f["name"] for f in um["sparse"]} == set(um["features"])
+  hist_ads = next(f for f in um["sparse"] if f["name"] == "hist_ads")
+  assert hist_ads["max_len"] > 1 and hist_ads["vocab_size"] > 0
   body = json.loads(json.dumps(engine.example_request()))
   assert isinstance(body["user_id"], int) and "hist_ads" in body["features"] and len(body["candidates"]) == 3
   assert not any(k.startswith("user_emb_") for k in [*body["features"], *body["candidates"][0]])
@@ -398,6 +405,9 @@ def test_sync_miss_runs_the_user_model_for_the_request(sync_engine, reference, s
   st = eng.stats()["user_embedding"]
   assert st["mode"] == "sync" and st["sync_inferences"] >= 3 and st["sync_timeouts"] == st["sync_errors"] == 0
   assert st["cache"]["refresh_enqueued"] == 0  # nothing goes to the background worker
+  page = metrics.render(HttpMetrics(), {"sum": eng.stats()})  # sync mode's own counters are exported
+  for key in ("sync_inferences", "sync_timeouts", "sync_errors", "sync_unusable"):
+    assert f'jaxrec_cache_{key}_total{{model="sum"}} {st[key]}' in page
   assert compiles == [], f"compiled after start, on threads {compiles}"
 
 
@@ -419,11 +429,13 @@ def test_sync_failing_or_slow_user_model_serves_failover_or_fallback(sync_engine
     new = eng.rank(sum_request(eng, 70 + int(delay_s or 0), 2, rng), timeout=30)
     assert new.user_embedding.source == "fallback"
     assert eng.stats()["user_embedding"][counter] == before + 2
+    assert eng.stats()["user_embedding"]["last_error"] is not None
   finally:
     eng.users.embedder = real
   if delay_s:
     time.sleep(delay_s)  # the slow calls still run, one after the other: let them finish
   assert eng.rank(known, timeout=30).user_embedding.source == "fresh"
+  assert eng.stats()["user_embedding"]["last_error"] is None  # the last attempt succeeded
   assert eng.stats()["failed_batches"] == 0
   assert compiles == [], f"compiled after start, on threads {compiles}"
 

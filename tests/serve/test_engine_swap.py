@@ -106,6 +106,7 @@ def test_reload_under_load(tmp_path, compiles):
     with pytest.raises(SwapError, match="graph or parameter shapes differ"):
       eng.swap(load_ranker(other))
     assert eng.rank(reqs[0], timeout=30).model_version == 8
+    assert (eng.stats()["swaps"], eng.stats()["failed_swaps"]) == (1, 1)
   finally:
     eng.close()
 
@@ -130,7 +131,18 @@ def test_reload_sum_under_load_stabilizes_across_user_models(tmp_path, compiles)
       train_user_model(tower, user_dir)
       assert ranker.main(["--workdir", str(ranker_dir), "--data.user_model", str(user_dir)] + RANKER_SMOKE[:-4]
                          + ["--train.steps", "8", "--train.checkpoint_every", "4"]) == 0
+      prepare, during_compile = eng._prepare, []
+
+      def recording(*args, **kwargs):  # which user model refreshes while the new ranker compiles
+        during_compile.append(eng.users.version)
+        return prepare(*args, **kwargs)
+
+      eng._prepare = recording
       assert eng.reload() == {"version": 8, "user_model_version": 15}
+      del eng._prepare
+      # the new user model was switched in with the new ranker, not before the ranker compiled (the
+      # old ranker would have read its embeddings meanwhile)
+      assert during_compile == [10]
       assert load.wait_for(lambda v: v == (8, 10))  # the new ranker; cached embeddings still of model 10
       clock.t += 60  # direct TTL: stale (failover) embeddings served while user model 15 refreshes them
       assert load.wait_for(lambda v: v == (8, 15))

@@ -83,7 +83,9 @@ def test_models_healthz_openapi(client):
           "/admin/reload"} <= set(spec["paths"])
   schemas = spec["components"]["schemas"]
   assert {"model", "user_id", "features", "candidates"} == set(schemas["RankBody"]["properties"])
-  assert set(schemas["RankReply"]["properties"]) == {"model", "model_version", "user_embedding_source", "candidates"}
+  assert set(schemas["RankReply"]["properties"]) == {"model", "model_version", "user_embedding_source",
+                                                     "user_embedding_version", "user_embedding_age_s", "candidates"}
+  assert schemas["RankBody"]["properties"]["candidates"]["minItems"] == 1  # the schema says what is refused
   assert client.get("/v1/models/nope/example").status_code == 404
 
 
@@ -110,7 +112,7 @@ def _cand(**features):
      "out of range"),
     ({"model": "tiny", "features": {"nope": 1}, "candidates": [_cand()]}, 422, "features.nope", "unknown feature"),
     ({"model": "tiny", "candidates": [_cand()] * 49}, 422, "candidates", "49 candidates, at most 48"),
-    ({"model": "tiny", "candidates": []}, 422, "candidates", "at least one"),
+    ({"model": "tiny", "candidates": []}, 422, "candidates", "at least 1 item"),
     ({"model": "tiny", "user_id": -1, "candidates": [_cand()]}, 422, "user_id", "greater than or equal"),
     ({"candidates": [_cand()]}, 422, "model", "required"),
     ({"model": "tiny", "candidates": [_cand()], "extra": 1}, 422, "extra", "not permitted"),
@@ -185,7 +187,7 @@ def test_admin_reload_needs_the_token(client, registry):
   r = client.post("/admin/reload", params={"model": "tiny"}, headers={"authorization": f"Bearer {TOKEN}"})
   assert r.status_code == 200, r.text
   assert r.json()["reloaded"]["tiny"]["version"] == 4
-  assert registry.get("tiny").stats()["swaps"] == 1
+  assert registry.get("tiny").stats()["swaps"] == 1 and registry.get("tiny").stats()["failed_swaps"] == 0
   with TestClient(create_app(registry, HttpConfig())) as no_admin:  # no token configured
     r = no_admin.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 403 and "admin disabled" in r.json()["error"]["message"]
@@ -250,9 +252,41 @@ def test_metrics_exposition_counts_requests(client, example):
   assert sum(v for k, v in after.items() if k.startswith("jaxrec_engine_batches_total{")) > 0
   assert after['jaxrec_engine_queue_depth{model="tiny"}'] == 0
   assert after['jaxrec_engine_model_version{model="tiny"}'] == 4
+  # requests per batch: every bin up to max_rows from the first scrape on (bins appearing later give a
+  # scraper wrong increases), and _sum is the requests themselves, not the bins' bounds
+  bins = [k for k in before if k.startswith('jaxrec_engine_batch_requests_bucket{model="tiny"')]
+  assert bins == [k for k in after if k.startswith('jaxrec_engine_batch_requests_bucket{model="tiny"')]
+  assert len(bins) == (SMALL.max_rows - 1).bit_length() + 2  # 1, 2, 4, ..., the power of two >= max_rows, +Inf
+  assert after['jaxrec_engine_batch_requests_sum{model="tiny"}'] == after[engine]
   parser = pytest.importorskip("prometheus_client.parser")  # a second, independent parse
   families = {f.name for f in parser.text_string_to_metric_families(client.get("/metrics").text)}
   assert {"jaxrec_http_requests", "jaxrec_http_request_duration_seconds", "jaxrec_engine_batches"} <= families
+
+
+def test_a_client_that_hangs_up_before_its_body_is_not_a_server_error(client, registry):
+  """A request whose client closes the connection mid-body: counted as 499 (nginx's "client closed
+  request"), not a 500 with a traceback."""
+  app = client.app
+  scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+           "path": "/v1/rank", "raw_path": b"/v1/rank", "query_string": b"", "root_path": "",
+           "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+           "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+  parts = [{"type": "http.request", "body": b'{"model":', "more_body": True}, {"type": "http.disconnect"}]
+
+  async def receive():
+    return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+  sent = []
+
+  async def send(message):
+    sent.append(message)
+
+  before = _scrape(client)
+  asyncio.run(app(scope, receive, send))  # raises nothing
+  after = _scrape(client)
+  closed = 'jaxrec_http_requests_total{path="/v1/rank",model="",code="499"}'
+  assert after[closed] == before.get(closed, 0) + 1
+  assert not any(k.startswith("jaxrec_http_requests_total") and 'code="500"' in k for k in after)
 
 
 def _gate(engine):
@@ -416,6 +450,7 @@ def test_reload_of_an_unreadable_checkpoint_is_409_and_keeps_serving(run_dir, ex
       r = c.post("/admin/reload", headers=auth)
       assert r.status_code == 409 and "schema.json" in r.json()["error"]["message"], r.text
       assert c.post("/v1/rank", json=example).json() == before  # the served checkpoint stayed
+      assert _scrape(c)['jaxrec_engine_failed_swaps_total{model="tiny"}'] == 2
   finally:
     reg.close()
 

@@ -45,10 +45,13 @@ def test_sum_ranker_over_http(client):
 
   first = client.post("/v1/rank", json=example).json()
   assert first["user_embedding_source"] == "fallback" and len(first["candidates"]) == len(example["candidates"])
+  assert first["user_embedding_version"] is None and first["user_embedding_age_s"] is None
   deadline = time.monotonic() + 30  # the SOAP worker writes the user's embedding off the request path
-  while (src := client.post("/v1/rank", json=example).json()["user_embedding_source"]) != "direct":
-    assert src in ("fallback", "fresh") and time.monotonic() < deadline
+  while (reply := client.post("/v1/rank", json=example).json())["user_embedding_source"] != "direct":
+    assert reply["user_embedding_source"] in ("fallback", "fresh") and time.monotonic() < deadline
     time.sleep(0.05)
+  # which user model wrote the served embedding, and how long ago
+  assert reply["user_embedding_version"] == model["user_model"]["version"] and reply["user_embedding_age_s"] >= 0
 
   m = _scrape(client)
   assert m['jaxrec_user_embedding_served_total{model="sum",source="fallback"}'] >= 1

@@ -82,6 +82,24 @@ def test_metrics_merge_sums_counts_and_histograms():
   assert sum(merged["age"]["m"][0]) == 1
 
 
+def test_bridge_keeps_each_workers_newest_metrics_snapshot(registry):
+  """A worker's periodic push and the snapshot sent with a /metrics call are stored on different
+  threads: one arriving late must not replace a newer one (the counters would go backwards)."""
+  bridge = Bridge(registry, num_workers=2)
+  try:
+    old, new = HttpMetrics(), HttpMetrics()
+    old.observe("/v1/rank", "tiny", 200, 0.01)
+    for _ in range(3):
+      new.observe("/v1/rank", "tiny", 200, 0.01)
+    bridge._keep_newest(0, (5, new.snapshot()))
+    http, _ = bridge._do_metrics(0, (4, old.snapshot()))  # sent before seq 5, stored after it
+    assert http["counts"] == {("/v1/rank", "tiny", 200): 3}
+    http, _ = bridge._do_metrics(1, (0, old.snapshot()))  # another worker's counts add up
+    assert http["counts"] == {("/v1/rank", "tiny", 200): 4}
+  finally:
+    bridge.close()
+
+
 def test_bridge_and_link_rank_and_map_errors(registry):
   bridge = Bridge(registry, num_workers=1)
   try:
