@@ -224,16 +224,28 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
   return cls(**kwargs)
 
 
-def _help(leaves: list[_Leaf], prog: str, description: str) -> str:
+def _fixed_hint(name: str, fixed: dict[str, str]) -> str | None:
+  """The hint of the `fixed` entry that names field `name` or a group holding it, else None."""
+  return next((hint for f, hint in fixed.items() if name == f or name.startswith(f + ".")), None)
+
+
+def _help(leaves: list[_Leaf], prog: str, description: str, fixed: dict[str, str]) -> str:
   lines = [f"usage: {prog} [-h] [--FIELD VALUE | --FIELD=VALUE ...]", ""]
   if description:
     lines += [description.strip(), ""]
   lines.append("fields (a bool also takes a bare --FIELD for true, --no-FIELD for false):")
   for leaf in leaves:
+    if _fixed_hint(leaf.name, fixed) is not None:
+      continue
     default = "required" if leaf.default is _MISSING else f"default: {_format(leaf.default) or repr('')}"
     lines.append(f"  --{leaf.name} {_type_name(leaf.tp)}  ({default})")
     for para in leaf.help.split("\n\n"):  # each paragraph re-wrapped
       lines += textwrap.wrap(" ".join(para.split()), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+  if fixed:
+    lines.append("set by the program, not options:")
+    for f, hint in fixed.items():
+      group = any(leaf.name.startswith(f + ".") for leaf in leaves)
+      lines.append(f"  --{f}{'.*' if group else ''}  ({hint})")
   return "\n".join(lines) + "\n"
 
 
@@ -243,11 +255,14 @@ def _fail(prog: str, message: str) -> typing.NoReturn:
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str, description: str,
-                 base: T | None = None, aliases: dict[str, str] | None = None) -> T:
+                 base: T | None = None, aliases: dict[str, str] | None = None,
+                 fixed: dict[str, str] | None = None) -> T:
   """Builds a `cls` from its defaults (or from `base`, e.g. a smoke config) and `--a.b VALUE` overrides.
 
   argv: the arguments without the program name; None reads sys.argv[1:].
   aliases: short spellings of fields, e.g. {"steps": "train.steps"} makes `--steps N` set train.steps.
+  fixed: {field or group: hint} for fields the program sets itself (e.g. a nested run config's
+  workdir): left out of --help (listed apart with the hint), and refused on the command line.
   `--help` prints every field and exits 0; a bad argument prints one line to stderr and exits 2.
   """
   if not _is_config(cls):
@@ -259,11 +274,15 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str, desc
   groups |= {g.rsplit(".", i)[0] for g in groups for i in range(g.count(".") + 1)}
   values = {leaf.name: leaf.default for leaf in leaves}
   aliases = dict(aliases or {})
+  fixed = dict(fixed or {})
+  for f in fixed:
+    if f not in by_name and f not in groups:
+      raise TypeError(f"parse_config: fixed --{f} names no field or group")
   for short, full in aliases.items():
     if full not in by_name or short in by_name:
       raise TypeError(f"parse_config: alias --{short} -> --{full} does not name a field or shadows one")
   if "-h" in argv or "--help" in argv:
-    print(_help(leaves, prog, description), end="")
+    print(_help(leaves, prog, description, fixed), end="")
     if aliases:
       print("aliases: " + ", ".join(f"--{a} = --{f}" for a, f in aliases.items()))
     sys.exit(0)
@@ -287,6 +306,8 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str, desc
         _fail(prog, f"--{name} is a group of fields; set one of them, e.g. --{inside[0]}")
       close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.6)
       _fail(prog, f"unknown field --{raw}" + (f"; did you mean --{close[0]}?" if close else ""))
+    if (hint := _fixed_hint(name, fixed)) is not None:
+      _fail(prog, f"--{name} is not an option here: the program sets it ({hint})")
     if negated:
       if has_value:
         _fail(prog, f"--no-{name} takes no value")

@@ -1,5 +1,8 @@
-"""Ctrl-C and SIGTERM in the command-line entrypoints: one line and exit status 128 + the signal's number
-(130 for Ctrl-C, 143 for SIGTERM), never a traceback.
+"""Ctrl-C and SIGTERM in the command-line entrypoints (train.*, serve.replay, serve.loadgen,
+serve.bench_engine): one line and exit status 128 + the signal's number (130 for Ctrl-C, 143 for
+SIGTERM), never a traceback. `python -m serve` takes either signal as "stop": it drains the requests in
+flight and exits 0. The kernel benchmarks (kernels_pallas, which does not import jaxrec) print one line
+and exit 130 on Ctrl-C.
 
 SIGTERM is what `kill`, `timeout`, Slurm and Kubernetes send. Python's default ends the process on the
 spot, so a training run lost the checkpoint it was writing; within `sigterm_interrupts()` it raises

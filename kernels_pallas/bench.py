@@ -276,5 +276,16 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def exit_with(main) -> None:
+  """sys.exit(main()); Ctrl-C is one line and exit status 130, not a traceback (outputs are written
+  at the end of a sweep, so an interrupted one writes none)."""
+  try:
+    status = main()
+  except KeyboardInterrupt:
+    print("interrupted (Ctrl-C): no outputs written", file=sys.stderr)
+    status = 130
+  sys.exit(status)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main)

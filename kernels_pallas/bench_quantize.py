@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.bench import parse_sweep_args, sweep_parser, time_us, within
+from kernels_pallas.bench import exit_with, parse_sweep_args, sweep_parser, time_us, within
 from kernels_pallas.fp8_quantize_sm90 import fp8_quantize, fp8_quantize_reference, hbm_bytes
 
 M_SWEEP = (4096, 16384, 65536)
@@ -115,7 +115,8 @@ def write_csv(rows: list[dict], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
   p = sweep_parser("python -m kernels_pallas.bench_quantize", __doc__.split("\n\n")[0],
                    "also write quantize.csv here")
-  p.add_argument("--in-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+  p.add_argument("--in-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                 help="dtype of the operand quantized (default bfloat16)")
   a, on_gpu, smoke = parse_sweep_args(p, argv)
   rows = run(SMOKE if smoke else full_sweep(), jnp.dtype(a.in_dtype), a.iters, on_gpu, a.seconds)
   if a.out is not None:
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_with(main)

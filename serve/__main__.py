@@ -44,6 +44,7 @@ class ServeConfig:
   host: str = "127.0.0.1"
   """interface to bind (loopback by default; 0.0.0.0 exposes the server to the network)"""
   port: int = 8000
+  """TCP port to listen on (0: any free port, printed when serving starts)"""
   admin_token: str | None = None
   """token for /admin/* (Authorization: Bearer TOKEN); none reads JAXREC_ADMIN_TOKEN, and without
   either the admin endpoints answer 403"""
@@ -61,7 +62,7 @@ class ServeConfig:
   """a JSON file of per-model overrides of --engine.*: {model name: {field: value, "user_cache": {...}}}"""
   http: HttpConfig = HttpConfig()
   workers: int = 1
-  """HTTP worker processes: 1 serves HTTP in this process; N > 1 spawns N processes that parse,
+  """HTTP worker processes, 1 to 64: 1 serves HTTP in this process; N > 1 spawns N processes that parse,
   validate and encode requests in front of this process's engines (one Python process tops out near
   770 requests/s of 200 candidates; serve.workers)"""
 

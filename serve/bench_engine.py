@@ -74,9 +74,9 @@ def run(workdir: Path, threads: int, candidates: int, seconds: float, cfg: Engin
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m serve.bench_engine", description=__doc__.split("\n\n")[0])
   p.add_argument("--workdir", default="runs/demo", help="a ranker run (default runs/demo)")
-  p.add_argument("--threads", type=int, default=32)
-  p.add_argument("--candidates", type=int, default=200)
-  p.add_argument("--seconds", type=float, default=15.0)
+  p.add_argument("--threads", type=int, default=32, help="client threads submitting requests (default 32)")
+  p.add_argument("--candidates", type=int, default=200, help="candidates per request (default 200)")
+  p.add_argument("--seconds", type=float, default=15.0, help="how long to measure (default 15)")
   a = p.parse_args(argv)
   try:
     r = run(Path(a.workdir), a.threads, a.candidates, a.seconds)

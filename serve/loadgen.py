@@ -19,7 +19,7 @@ The report (printed, and written as JSON to --out): requests/s answered and answ
 percentiles (ms) of all answers (latency_ms: 503s included, transport errors not) and of 200s
 (ok_latency_ms, the one the printed line leads with), counts by status code, transport errors, drops,
 and in open mode how late the sends went out (send_lag_ms).
-Everything stops after `duration` s plus at most `timeout_s` for requests in flight. Ctrl-C or
+Everything stops after `warmup` + `duration` s plus at most `timeout_s` for requests in flight. Ctrl-C or
 SIGTERM stops it early: the report then covers the time until then, says `interrupted` (the signal's
 name), and the exit status is 130 or 143. The exit status is 1 when requests went out and none was
 answered (e.g. the server went away).

@@ -246,17 +246,30 @@ def test_user_model_takes_ads_world_stream_names_only(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ranker.data.world.seed", "7"], "ranker.data.world is set by the study, not by --ranker.data.world (set --world.*"),
-    (["--tower.data.world.num_users", "500"], "tower.data.world is set by the study"),
-    (["--ranker.model.seed", "9"], "ranker.model.seed is set by the study, not by --ranker.model.seed (set --seeds"),
-    (["--ranker.data.user_model", "/nowhere"], "ranker.data.user_model is set by the study"),
-    (["--tower.fresh"], "tower.fresh is set by the study"),
+    (["--ranker.data.world.seed", "7"], "--ranker.data.world.seed is not an option here: the program sets it (set "
+     "--world.* instead)"),
+    (["--tower.data.world.num_users", "500"], "--tower.data.world.num_users is not an option here"),
+    (["--ranker.model.seed", "9"], "--ranker.model.seed is not an option here: the program sets it (set --seeds"),
+    (["--ranker.data.user_model", "/nowhere"], "--ranker.data.user_model is not an option here"),
+    (["--tower.fresh"], "--tower.fresh is not an option here: the program sets it (set --fresh instead)"),
     (["--ranker.data.eval", "adsworld:train"], "--data.train and --data.eval are the same data"),
 ])
 def test_sum_study_refuses_settings_it_would_override_or_fail_on_late(argv, message, capsys):
   from train import sum_study
   err = _config_refusal(sum_study.main, argv, capsys)
   assert message in err and err.count("\n") == 1
+
+
+def test_sum_study_help_leaves_out_what_the_study_sets(capsys):
+  from train import sum_study
+  with pytest.raises(SystemExit):
+    sum_study.main(["--help"])
+  out = capsys.readouterr().out
+  fields, fixed = out.split("set by the program, not options:")
+  options = [line.split()[0] for line in fields.splitlines() if line.startswith("  --")]
+  assert "--world.num_users" in options and "--ranker.train.steps" in options
+  assert not [o for o in options if ".world." in o or o.endswith(".fresh") or o == "--ranker.model.seed"]
+  assert "  --ranker.data.world.*  (set --world.* instead)" in fixed
 
 
 def test_sum_study_checks_the_rankers_mesh_before_training_the_user_model(tmp_path, capsys):

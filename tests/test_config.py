@@ -239,3 +239,21 @@ def test_ranker_accepts_the_issue_short_steps_flag():
   from train.ranker import ALIASES, Args
   args = parse_config(Args, ["--steps", "7"], prog="p", description="", aliases=ALIASES)
   assert args.train.steps == 7
+
+
+def test_fixed_fields_are_left_out_of_help_and_refused(capsys):
+  fixed = {"data": "the program reads its own data", "fresh": "set --workdir instead"}
+  with pytest.raises(SystemExit):
+    _parse("--help", fixed=fixed)
+  out = capsys.readouterr().out
+  assert "--data.batch_size" not in out and "  --fresh bool" not in out and "--steps int" in out
+  assert "  --data.*  (the program reads its own data)" in out and "  --fresh  (set --workdir instead)" in out
+  for argv in (["--data.batch_size", "8"], ["--no-fresh"]):
+    with pytest.raises(SystemExit) as info:
+      _parse(*argv, fixed=fixed)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not an option here: the program sets it" in err and err.count("\n") == 1
+  assert _parse("--steps", "5", fixed=fixed).steps == 5
+  with pytest.raises(TypeError, match="names no field or group"):
+    _parse(fixed={"nope": "x"})

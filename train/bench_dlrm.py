@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--small", action="store_true", help="CPU smoke size: batch 1024, 1000 rows per table")
   p.add_argument("--batch", type=int, default=None, help="global batch size (default 65536, small 1024)")
   p.add_argument("--rows", type=int, default=None, help="rows per table (default 200000, small 1000)")
-  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                 help="compute dtype (default bfloat16)")
   p.add_argument("--steps", type=int, default=None, help="steps per timed loop (default 30, small 3)")
-  p.add_argument("--repeats", type=int, default=3, help="timed loops; the median is reported")
+  p.add_argument("--repeats", type=int, default=3, help="timed loops; the median is reported (default 3)")
   a = p.parse_args(argv)
   for name in ("batch", "rows", "steps", "repeats"):
     if getattr(a, name) is not None and getattr(a, name) < 1:

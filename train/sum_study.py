@@ -27,7 +27,7 @@ from jaxrec.precision.plan import PlanError
 from jaxrec.training.checkpoint import CheckpointError
 from jaxrec.training.loop import LoopConfig, TrainingDivergedError, WorkdirConflictError
 from jaxrec.training.sharding import MeshError
-from jaxrec.training.sum_study import SumStudyConfig, run_sum_study
+from jaxrec.training.sum_study import SET_BY_STUDY, SumStudyConfig, run_sum_study
 from jaxrec.training.user_model import UserDataConfig, UserModelConfig
 
 
@@ -58,7 +58,8 @@ def smoke() -> SumStudyConfig:
 
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
-  args = parse_config(Args, argv, prog="python -m train.sum_study", description=__doc__.split("\n\n")[0])
+  args = parse_config(Args, argv, prog="python -m train.sum_study", description=__doc__.split("\n\n")[0],
+                      fixed=SET_BY_STUDY)
   try:
     out = run_sum_study(args.study_config(), args.workdir)
   except (DataSpecError, WorkdirConflictError, TrainingDivergedError, PlanError, MeshError, CheckpointError) as e:

@@ -54,6 +54,13 @@ VARIANTS = ("base", "sum")  # without / with the user embedding
 TASKS = ("click", "conversion")
 
 
+SET_BY_STUDY = {"tower.data.world": "set --world.* instead", "ranker.data.world": "set --world.* instead",
+                "ranker.data.user_model": "it trains its own", "ranker.model.seed": "set --seeds instead",
+                "tower.fresh": "set --fresh instead", "ranker.fresh": "set --fresh instead"}
+"""fields of the nested run configs that the study sets itself (not options: `python -m train.sum_study`'s
+--help leaves them out), with what to set instead"""
+
+
 def small_ranker() -> RankerConfig:
   """The downstream ranker of the study: a small DCNv2 on about 1M examples (a world day and a half)."""
   return RankerConfig(
@@ -94,15 +101,15 @@ class SumStudyConfig:
     if parse_spec(self.ranker.data.train).format != "adsworld":
       raise ValueError(f"the study needs the ads world; ranker.data.train is {self.ranker.data.train!r}")
     train_eval_specs(self.ranker.data)  # the same data or shared rows: refused now, not after the user model
-    set_by_study = {"tower.data.world": (self.tower.data.world, AdsWorldConfig(), "set --world.* instead"),
-                    "ranker.data.world": (self.ranker.data.world, AdsWorldConfig(), "set --world.* instead"),
-                    "ranker.data.user_model": (self.ranker.data.user_model, "", "it trains its own"),
-                    "ranker.model.seed": (self.ranker.model.seed, 0, "set --seeds instead"),
-                    "tower.fresh": (self.tower.fresh, False, "set --fresh instead"),
-                    "ranker.fresh": (self.ranker.fresh, False, "set --fresh instead")}
-    for name, (value, default, hint) in set_by_study.items():
+    set_by_study = {"tower.data.world": (self.tower.data.world, AdsWorldConfig()),
+                    "ranker.data.world": (self.ranker.data.world, AdsWorldConfig()),
+                    "ranker.data.user_model": (self.ranker.data.user_model, ""),
+                    "ranker.model.seed": (self.ranker.model.seed, 0),
+                    "tower.fresh": (self.tower.fresh, False),
+                    "ranker.fresh": (self.ranker.fresh, False)}
+    for name, (value, default) in set_by_study.items():
       if value != default:
-        raise ValueError(f"{name} is set by the study, not by --{name} ({hint})")
+        raise ValueError(f"{name} is set by the study, not by --{name} ({SET_BY_STUDY[name]})")
 
 
 def ranker_variant(cfg: SumStudyConfig, user_model: str, seed: int) -> RankerConfig:

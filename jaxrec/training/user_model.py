@@ -8,6 +8,7 @@ checkpoint in `workdir`. It writes there:
     checkpoints/<step>/   orbax checkpoints of the TrainState
     user_model.json       the full UserModelConfig (what marks a user-model workdir)
     schema.json           the feature schema the tower was built for (ads world + history)
+    table.json            {"row_multiple": n}: the fused table's rows were rounded up to a multiple of n
     embedding_stats.json  per-dimension mean and std of the embeddings over training-stream rows,
                           for the final checkpoint of every run that finished in the workdir
     metrics.jsonl         training loss and eval metrics (overall and per domain "d<k>/...")

@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 from kernels_pallas import bench
 
 
@@ -91,3 +93,18 @@ def test_empty_out_is_a_usage_error(tmp_path, capsys, monkeypatch):
         mod.main(["--smoke", "--iters", "1", "--out", out])
       assert e.value.code == 2 and "argument --out: needs a directory, got an empty path" in capsys.readouterr().err
   assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+  from kernels_pallas.bench import exit_with
+
+  def interrupted():
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as info:
+    exit_with(interrupted)
+  assert info.value.code == 130
+  assert capsys.readouterr().err == "interrupted (Ctrl-C): no outputs written\n"
+  with pytest.raises(SystemExit) as info:
+    exit_with(lambda: 1)
+  assert info.value.code == 1
