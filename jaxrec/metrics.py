@@ -148,7 +148,8 @@ class MetricAccumulator:
     t/base_rate                             weighted mean label
     t/oracle_ne                             NE of true_probs on the same rows (only when given)
   A metric that is undefined for the collected rows (no positives, say) is NaN rather than an error, so
-  one rare task cannot stop an evaluation; a task with no rows reports count 0 and NaN elsewhere.
+  one rare task cannot stop an evaluation. A task whose rows all have weight 0 reports count 0 and NaN
+  elsewhere; when nothing was added at all, only t/count (0) is reported.
   Malformed values (NaN probabilities, labels not 0/1) still raise ValueError.
 
   It keeps every row (AUC needs them all): about 25 bytes per row and task.

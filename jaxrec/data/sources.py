@@ -48,7 +48,8 @@ class DataConfig:
   eval_batch_size: int = 4096
   """eval batch size (the last batch is padded with weight-0 rows)"""
   eval_examples: int = 200_000
-  """how many examples an ads-world eval stream holds (real data: the whole eval split)"""
+  """how many examples an ads-world eval stream holds, rounded up to whole eval batches (real data: the
+  whole eval split)"""
   eval_fraction: float = 0.2
   """fraction of rows in the @eval split of a file"""
   split_seed: int = 0
@@ -229,10 +230,13 @@ def train_eval_specs(cfg: DataConfig) -> tuple[DataSpec, DataSpec]:
   return train_spec, eval_spec
 
 
-def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSource, BatchSource]:
+def open_train_eval(cfg: DataConfig, train_examples: int = 0,
+                    eval_span: int | None = None) -> tuple[BatchSource, BatchSource]:
   """The training and eval sources of a DataConfig, with the eval spec defaulted and checked.
 
-  `train_examples` (steps x batch size) lets an ads-world eval stream cover the training period.
+  `train_examples` (steps x batch size): what the training stream must hold. An ads-world eval
+  stream is spread over the first `eval_span` examples of its stream (default `train_examples`: the
+  training period).
   """
   train_spec, eval_spec = train_eval_specs(cfg)
   files = "adsworld" not in (train_spec.format, eval_spec.format)
@@ -246,7 +250,8 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0) -> tuple[BatchSour
                                         seed=cfg.split_seed)
     train, evl = ExamplesSource(tr_ex, seed=cfg.shuffle_seed), ExamplesSource(ev_ex, seed=cfg.shuffle_seed)
   else:
-    train, evl = open_source(train_spec, cfg), open_source(eval_spec, cfg, train_examples)
+    train = open_source(train_spec, cfg)
+    evl = open_source(eval_spec, cfg, train_examples if eval_span is None else eval_span)
     check_stream_length(train, train_examples, "--train.steps x --data.batch_size")
     if isinstance(evl, AdsWorldSource):
       check_stream_length(evl, evl.eval_examples_read(cfg.eval_batch_size),

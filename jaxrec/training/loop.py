@@ -9,6 +9,8 @@
                           --model.precision_plan names a file), so the run restores and serves
                           after that file moves
     schema.json           the feature schema the model was built for
+    eval_span.json        the training period (examples) an ads-world eval is spread over, kept from
+                          the run's first start so that a resume with more steps evaluates the same rows
     metrics.jsonl         one JSON object per log or eval event
     summary.json          final eval metrics, steps, examples/s
     curves.png            training curves
@@ -120,8 +122,32 @@ class WorkdirConflictError(ValueError):
 
 
 TRAINED_PLAN = "trained_plan.json"
+EVAL_SPAN = "eval_span.json"
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json", "probe_stats.npz",
-             TRAINED_PLAN)
+             TRAINED_PLAN, EVAL_SPAN)
+
+
+def eval_span(workdir: Path, examples: int) -> int:
+  """The training period, in examples, an ads-world eval stream is spread over: `examples` (steps x
+  batch size) when the run starts, and on resume the value its first start saved in
+  WORKDIR/eval_span.json. The eval rows depend on it, so a run resumed with more --train.steps
+  evaluates the rows it evaluated before and its metrics.jsonl stays one curve over one eval set
+  (its eval then covers the first start's period, said on stderr)."""
+  path = workdir / EVAL_SPAN
+  if has_checkpoint(workdir) and path.exists():
+    try:
+      saved = int(json.loads(path.read_text())["examples"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+      raise WorkdirConflictError(f"{path} is unreadable ({type(e).__name__}: {e}), so the run in {workdir} cannot "
+                                 "be resumed on its eval rows; pass --fresh to start over, or use another "
+                                 "--workdir") from None
+    if saved != examples:
+      print(f"note: evaluating on the rows this run evaluated before (spread over its first start's "
+            f"{saved:,} training examples, not over {examples:,}), so that its eval records stay comparable",
+            file=sys.stderr)
+    return saved
+  path.write_text(json.dumps({"examples": examples}) + "\n")
+  return examples
 
 
 def make_workdir(path: str | Path) -> Path:
@@ -346,7 +372,8 @@ def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   mesh = sharding.training_mesh(cfg.train.num_devices, cfg.data.batch_size, cfg.data.eval_batch_size)
   prepare_workdir(cfg, workdir)
   pin_precision_plan(cfg.model.precision_plan, plan, workdir)
-  train_src, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
+  examples = cfg.train.steps * cfg.data.batch_size
+  train_src, eval_src = open_train_eval(cfg.data, examples, eval_span(workdir, examples))
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
 

@@ -8,6 +8,7 @@ checkpoint in `workdir`. It writes there:
     checkpoints/<step>/   orbax checkpoints of the TrainState
     user_model.json       the full UserModelConfig (what marks a user-model workdir)
     schema.json           the feature schema the tower was built for (ads world + history)
+    eval_span.json        the training period the eval is spread over (kept from the first start)
     table.json            {"row_multiple": n}: the fused table's rows were rounded up to a multiple of n
     embedding_stats.json  per-dimension mean and std of the embeddings over training-stream rows,
                           for the final checkpoint of every run that finished in the workdir
@@ -44,8 +45,8 @@ from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.checkpoint import Checkpointer
 from jaxrec.training.domain_eval import evaluate_by_domain, flatten
-from jaxrec.training.loop import (LoopConfig, StepClock, append_jsonl, checked_mean_loss,
-                                  drop_records_after, open_checkpointer, prepare_workdir,
+from jaxrec.training.loop import (EVAL_SPAN, LoopConfig, StepClock, append_jsonl, checked_mean_loss,
+                                  drop_records_after, eval_span, open_checkpointer, prepare_workdir,
                                   releases_workdir_lock)
 from jaxrec.training.state import TrainState, merge_model, plan_train_state, table_rows_used
 from jaxrec.training.step import OptimConfig, batch_shardings, dense_optimizer, make_eval_step, make_train_step
@@ -54,7 +55,7 @@ CONFIG_FILE = "user_model.json"
 TABLE_FILE = "table.json"  # {"row_multiple": n}: the fused table's rows were rounded up to a multiple of n
 STATS_FILE = "embedding_stats.json"
 STATS_BATCHES = 16  # training-stream batches (spread over the run) the standardisation statistics use
-RUN_FILES = ("metrics.jsonl", "summary.json", CONFIG_FILE, "schema.json", TABLE_FILE, STATS_FILE)
+RUN_FILES = ("metrics.jsonl", "summary.json", CONFIG_FILE, "schema.json", TABLE_FILE, STATS_FILE, EVAL_SPAN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ class UserDataConfig:
   eval_batch_size: int = 4096
   """eval batch size"""
   eval_examples: int = 100_000
-  """eval examples, spread evenly over the period training covered"""
+  """eval examples (rounded up to whole eval batches), spread evenly over the period training covered"""
   world: AdsWorldConfig = AdsWorldConfig()
   """the synthetic ads world (downstream rankers must use the same one)"""
   history: HistoryConfig = HistoryConfig()
@@ -98,11 +99,12 @@ class UserModelError(DataSpecError):
   """A user-model workdir is missing, is not one, has no checkpoint, or does not fit the data."""
 
 
-def open_user_sources(cfg: UserDataConfig, train_examples: int) -> tuple[HistorySource, HistorySource]:
-  """(train, eval) ads-world sources with history features; eval spread over `train_examples`."""
+def open_user_sources(cfg: UserDataConfig, span: int) -> tuple[HistorySource, HistorySource]:
+  """(train, eval) ads-world sources with history features; eval spread over the stream's first
+  `span` examples (the training period, `loop.eval_span`)."""
   world = _world(cfg.world)
   train = HistorySource(AdsWorldSource(world, cfg.train, cfg.eval_examples), cfg.history)
-  evl = HistorySource(AdsWorldSource(world, cfg.eval, cfg.eval_examples, train_examples), cfg.history)
+  evl = HistorySource(AdsWorldSource(world, cfg.eval, cfg.eval_examples, span), cfg.history)
   return train, evl
 
 
@@ -114,7 +116,7 @@ def train_user_model(cfg: UserModelConfig, workdir: Path) -> dict:
   # before anything is written into the workdir
   mesh = sharding.training_mesh(cfg.train.num_devices, bs, cfg.data.eval_batch_size)
   prepare_workdir(cfg, workdir, run_files=RUN_FILES, config_file=CONFIG_FILE, what="a user model")
-  train_src, eval_src = open_user_sources(cfg.data, steps * bs)
+  train_src, eval_src = open_user_sources(cfg.data, eval_span(workdir, steps * bs))
   check_stream_length(train_src.base, steps * bs, "--train.steps x --data.batch_size")
   check_stream_length(eval_src.base, eval_src.base.eval_examples_read(cfg.data.eval_batch_size),
                       "the evaluation, spread over the training period,")

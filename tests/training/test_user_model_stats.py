@@ -14,9 +14,15 @@ def test_each_checkpoint_is_standardised_with_its_own_statistics(tmp_path):
   smoke = train_user.smoke()
   train_user_model(smoke, tmp_path)
   first = json.loads((tmp_path / "embedding_stats.json").read_text())
+  first_eval = json.loads((tmp_path / "summary.json").read_text())
   steps = smoke.train.steps
   train_user_model(dataclasses.replace(smoke, train=dataclasses.replace(smoke.train, steps=steps + 5)), tmp_path)
   saved = json.loads((tmp_path / "embedding_stats.json").read_text())
+  # the resumed run evaluates the rows of its first start's period (loop.eval_span): same oracle NE
+  span = json.loads((tmp_path / "eval_span.json").read_text())["examples"]
+  assert span == steps * smoke.data.batch_size
+  oracle = [k for k in first_eval if k.startswith("oracle_")]
+  assert oracle and all(json.loads((tmp_path / "summary.json").read_text())[k] == first_eval[k] for k in oracle)
   assert saved["step"] == steps + 5 and sorted(saved["by_step"]) == sorted([str(steps), str(steps + 5)])
   assert saved["by_step"][str(steps)]["mean"] == first["mean"]
   newest, older = load_user_model(tmp_path), load_user_model(tmp_path, step=steps)
