@@ -10,7 +10,8 @@ Endpoints (the OpenAPI schema is at /openapi.json, browsable at /docs):
     GET  /v1/models/{name}/example  a valid RankBody for that model (Engine.example_request())
     GET  /healthz                 {"status": "ok", "models": [...]}
     GET  /metrics                 Prometheus text exposition (serve.metrics)
-    POST /admin/reload[?model=]   hot swap to the newest checkpoint; `Authorization: Bearer TOKEN`
+    POST /admin/reload[?model=]   hot swap to the newest checkpoint (a model reloads with those that share
+                                  its user model); `Authorization: Bearer TOKEN`
 
 Errors are JSON `{"error": {"status", "type", "message", "field"}}` where `field` is the body path
 of the offending value (e.g. "candidates[3].features.ad_price") or null:
@@ -379,12 +380,15 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
 
   @app.get("/v1/models", summary="Served models, versions and feature schemas")
   async def models() -> dict:
-    return {"models": [{"name": n, **registry.engines[n].describe()} for n in registry.names]}
+    def describe_all():  # off the event loop: a worker process asks the engine process (serve.workers)
+      return [{"name": n, **registry.engines[n].describe()} for n in registry.names]
+    return {"models": await asyncio.to_thread(describe_all)}
 
   @app.get("/v1/models/{name}/example", responses={404: {"model": ErrorReply}},
            summary="A valid /v1/rank body for this model")
   async def example(name: str, request: Request) -> dict:
-    ex = engine_for(request, name).example_request()  # the engine's layout: candidates are feature dicts
+    # the engine's layout: candidates are feature dicts; off the event loop, as /v1/models
+    ex = await asyncio.to_thread(engine_for(request, name).example_request)
     body = {"model": name, **{k: v for k, v in ex.items() if k != "candidates"}}
     body["candidates"] = [{"item_id": i, "features": c} for i, c in enumerate(ex["candidates"])]
     return body

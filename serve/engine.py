@@ -57,7 +57,7 @@ from serve.scoring import ranker_probs
 from serve.user_embedding import MAX_WAIT_MS, UserCacheConfig, UserEmbeddings, embedding_columns, load_user_embeddings
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "LoadedRanker", "Overloaded", "RankResponse",
-           "RequestError", "SwapError", "UserEmbeddingInfo", "load_ranker", "open_engine"]
+           "RequestError", "SwapError", "UserEmbeddingInfo", "load_ranker", "open_engine", "reload_together"]
 
 CONTEXT_FEATURES = frozenset({"user_id", "user_segment", "user_activity", "device", "hour", "hour_sin",
                               "hour_cos", "domain", "placement"})
@@ -236,6 +236,7 @@ class Engine:
     self._swap_lock = threading.RLock()  # one swap or reload at a time
     self._stats_lock = threading.Lock()
     self._closed = False
+    self._close_args: tuple[bool, float | None] = (False, None)  # (drain, timeout) of the last close()
     self._stop = threading.Event()
     self._drain = True
     self._worker: threading.Thread | None = None
@@ -275,26 +276,40 @@ class Engine:
   def start(self) -> "Engine":
     """Compiles every bucket ahead of time, runs each once, and starts the worker thread (and the
     user model's refresh worker)."""
-    if self.users is not None:
-      self.users.start()
-      self._holds_users = True
-    self._active = self._prepare(self._active.ranker)
-    self._worker = threading.Thread(target=self._loop, name="jaxrec-serve-batcher", daemon=True)
-    self._worker.start()
+    try:
+      if self.users is not None:
+        self.users.start()
+        self._holds_users = True
+      self._active = self._prepare(self._active.ranker)
+      self._worker = threading.Thread(target=self._loop, name="jaxrec-serve-batcher", daemon=True)
+      self._worker.start()
+    except BaseException:  # a compile that fails must not leave the (shared) user model held
+      self.close(drain=False)
+      raise
     return self
 
   def close(self, drain: bool = True, timeout: float | None = None) -> None:
     """Stops taking requests. drain=True scores every queued request first; drain=False fails
-    them with EngineClosed. Returns when the worker has stopped."""
+    them with EngineClosed. Returns when the worker has stopped, or after `timeout` s: the worker
+    then goes on draining and lets go of the user model when it stops (a batch still running keeps
+    its user-model inference and failover path)."""
     with self._lock:
       self._closed = True
       self._drain = drain
+      self._close_args = (drain, timeout)
     self._stop.set()
     if self._worker is not None:
       self._worker.join(timeout)
+    if self._worker is None or not self._worker.is_alive():
+      self._release_users()
+
+  def _release_users(self) -> None:
+    """Once per start, however often called (close, and the worker as it stops after a close that
+    timed out): the user model may be shared, its last holder stops its refresh worker."""
     with self._lock:
       release, self._holds_users = self._holds_users, False
-    if release:  # once per start, however often close is called: the user model may be shared
+      drain, timeout = self._close_args
+    if release:
       self.users.close(drain=drain, timeout=timeout)
 
   def __enter__(self) -> "Engine":
@@ -343,38 +358,23 @@ class Engine:
                       "(another model config); start a new engine for it")
 
   def reload(self) -> dict:
-    """Hot-swaps in the newest checkpoint of the served ranker's workdir (see `swap`); returns
-    {"version": ranker step, "user_model_version": user-model step or None}.
+    """Hot-swaps in the newest checkpoint of the served ranker's workdir (see `swap`) and of its
+    user model; returns {"version": ranker step, "user_model_version": user-model step or None}.
+    `reload_together([self])`: a user model that other started engines share is refused here
+    (SwapError): reload those engines with this one (`reload_together`, `Registry.reload`)."""
+    return reload_together([self])[self]
 
-    A new user model and the new ranker are both compiled first and then switched in together, so
-    that the old ranker never reads the new user model's embeddings while the new one compiles
-    (embeddings already cached stay and age out: the cache mixes versions by design)."""
-    with self._swap_lock, self._counting_refusals():
-      ranker = self._active.ranker
-      if ranker.workdir is None:
-        raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
-      try:
-        new = load_ranker(ranker.workdir)
-      except Exception as e:  # noqa: BLE001 - unreadable, partial or deleted checkpoint, bad config: keep serving
-        raise SwapError(f"cannot load the newest checkpoint of {ranker.workdir}: {type(e).__name__}: {e}") from None
-      embedder = None
-      if self.users is not None:
-        try:
-          tower = load_user_model(self.users.embedder.tower.workdir)
-        except Exception as e:  # noqa: BLE001 - as above, for the user model
-          raise SwapError(f"cannot load the newest user model of {self.users.embedder.tower.workdir}: "
-                          f"{type(e).__name__}: {e}") from None
-      self._check_swappable(new)  # before anything compiles: a bad ranker swaps nothing
-      if self.users is not None and tower.step != self.users.version:
-        try:
-          embedder = self.users.prepare_tower(tower)
-        except ValueError as e:
-          raise SwapError(str(e)) from None
-      active = self._prepare(new, compile_steps=self._worker is not None)
-      if embedder is not None:
-        self.users.use_embedder(embedder)
-      self._activate(active)
-      return {"version": new.version, "user_model_version": None if self.users is None else self.users.version}
+  def _load_newest(self) -> LoadedRanker:
+    """The newest checkpoint of the served ranker's workdir, checked swappable; SwapError otherwise."""
+    ranker = self._active.ranker
+    if ranker.workdir is None:
+      raise SwapError("the served ranker was not loaded from a workdir (use load_ranker); nothing to reload")
+    try:
+      new = load_ranker(ranker.workdir)
+    except Exception as e:  # noqa: BLE001 - unreadable, partial or deleted checkpoint, bad config: keep serving
+      raise SwapError(f"cannot load the newest checkpoint of {ranker.workdir}: {type(e).__name__}: {e}") from None
+    self._check_swappable(new)
+    return new
 
   # ---- introspection
 
@@ -482,6 +482,12 @@ class Engine:
       return active.compiled[b](active.state, *args)
 
   def _loop(self) -> None:
+    try:
+      self._serve_queue()
+    finally:  # stopped by close(): if that close timed out, the user model is let go of only now
+      self._release_users()
+
+  def _serve_queue(self) -> None:
     carry: _Pending | None = None
     while True:
       if carry is None:
@@ -564,6 +570,54 @@ class Engine:
     for p in items:
       if p.future.set_running_or_notify_cancel():
         p.future.set_exception(EngineClosed("the engine closed without draining"))
+
+
+def reload_together(engines: list[Engine]) -> dict[Engine, dict]:
+  """Hot-swaps every engine to its workdir's newest ranker checkpoint and every user model they
+  consume to its newest checkpoint, all at once: each new ranker and user model is loaded, checked
+  and compiled first (while the old ones serve), then the user models and rankers are switched in
+  together, so that no ranker reads embeddings of a user model it was not trained with while another
+  compiles (embeddings already cached stay and age out: the cache mixes versions by design). Returns
+  {engine: {"version", "user_model_version"}}.
+
+  A user model is shared by every started engine that consumes it, so all of them must be in
+  `engines`. On any SwapError nothing is switched, and every engine counts a refused swap."""
+  users = {id(e.users): e.users for e in engines if e.users is not None}
+  with contextlib.ExitStack() as stack:
+    for e in sorted(set(engines), key=id):  # one lock order for every caller
+      stack.enter_context(e._swap_lock)
+    try:
+      for u in users.values():
+        inside = sum(1 for e in set(engines) if e.users is u and e._holds_users)
+        if u.holders > inside:
+          raise SwapError(f"the user model {str(u.embedder.tower.workdir)!r} is shared with {u.holders - inside} "
+                          "other served ranker(s): reload them together (python -m serve's /admin/reload "
+                          "without ?model=, or with any one of them, does)")
+      new = {e: e._load_newest() for e in engines}
+      towers = {}
+      for key, u in users.items():
+        workdir = u.embedder.tower.workdir
+        try:
+          tower = load_user_model(workdir)
+        except Exception as e:  # noqa: BLE001 - as for the ranker: keep serving
+          raise SwapError(f"cannot load the newest user model of {workdir}: {type(e).__name__}: {e}") from None
+        if tower.step != u.version:
+          try:
+            towers[key] = u.prepare_tower(tower)
+          except ValueError as e:
+            raise SwapError(str(e)) from None
+      actives = {e: e._prepare(r, compile_steps=e._worker is not None) for e, r in new.items()}
+    except SwapError:
+      for e in set(engines):
+        with e._stats_lock:
+          e._counts["failed_swaps"] += 1
+      raise
+    for key, embedder in towers.items():
+      users[key].use_embedder(embedder)
+    for e, active in actives.items():
+      e._activate(active)
+  return {e: {"version": new[e].version, "user_model_version": None if e.users is None else e.users.version}
+          for e in engines}
 
 
 def _monotonic_s() -> int:

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from jaxrec.config import config_from_dict, config_to_dict
-from serve.engine import Engine, EngineConfig, open_engine
+from serve.engine import Engine, EngineConfig, open_engine, reload_together
 
 __all__ = ["NoRunsError", "Registry", "UnknownModel", "discover_runs", "engine_configs", "is_ranker_run"]
 
@@ -154,13 +154,20 @@ class Registry:
       raise UnknownModel(f"unknown model {name!r}; served: {self.names}") from None
 
   def reload(self, name: str | None = None) -> dict[str, dict]:
-    """Hot-swaps `name` (default every model) to its newest checkpoint; {name: Engine.reload()}.
-    One reload at a time; requests keep being served meanwhile."""
+    """Hot-swaps `name` (default every model) to its newest checkpoint, and the models that share
+    its user model with it (a user model is swapped for all its rankers at once:
+    `serve.engine.reload_together`); {name: {"version", "user_model_version"}} for every model
+    reloaded. All of them switch together after all have compiled; a SwapError switches none. One
+    reload at a time; requests keep being served meanwhile."""
     if name is not None:
       self.get(name)  # UnknownModel
     names = self.names if name is None else [name]
+    shared = {id(self.engines[n].users) for n in names if self.engines[n].users is not None}
+    names = [n for n in self.names if n in names or (self.engines[n].users is not None
+                                                    and id(self.engines[n].users) in shared)]
     with self._reload_lock:
-      return {n: self.engines[n].reload() for n in names}
+      out = reload_together([self.engines[n] for n in names])
+    return {n: out[self.engines[n]] for n in names}
 
   def close(self, drain: bool = True, timeout: float | None = None) -> None:
     for eng in self.engines.values():

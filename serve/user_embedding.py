@@ -320,7 +320,12 @@ class UserEmbeddings:
       self._holders += 1
       if self._holders > 1:
         return
-      self._start()
+      try:
+        self._start()
+      except BaseException:  # nobody holds a half-started cache: its worker must not run on
+        self._holders -= 1
+        self.soap.close(drain=False, timeout=5.0)
+        raise
 
   def _start(self) -> None:
     self.soap.start(warmup=True)
@@ -416,8 +421,9 @@ class UserEmbeddings:
     embedder = self.embedder
     if need.any():
       tower_rows = concat_rows(user_rows, embedder.schema, b)
-      future = self._pool.submit(lambda: jax.block_until_ready(embedder.embed(tower_rows)))
+      future = None
       try:
+        future = self._pool.submit(lambda: jax.block_until_ready(embedder.embed(tower_rows)))
         emb = future.result(timeout=self.cfg.sync_deadline_ms / 1e3)
         good = usable(np.asarray(emb)[:k], self.cfg.max_abs_embedding)  # else never written, not served
         ok[:k] = need & good

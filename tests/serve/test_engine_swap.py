@@ -1,6 +1,7 @@
 """serve.engine hot swap: a newer checkpoint replaces the served one under load, with zero failed requests."""
 
 import dataclasses
+import shutil
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 
 from jaxrec.training.user_model import train_user_model
 from serve.engine import EngineConfig, SwapError, load_ranker, open_engine
+from serve.registry import Registry
 from serve.user_embedding import UserCacheConfig
 from tests.serve.test_engine import SMOKE, random_request
 from tests.serve.test_engine_sum import RANKER_SMOKE, FakeClock, assert_scores, make_reference, sum_request, train_sum
@@ -165,3 +167,70 @@ def test_reload_sum_under_load_stabilizes_across_user_models(tmp_path, compiles)
     assert st["swaps"] == 1 and st["user_model_version"] == 15 and st["failed_batches"] == 0
   finally:
     eng.close()
+
+
+def test_rankers_sharing_a_user_model_reload_and_close_together(tmp_path):
+  """Two rankers served on one user model (one cache, one tower): reloading either reloads both,
+  with the tower, switched together after both compiled; a lone Engine.reload is refused. A close
+  that times out keeps the user model held until the batch worker stops; a start whose compile
+  fails lets go of it."""
+  user_dir, ranker_dir = train_sum(tmp_path)
+  twin = tmp_path / "twin"
+  shutil.copytree(ranker_dir, twin)
+  cache = UserCacheConfig(direct_ttl_s=60, failover_ttl_s=3600, direct_capacity=64, failover_capacity=128)
+  cfg = dataclasses.replace(SMALL, user_cache=cache)
+  reg = Registry.open({"a": ranker_dir, "b": twin}, cfg)
+  a, b = reg.get("a"), reg.get("b")
+  rng = np.random.default_rng(4)
+  gate = threading.Event()
+  try:
+    assert a.users is b.users and a.users.holders == 2
+    tower = dataclasses.replace(train_user.smoke(), train=dataclasses.replace(train_user.smoke().train, steps=15))
+    train_user_model(tower, user_dir)
+    with pytest.raises(SwapError, match="shared with 1 other served ranker"):
+      a.reload()
+    assert a.users.version == 10 and a.stats()["failed_swaps"] == 1
+    prepare, seen = {}, []
+    for name, eng in (("a", a), ("b", b)):
+      prepare[name] = eng._prepare
+
+      def recording(*args, _name=name, **kwargs):  # the user model each ranker compiles under
+        seen.append((_name, a.users.version))
+        return prepare[_name](*args, **kwargs)
+
+      eng._prepare = recording
+    assert reg.reload("a") == {"a": {"version": 4, "user_model_version": 15},
+                               "b": {"version": 4, "user_model_version": 15}}
+    del a._prepare, b._prepare
+    assert sorted(seen) == [("a", 10), ("b", 10)]  # both compiled before the tower was switched
+    assert (a.stats()["swaps"], b.stats()["swaps"]) == (1, 1)
+    assert b.rank(sum_request(b, 5, 3, rng), timeout=30).model_version == 4
+
+    # close(timeout) while a batch runs: the user model stays held until the worker has stopped
+    entered, run = threading.Event(), b._run
+
+    def held(batch):
+      entered.set()
+      gate.wait(30)
+      run(batch)
+
+    b._run = held
+    pending = b.submit(sum_request(b, 6, 2, rng))
+    assert entered.wait(30)
+    a.close()
+    b.close(timeout=0.1)
+    assert b._worker.is_alive() and b.users.holders == 1
+    gate.set()
+    assert pending.result(30).user_embedding.source in ("fallback", "failover", "direct")
+    b._worker.join(30)
+    assert b.users.holders == 0
+  finally:
+    gate.set()
+    reg.close()
+
+  # a start that fails to compile lets go of the user model (whose refresh worker would run on)
+  eng = open_engine(ranker_dir, cfg)
+  eng._prepare = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("RESOURCE_EXHAUSTED"))
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    eng.start()
+  assert eng.users.holders == 0 and not eng.users.soap._thread.is_alive()

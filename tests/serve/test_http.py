@@ -289,6 +289,39 @@ def test_a_client_that_hangs_up_before_its_body_is_not_a_server_error(client, re
   assert not any(k.startswith("jaxrec_http_requests_total") and 'code="500"' in k for k in after)
 
 
+def test_model_descriptions_never_hold_the_event_loop():
+  """With --workers, describe() and example_request() ask the engine process and wait for it: done
+  on the event loop they stalled every other request of the worker meanwhile."""
+  release = threading.Event()
+
+  class SlowEngine:  # stands in for serve.workers.RemoteEngine waiting on the engine process
+    def describe(self):
+      release.wait(10)
+      return {"version": 1}
+
+    def example_request(self):
+      release.wait(10)
+      return {"features": {}, "candidates": [{}]}
+
+  app = create_app(Registry({"slow": SlowEngine()}), HttpConfig())
+
+  async def concurrently():
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+      slow = [asyncio.create_task(c.get("/v1/models")), asyncio.create_task(c.get("/v1/models/slow/example"))]
+      await asyncio.sleep(0.05)
+      health = await asyncio.wait_for(c.get("/healthz"), 5)  # answered while both wait
+      assert not any(t.done() for t in slow)
+      release.set()
+      return health, await asyncio.gather(*slow)
+
+  try:
+    health, (models, example) = asyncio.run(concurrently())
+  finally:
+    release.set()
+  assert health.status_code == 200 and models.json()["models"] == [{"name": "slow", "version": 1}]
+  assert example.json() == {"model": "slow", "features": {}, "candidates": [{"item_id": 0, "features": {}}]}
+
+
 def _gate(engine):
   """Holds the engine's worker before each batch until the returned event is set."""
   gate, entered, run = threading.Event(), threading.Event(), engine._run
