@@ -84,21 +84,21 @@ def test_a_resume_with_more_steps_evaluates_the_same_rows(tmp_path, capsys):
   more --train.steps keeps its first start's period, so every eval record of its metrics.jsonl
   is over the same rows (the oracle NE depends on the rows alone) and the curve stays one curve."""
   wd = tmp_path / "run"
-  common = ["--workdir", str(wd), "--train.eval_every", "12", "--train.checkpoint_every", "12"] + SMOKE
-  assert ranker.main(common + ["--train.steps", "24"]) == 0
+  common = ["--workdir", str(wd), "--train.eval_every", "4", "--train.checkpoint_every", "4"] + SMOKE
+  assert ranker.main(common + ["--train.steps", "8"]) == 0
   assert "note: evaluating on the rows" not in capsys.readouterr().err
-  assert ranker.main(common + ["--train.steps", "48"]) == 0
+  assert ranker.main(common + ["--train.steps", "16"]) == 0
   assert "note: evaluating on the rows this run evaluated before" in capsys.readouterr().err
   evals = [r for r in map(json.loads, (wd / "metrics.jsonl").read_text().splitlines()) if "eval/click/ne" in r]
-  assert [r["step"] for r in evals] == [12, 24, 36, 48]
+  assert [r["step"] for r in evals] == [4, 8, 12, 16]
   assert len({r["eval/click/oracle_ne"] for r in evals}) == 1, evals
-  # negative control: a run started with 48 steps spreads its eval over 48 steps' examples: other rows
+  # negative control: a run started with 16 steps spreads its eval over 16 steps' examples: other rows
   other = tmp_path / "other"
-  assert ranker.main(["--workdir", str(other), "--train.steps", "48"] + SMOKE) == 0
+  assert ranker.main(["--workdir", str(other), "--train.steps", "16"] + SMOKE) == 0
   assert json.loads((other / "summary.json").read_text())["oracle_ne"] != evals[-1]["eval/click/oracle_ne"]
   # --fresh starts the period over
-  assert ranker.main(common + ["--train.steps", "48", "--fresh"]) == 0
-  assert json.loads((wd / "eval_span.json").read_text()) == {"examples": 48 * 128}
+  assert ranker.main(common + ["--train.steps", "16", "--fresh"]) == 0
+  assert json.loads((wd / "eval_span.json").read_text()) == {"examples": 16 * 128}
 
 
 def test_resume_refuses_a_different_config(tmp_path, capsys):
