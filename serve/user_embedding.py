@@ -94,7 +94,9 @@ class UserCacheConfig:
   request within sync_deadline_ms (FRESH), and on failure or timeout serves the failover tier
   (FAILOVER), else the default embedding (FALLBACK)"""
   sync_deadline_ms: float = 50.0
-  """sync mode: how long a batch waits for the user model"""
+  """sync mode: how long a batch waits for the user model (one tower thread per user model, shared
+  by its rankers: a call that started runs to its end, so a tower slower than this also delays the
+  next batch's call; both count as sync_timeouts)"""
   max_abs_embedding: float = 100.0
   """the tower's embeddings are standardised per dimension (mean 0, std 1 on training rows): one
   with a value beyond this many standard deviations (or NaN / inf), which only user features far
