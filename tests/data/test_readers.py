@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from jaxrec.data import paths
-from jaxrec.data.errors import DataFormatError
+from jaxrec.data.errors import DataFormatError, DataSpecError
 from jaxrec.data.examples import Examples
 from jaxrec.data.readers import (FRAPPE_FIELDS, criteo, pv_to_buy_delays, read_aliccp, read_aliexpress, read_criteo,
                                  read_criteo_csv, read_libfm, read_movielens, read_taobao_events, taobao_examples)
-from jaxrec.data.readers.taobao import BUY, CART, FAV, PV, WINDOW_END, WINDOW_START
+from jaxrec.data.readers.taobao import BUY, CART, FAV, PV, WINDOW_END, WINDOW_START, taobao_time_split
 from jaxrec.data.sources import DataConfig, open_train_eval
 
 # Generous bound: the readers take well under a second each here; this only catches blow-ups.
@@ -111,6 +111,10 @@ def test_movielens_100k(data_dir):
   assert np.unique(ids[:, 0]).size == 943 and np.unique(ids[:, 1]).size == 1682
   genres = ex.schema.sparse[-1]
   assert genres.vocab_size == 19 and genres.max_len == ex.schema.max_len == 6
+  # 382 distinct zip prefixes, one id each (hashed into 1024 buckets, 72 of them shared one)
+  zip3 = names.index("zip3")
+  assert ex.schema.sparse[zip3].vocab_size == 382
+  assert np.unique(ids[ex.data.sparse_mask[:, zip3, 0], zip3]).size == 382
   assert ex.data.sparse_mask[:, -1, 0].all()  # every movie has at least one genre flag
   # ml-100k spans 1997-09-20 .. 1998-04-22.
   assert 874_700_000 < ex.data.timestamp.min() and ex.data.timestamp.max() < 893_400_000
@@ -373,6 +377,8 @@ def test_movielens_values(tmp_path):
   np.testing.assert_array_equal(s[:, f["occupation"], 0], [1, 2, 0, 1])  # retired, student, writer
   np.testing.assert_array_equal(s[:, f["zip_region"], 0], [1, 10, 0, 1])
   np.testing.assert_array_equal(m[:, f["zip3"], 0], [True, True, False, True])
+  np.testing.assert_array_equal(s[:, f["zip3"], 0], [0, 1, 0, 0])  # "123", "T2K": an exact vocabulary, not hashed
+  assert ex.schema.sparse[f["zip3"]].vocab_size == 2
   np.testing.assert_array_equal(s[:, f["release_year_bucket"], 0], [6, 0, 0, 0])
   np.testing.assert_array_equal(m[:, f["release_year_bucket"], 0], [True, False, True, True])
   assert ex.schema.max_len == 3
@@ -449,6 +455,39 @@ def test_taobao_made_up_log(tmp_path):
   np.testing.assert_array_equal(ex.data.sparse[:, :3, 0], [[1, 11, 8], [1, 10, 7], [1, 10, 7], [2, 10, 7]])
   np.testing.assert_array_equal(ex.data.sparse[:, 3, 0], [1, 1, 1, 1])  # 01:00 Beijing
   assert [f.vocab_size for f in ex.schema.sparse] == [None, None, None, 24]
+
+
+def test_taobao_time_split_labels_training_views_with_the_past_only(tmp_path):
+  """A view before the boundary whose cart or buy comes after it is a negative in training (not yet
+  known when training ends): labelled with the whole log, the same later buy made a training view
+  and an eval view of the item positive together. Eval views keep their look-ahead labels."""
+  path = _taobao_file(tmp_path, [
+      (1, 10, 7, "pv", T0), (1, 11, 7, "pv", T0 + 10), (1, 11, 7, "buy", T0 + 20), (2, 12, 8, "pv", T0 + 30),
+      (2, 13, 8, "pv", T0 + 40),  # the boundary: the latest 20% of the 5 views starts here
+      (1, 10, 7, "pv", T0 + 50), (1, 10, 7, "buy", T0 + 60), (2, 12, 8, "cart", T0 + 70)])
+  train, evl = taobao_time_split(read_taobao_events(path), 0.4)
+  np.testing.assert_array_equal(train.data.timestamp - T0, [0, 10, 30])
+  np.testing.assert_array_equal(train.data.labels, [[0, 0], [0, 1], [0, 0]])  # whole log: [0, 1], .., [1, 0]
+  np.testing.assert_array_equal(evl.data.timestamp - T0, [50, 40])
+  np.testing.assert_array_equal(evl.data.labels, [[0, 1], [0, 0]])
+  cfg = DataConfig(train=f"taobao:{path}@train", batch_size=1, eval_fraction=0.4)
+  with pytest.raises(DataSpecError, match="taobao's labels look ahead.*--data.split_by time"):
+    open_train_eval(cfg)
+  tr, ev = open_train_eval(dataclasses.replace(cfg, split_by="time"))
+  np.testing.assert_array_equal(tr.examples.data.labels, train.data.labels)
+  np.testing.assert_array_equal(ev.examples.data.labels, evl.data.labels)
+
+
+def test_aliccp_train_and_eval_files_share_domain_ids(tmp_path):
+  """Read apart, a train file with scenarios {1, 2, 3} and an eval file with {2, 3} numbered scenario
+  2 as domain 1 and 0; open_train_eval numbers both over the union."""
+  header = "click,purchase,101,205,301,D1"
+  train = _write(tmp_path / "train.csv", [header] + [f"0,0,{i},{i},{s},0.5" for i, s in enumerate([1, 2, 3, 1])])
+  evl = _write(tmp_path / "val.csv", [header] + [f"1,0,{i},{i},{s},0.5" for i, s in enumerate([3, 2])])
+  tr, ev = open_train_eval(DataConfig(train=f"aliccp:{train}", eval=f"aliccp:{evl}", batch_size=1))
+  assert tr.schema.num_domains == ev.schema.num_domains == 3
+  np.testing.assert_array_equal(tr.examples.data.domain, [0, 1, 2, 0])
+  np.testing.assert_array_equal(ev.examples.data.domain, [2, 1])
 
 
 def test_taobao_files_of_one_log_agree_on_ids(tmp_path):
@@ -555,8 +594,8 @@ def test_docstring_examples():
 
 def test_taobao_time_split_holds_out_the_latest_views(tmp_path):
   """--data.split_by time: @eval is the latest views of the log, @train the earlier, whatever the
-  users; the default random split mixes them (a user's later views, with the same look-ahead label,
-  land in training)."""
+  users; a random split, which would mix them (a user's later views, with the same look-ahead label,
+  in training), is refused for taobao."""
   rows = [f"{u},{10 + k},7,pv,{T0 + 100 * k + u}" for u in range(1, 6) for k in range(4)]
   path = _write(tmp_path / "ub.csv", rows)
   cfg = DataConfig(train=f"taobao:{path}@train", batch_size=1, eval_fraction=0.25, split_by="time")
@@ -564,8 +603,8 @@ def test_taobao_time_split_holds_out_the_latest_views(tmp_path):
   assert len(tr) == 15 and len(ev) == 5
   assert tr.examples.data.timestamp.max() < ev.examples.data.timestamp.min()
   np.testing.assert_array_equal(np.sort(ev.examples.data.sparse[:, 1, 0]), [13] * 5)  # every user's last view
-  tr, ev = open_train_eval(dataclasses.replace(cfg, split_by="random"))
-  assert tr.examples.data.timestamp.max() > ev.examples.data.timestamp.min()
+  with pytest.raises(DataSpecError, match="pass --data.split_by time"):
+    open_train_eval(dataclasses.replace(cfg, split_by="random"))
 
 
 def test_taobao_same_second_pv_and_buy(tmp_path):

@@ -3,7 +3,9 @@
 Ali-CCP (`read_aliccp`): labels `click,purchase`; dense columns start with "D"; every other
 column is a label-encoded sparse field (101 user, 205 item, 301 scenario, ...). Field 301 is also
 the domain: `Batch.domain` is the index of its value in `domain_values` (default: the sorted
-distinct values of the file), and num_domains = len(domain_values).
+distinct values of the file), and num_domains = len(domain_values). A train and an eval file read
+apart number their own scenarios: `align_aliccp_domains` renumbers both over their union (as
+`jaxrec.data.sources.open_train_eval` does).
 
 AliExpress (`read_aliexpress`): `search_id, categorical_1..16, numerical_1..63, click, conversion`.
 `search_id` (a query/session id) is not used as a feature.
@@ -21,6 +23,7 @@ timestamp = 0-based row number (the files hold no time), weight 1, max_len 1.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,6 +96,21 @@ def read_aliccp(path: str | Path, *, vocab_sizes: dict[str, int] | None = None,
   schema = Schema(dense=tuple(dense), sparse=features, labels=ALICCP_LABELS, num_domains=max(1, len(values)))
   data = one_hot_batch(dense=x, ids=ids, mask=None, labels=y, timestamp=np.arange(len(rows)), domain=domain)
   return Examples(schema, data, str(path))
+
+
+def align_aliccp_domains(a: Examples, b: Examples) -> tuple[Examples, Examples]:
+  """Two Ali-CCP files (train and eval) with their domains numbered over the union of their
+  scenarios (field 301, sorted): read alone, each file numbers only the scenarios it holds, so a
+  scenario missing from one shifted the other's domain ids and num_domains."""
+  j = [f.name for f in a.schema.sparse].index(ALICCP_DOMAIN_FIELD)
+  values = np.union1d(a.data.sparse[:, j, 0], b.data.sparse[:, j, 0])
+
+  def renumber(ex: Examples) -> Examples:
+    domain = np.searchsorted(values, ex.data.sparse[:, j, 0]).astype(ex.data.domain.dtype)
+    schema = dataclasses.replace(ex.schema, num_domains=max(1, len(values)))
+    return Examples(schema, ex.data.replace(domain=domain), ex.source)
+
+  return renumber(a), renumber(b)
 
 
 def read_aliexpress(path: str | Path, *, vocab_sizes: dict[str, int] | None = None) -> Examples:

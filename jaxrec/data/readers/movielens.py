@@ -15,7 +15,8 @@ Schema:
             gender        M=0, F=1
             occupation    index in the sorted distinct occupations of u.user (21 for ml-100k)
             zip_region    first zip character: a digit 0..9, or 10 for a non-digit (Canada etc.)
-            zip3          first 3 zip characters, upper-cased, crc32-hashed into 1024 buckets
+            zip3          index in the sorted distinct first-3 zip characters (upper-cased) of u.user
+                          (382 for ml-100k; hashing them into 1024 buckets merged 72 of them)
             release_year_bucket  10 buckets: <1950, 1950s, 60s, 70s, 80s, 1990-93, 1994, 1995,
                           1996, 1997+; masked when the release date is empty
             genres        multi-hot genre ids 0..18 (u.genre order), max_len = most genres of any
@@ -26,7 +27,6 @@ Schema:
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,6 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "Sci-Fi", "Thriller", "War", "Western")
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # bucket b holds ages in [edge[b-1], edge[b])
 YEAR_EDGES = (1950, 1960, 1970, 1980, 1990, 1994, 1995, 1996, 1997)
-ZIP3_BUCKETS = 1024
 
 _USER_COLS = ("user_id", "age", "gender", "occupation", "zip")
 _ITEM_COLS = ("item_id", "title", "release_date", "video_release_date", "url") + tuple(f"genre_{g}" for g in GENRES)
@@ -70,6 +69,7 @@ def _read_users(path: Path) -> dict[str, np.ndarray]:
   uid = [to_index(r[0], path, i + 1, "user_id") for i, r in enumerate(rows)]
   _check_unique(path, "user_id", uid)
   occupations = sorted({r[3].strip() for r in rows})
+  zip3 = {z: k for k, z in enumerate(sorted({r[4].strip().upper()[:3] for r in rows if r[4].strip()}))}
   size = max(uid) + 1
   out = {k: np.zeros(size, np.int64) for k in ("age", "gender", "occupation", "zip_region", "zip3")}
   out["known"] = np.zeros(size, np.bool_)
@@ -91,8 +91,9 @@ def _read_users(path: Path) -> dict[str, np.ndarray]:
     if zip_code:
       out["zip_mask"][u] = True
       out["zip_region"][u] = int(zip_code[0]) if zip_code[0] in "0123456789" else 10
-      out["zip3"][u] = zlib.crc32(zip_code[:3].encode()) % ZIP3_BUCKETS
+      out["zip3"][u] = zip3[zip_code[:3]]
   out["num_occupations"] = np.asarray(len(occupations))
+  out["num_zip3"] = np.asarray(max(1, len(zip3)))
   return out
 
 
@@ -181,7 +182,7 @@ def read_movielens(dir_path: str | Path) -> Examples:
       "gender": (users["gender"][u], None, 2),
       "occupation": (users["occupation"][u], None, int(users["num_occupations"])),
       "zip_region": (users["zip_region"][u], users["zip_mask"][u], 11),
-      "zip3": (users["zip3"][u], users["zip_mask"][u], ZIP3_BUCKETS),
+      "zip3": (users["zip3"][u], users["zip_mask"][u], int(users["num_zip3"])),
       "release_year_bucket": (np.searchsorted(YEAR_EDGES, items["year"][m], side="right"),
                               items["has_year"][m], len(YEAR_EDGES) + 1),
   }

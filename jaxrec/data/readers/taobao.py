@@ -142,6 +142,23 @@ def taobao_examples(events: TaobaoEvents) -> Examples:
   return Examples(schema, data, events.source)
 
 
+def taobao_time_split(events: TaobaoEvents, eval_fraction: float = 0.2) -> tuple[Examples, Examples]:
+  """(train, eval) examples split by time: eval is the latest `eval_fraction` of the views, from the
+  boundary time T on, labelled with the whole log; train is the views before T, labelled with the
+  events before T only (what was known when training ended: a cart or buy at or after T is not yet
+  in a training label). Labelling training views with the whole log would let the eval period's
+  outcomes into training (the same later buy labels a training view and an eval view of the item).
+  DataSpecError as `Examples.time_split`."""
+  full = taobao_examples(events)
+  _, evl = full.time_split(eval_fraction)
+  boundary = int(evl.data.timestamp.min())
+  evl = full.take(np.flatnonzero(full.data.timestamp >= boundary))  # every view of the boundary second
+  before = events.timestamp < boundary
+  past = dataclasses.replace(events, **{f: getattr(events, f)[before] for f in
+                                        ("user_id", "item_id", "category_id", "behavior", "timestamp")})
+  return taobao_examples(past), evl
+
+
 def pv_to_buy_delays(events: TaobaoEvents) -> np.ndarray:
   """Seconds from the first pv of the same (user, item) to each buy that has one before it.
 
