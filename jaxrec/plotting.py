@@ -125,7 +125,9 @@ def plot_training_curves(metrics_jsonl: Path, out_png: Path, *, title: str = "")
         if "ne" in evals[t]:
           ax.plot(*evals[t]["ne"], color=color[t], marker="o", markersize=3, linewidth=1.5, label=f"{t}")
         if "oracle_ne" in evals[t]:
-          ax.plot(*evals[t]["oracle_ne"], color=color[t], linestyle="--", linewidth=1.2, label=f"{t} oracle")
+          # marked: a run with one eval has one point, which a bare dashed line does not draw
+          ax.plot(*evals[t]["oracle_ne"], color=color[t], linestyle="--", linewidth=1.2, marker="x", markersize=4,
+                  label=f"{t} oracle")
       _style(ax, "eval normalized entropy (lower is better)", "NE")
       ax.legend(fontsize=9)
     elif panel == "auc":

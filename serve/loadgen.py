@@ -273,13 +273,13 @@ async def _interruptible(load) -> str | None:
 
 
 def summary(report: dict) -> str:
-  """One line: rate, latency percentiles of the 200s (and of all answers when some were not 200),
-  the open loop's send lag, status counts."""
+  """One line: the rate of 200s (and of all answers), latency percentiles of the 200s (and of all
+  answers when some were not 200), the open loop's send lag, status counts."""
   fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
   pct = lambda d: f"p50 {fmt(d['p50'])} p95 {fmt(d['p95'])} p99 {fmt(d['p99'])} max {fmt(d['max'])} ms"  # noqa: E731
   line = (f"{report['mode']} c={report['concurrency']}" + (f" rate={report['rate']:g}/s" if report["rate"] else "")
-          + f" {report['candidates']} cands: {report['rps']:.1f} req/s ({report['ok_rps']:.1f} ok), "
-          f"200s {pct(report['ok_latency_ms'])}")
+          + f" {report['candidates']} cands: {report['ok_rps']:.1f} ok req/s ({report['rps']:.1f} answered), "
+          f"HTTP 200 latency {pct(report['ok_latency_ms'])}")
   if report["answered"] != report["status"].get("200", 0):  # 503s and other codes: their own timing
     line += f", all {report['answered']} answers {pct(report['latency_ms'])}"
   if report.get("send_lag_ms"):

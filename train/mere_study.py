@@ -67,14 +67,14 @@ class Args:
 
 
 def summarise(table: list[dict]) -> dict:
-  """Claim-1 summary of rows {learned, standard, real} (MERE means of one GEMM); the ratios to
-  N(0, 1) leave out rows whose N(0, 1) MERE is 0 (the "f32" candidate, the reference itself)."""
+  """Claim-1 summary of rows {learned, standard, real} (MERE means of one GEMM) over the rows whose
+  N(0, 1) MERE is not 0 (the "f32" candidate is the reference itself): every count is "of `pairs`"."""
   scored = [r for r in table if r["standard"] > 0]
   lr = np.array([r["learned"] / r["standard"] for r in scored])
   rr = np.array([r["real"] / r["standard"] for r in scored])
   geo = lambda x: float(np.exp(np.log(x).mean())) if x.size else float("nan")  # noqa: E731
-  closer = sum(abs(r["learned"] - r["real"]) < abs(r["standard"] - r["real"]) for r in table)
-  return {"pairs": len(table), "geo_learned_over_standard": geo(lr), "geo_real_over_standard": geo(rr),
+  closer = sum(abs(r["learned"] - r["real"]) < abs(r["standard"] - r["real"]) for r in scored)
+  return {"pairs": len(scored), "geo_learned_over_standard": geo(lr), "geo_real_over_standard": geo(rr),
           "learned_above_standard": int((lr > 1).sum()), "real_above_standard": int((rr > 1).sum()),
           "both_above_standard": int(((lr > 1) & (rr > 1)).sum()), "learned_closer_to_real": int(closer)}
 

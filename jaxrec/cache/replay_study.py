@@ -269,23 +269,32 @@ def _replay_all(stream: AccessStream, fresh: np.ndarray, cfg: ReplayConfig, meas
     for name, pol in pols:
       trace = replay(stream, fresh, pol)
       out[name] = {"policy": dataclasses.asdict(pol), **summarize(trace, measured)}
-      out[name]["ages"] = _age_histogram(trace, measured)
+      out[name]["ages"] = _age_histogram(trace, measured, [p.direct_ttl_s for _, p in pols])
       if on_trace is not None:
         out[name].update(on_trace(trace))
       bar.update(1)
   return out
 
 
-AGE_EDGES_S = (0, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600, 86400)
+AGE_EDGES_S = (0,) + tuple(np.unique(np.round(np.geomspace(1, 2 * 86400, 106)).astype(int)).tolist())
+"""served-age histogram edges (s): 0, then about 20 per decade up to two days (and each swept TTL)"""
 
 
-def _age_histogram(trace: Trace, measured: np.ndarray) -> dict:
+def age_edges(ttls=()) -> tuple[int, ...]:
+  """AGE_EDGES_S with each TTL in `ttls` added: a TTL's cut-off is then a bin edge, so the share of
+  requests served younger than it is exact, not smeared over the bin around it."""
+  return tuple(sorted(set(AGE_EDGES_S) | {int(t) for t in ttls if t > 0}))
+
+
+def _age_histogram(trace: Trace, measured: np.ndarray, ttls=()) -> dict:
   """Counts of served ages (s) of the measured requests served any embedding but the fallback, in
-  bins [AGE_EDGES_S[i], AGE_EDGES_S[i+1]) (the last bin open-ended)."""
+  bins [edges[i], edges[i+1]) of `age_edges(ttls)` (the last bin open-ended): at each edge the
+  share served younger than it is exact."""
   src = trace.source[measured]
   age = trace.age[measured][src != Source.FALLBACK]
-  edges = np.asarray(AGE_EDGES_S + (np.iinfo(np.int32).max,))
-  return {"edges_s": list(AGE_EDGES_S), "counts": np.histogram(age, edges)[0].tolist()}
+  edges = age_edges(ttls)
+  counts = np.histogram(age, np.asarray(edges + (np.iinfo(np.int32).max,)))[0]
+  return {"edges_s": list(edges), "counts": counts.tolist()}
 
 
 OUTPUTS = ("replay_ttl.png", "replay_staleness.png", "replay_failover.png", "replay.md", "replay.json")

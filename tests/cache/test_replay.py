@@ -109,9 +109,16 @@ def test_summary_counts_and_ages_by_source():
   assert s["inferences"] == 3 and s["inferences_saved"] == 0.4 and s["failed_inferences"] == 2
   assert s["cached_age"] == pytest.approx({"mean": 180.0, "p50": 30.0, "p90": 406.0, "p99": 490.6, "max": 500.0})
   assert s["served_age"]["mean"] == 135.0 and s["served_age"]["p50"] == 20.0 and s["served_age"]["max"] == 500.0
-  hist = _age_histogram(trace, window)
-  assert sum(hist["counts"]) == 4
-  assert {hist["edges_s"][i]: c for i, c in enumerate(hist["counts"]) if c} == {0: 1, 10: 1, 30: 1, 300: 1}
+  hist = _age_histogram(trace, window, ttls=(45, 600))
+  edges, counts = hist["edges_s"], hist["counts"]
+  assert sum(counts) == 4 and edges[0] == 0 and {45, 600} <= set(edges) and edges == sorted(set(edges))
+  for age in (0, 10, 30, 500):  # each served age in the bin [edges[i], edges[i + 1]) that holds it
+    i = np.searchsorted(edges, age, side="right") - 1
+    assert counts[i] >= 1 and edges[i] <= age < (edges[i + 1] if i + 1 < len(edges) else np.inf)
+  # a TTL is an edge: the share served younger than it is exact (coarse bins smeared it over [30, 60))
+  younger = np.cumsum(counts)
+  assert younger[edges.index(45) - 1] == 3 and younger[edges.index(600) - 1] == 4 and counts[0] == 1
+  assert len(edges) > 90 and edges[-1] >= 2 * 86400  # every second up to 11 s, then ~20 edges a decade, to two days
 
 
 def test_report_compares_each_run_with_its_reference():

@@ -1,7 +1,9 @@
 """report.md of train.probe: written for every run train.probe accepts."""
 
 from jaxrec.precision.error_model import GEMMS
-from jaxrec.precision.report import SETTINGS, write_report
+import pytest
+
+from jaxrec.precision.report import SETTINGS, colour_range, plot_mere_heatmap, write_report
 
 PROBE_KEYS = ("probe_every", "probe_updates", "probe_timed_updates", "probe_seconds", "probe_overhead")
 
@@ -43,3 +45,13 @@ def test_report_says_which_real_operands_it_scored(tmp_path):
   text = write_report(tmp_path / "r2.md", **common,
                       real_operands={"samples": 3, "rows": 256, "eval_rows": 768, "note": ""}).read_text()
   assert "Real operands: 3 samples of 256 eval rows each, padding rows left out.\n" in text
+
+
+def test_heatmaps_of_every_setting_share_one_colour_scale_without_zeros(tmp_path):
+  """The learned and the real heatmap are read side by side: one colour scale over every setting (each
+  had its own), and the f32 reference's MERE of 0 is not pinned to 1e-6 (which squeezed the rest)."""
+  mere = _mere({"f32": 0.0, "bf16": 0.002, "fp8": 0.05})
+  mere["s"]["real"]["fp8"] = {g: {"mean": 0.2} for g in GEMMS}
+  assert colour_range(mere, ["s"], ["f32", "bf16", "fp8"]) == pytest.approx((-2.69897, -0.69897), abs=1e-5)
+  for setting in ("learned", "real"):
+    assert plot_mere_heatmap(mere, ["s"], ["f32", "bf16", "fp8"], tmp_path / f"{setting}.png", setting).stat().st_size

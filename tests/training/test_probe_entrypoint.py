@@ -41,6 +41,13 @@ def test_outputs_and_plan(probed):
   assert p["probe_updates"] == 3 and p["probe_every"] == 10
   report = (probed / "report.md").read_text()
   assert "not timed" in report and sites[0][0] in report and "(wgrad GEMM)" in report
+  # every table renders: each row has its header's cells (a bare | inside a cell split it, and the
+  # three MERE tables did not render as tables)
+  tables = [t.splitlines() for t in report.split("\n\n") if t.startswith("|")]
+  assert len(tables) == 4
+  for rows in tables:
+    cells = [len(r.strip("|").split("|")) for r in rows]
+    assert len(set(cells)) == 1 and rows[1].startswith("|---"), rows[:3]
 
 
 def test_probe_stats_cover_every_site_and_match_activation_counts(probed):
@@ -173,11 +180,12 @@ def test_mere_study_summary_counts():
 
 
 def test_mere_study_summary_with_the_f32_candidate():
-  """--candidates f32,...: the reference itself has MERE 0 on N(0, 1), which divided by zero."""
+  """--candidates f32,...: the reference itself has MERE 0 on N(0, 1), which divided by zero; it is no
+  pair of the study, so the counts' denominator ("of pairs") leaves it out too (it counted it)."""
   from train import mere_study
   s = mere_study.summarise([{"learned": 0.0, "standard": 0.0, "real": 0.0},
                             {"learned": 2.0, "standard": 1.0, "real": 4.0}])
-  assert (s["pairs"], s["learned_above_standard"], s["learned_closer_to_real"]) == (2, 1, 1)
+  assert (s["pairs"], s["learned_above_standard"], s["learned_closer_to_real"]) == (1, 1, 1)
   assert s["geo_learned_over_standard"] == pytest.approx(2.0) and s["geo_real_over_standard"] == pytest.approx(4.0)
 
 
