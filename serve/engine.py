@@ -24,8 +24,9 @@ The response's `user_embedding` says which source served: direct, failover or fa
 Hot swap (`swap`, `reload`): the new checkpoint is compiled and warmed for every bucket on the
 caller's thread while the worker keeps serving, then replaces the served one between two batches
 (one reference assignment), so no request fails and each is scored wholly by one version;
-`reload` also swaps in the user model's newest checkpoint (refreshes use it from then on, and the
-cache's stabilization averages the versions). Another schema or graph raises SwapError and the
+`reload` also swaps in the user model's newest checkpoint, compiled first and switched with the
+ranker (refreshes use it from then on, and the cache's stabilization averages the versions); rankers
+that share a user model reload together (`reload_together`, `Registry.reload`). Another schema or graph raises SwapError and the
 old checkpoint stays.
 """
 
@@ -586,32 +587,27 @@ def reload_together(engines: list[Engine]) -> dict[Engine, dict]:
   with contextlib.ExitStack() as stack:
     for e in sorted(set(engines), key=id):  # one lock order for every caller
       stack.enter_context(e._swap_lock)
-    try:
-      for u in users.values():
-        inside = sum(1 for e in set(engines) if e.users is u and e._holds_users)
-        if u.holders > inside:
-          raise SwapError(f"the user model {str(u.embedder.tower.workdir)!r} is shared with {u.holders - inside} "
-                          "other served ranker(s): reload them together (python -m serve's /admin/reload "
-                          "without ?model=, or with any one of them, does)")
-      new = {e: e._load_newest() for e in engines}
-      towers = {}
-      for key, u in users.items():
-        workdir = u.embedder.tower.workdir
+      stack.enter_context(e._counting_refusals())  # a SwapError below counts once per engine
+    for u in users.values():
+      inside = sum(1 for e in set(engines) if e.users is u and e._holds_users)
+      if u.holders > inside:
+        raise SwapError(f"the user model {str(u.embedder.tower.workdir)!r} is shared with {u.holders - inside} "
+                        "other served ranker(s): reload them together (python -m serve's /admin/reload "
+                        "without ?model=, or with any one of them, does)")
+    new = {e: e._load_newest() for e in engines}
+    towers = {}
+    for key, u in users.items():
+      workdir = u.embedder.tower.workdir
+      try:
+        tower = load_user_model(workdir)
+      except Exception as e:  # noqa: BLE001 - as for the ranker: keep serving
+        raise SwapError(f"cannot load the newest user model of {workdir}: {type(e).__name__}: {e}") from None
+      if tower.step != u.version:
         try:
-          tower = load_user_model(workdir)
-        except Exception as e:  # noqa: BLE001 - as for the ranker: keep serving
-          raise SwapError(f"cannot load the newest user model of {workdir}: {type(e).__name__}: {e}") from None
-        if tower.step != u.version:
-          try:
-            towers[key] = u.prepare_tower(tower)
-          except ValueError as e:
-            raise SwapError(str(e)) from None
-      actives = {e: e._prepare(r, compile_steps=e._worker is not None) for e, r in new.items()}
-    except SwapError:
-      for e in set(engines):
-        with e._stats_lock:
-          e._counts["failed_swaps"] += 1
-      raise
+          towers[key] = u.prepare_tower(tower)
+        except ValueError as e:
+          raise SwapError(str(e)) from None
+    actives = {e: e._prepare(r, compile_steps=e._worker is not None) for e, r in new.items()}
     for key, embedder in towers.items():
       users[key].use_embedder(embedder)
     for e, active in actives.items():
