@@ -191,15 +191,16 @@ def open_examples(spec: DataSpec, cfg: DataConfig) -> Examples:
   if not path.exists() and not Path(spec.path).expanduser().is_absolute():
     raise DataFormatError(spec.path, None, None, f"no such file here ({Path.cwd()}) or in the real-data folder "
                           f"{default_data_dir()} (set {DATA_DIR_ENV} to look elsewhere)")
+  if spec.split != "all" and spec.format == "taobao":
+    if cfg.split_by != "time":
+      raise DataSpecError(f"data spec {spec.path}@{spec.split}: taobao's labels look ahead (a later cart or buy of "
+                          "the viewed item), so a random @train/@eval split puts the eval views' outcomes into "
+                          "training labels (docs/BENCHMARKS.md); pass --data.split_by time")
+    train, evl = _taobao_time_split(path, cfg.eval_fraction)  # training labels as known at the boundary
+    return train if spec.split == "train" else evl
   examples = _read(spec.format, path)
-  if spec.split != "all" and spec.format == "taobao" and cfg.split_by != "time":
-    raise DataSpecError(f"data spec {spec.path}@{spec.split}: taobao's labels look ahead (a later cart or buy of the "
-                        "viewed item), so a random @train/@eval split puts the eval views' outcomes into training "
-                        "labels (docs/BENCHMARKS.md); pass --data.split_by time")
   if spec.split != "all":
-    if cfg.split_by == "time" and spec.format == "taobao":  # training labels as known at the boundary
-      train, evl = _taobao_time_split(path, cfg.eval_fraction)
-    elif cfg.split_by == "time":
+    if cfg.split_by == "time":
       train, evl = examples.time_split(cfg.eval_fraction)
     else:
       train, evl = examples.split(cfg.eval_fraction, cfg.split_seed)
