@@ -88,27 +88,41 @@ COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]  # (a [M, C] f32, b [C, N] f32) -> [M, N] f32
 
 
-def mere(y: jax.Array, ref: jax.Array) -> jax.Array:
-  """Mean element-wise relative error, sum|y - ref| / (sum|ref| + tiny), of any shape -> f32 []."""
+def mere(y: jax.Array, ref: jax.Array, a: jax.Array | None = None, b: jax.Array | None = None) -> jax.Array:
+  """Mean element-wise relative error, sum|y - ref| / (sum|ref| + tiny), of any shape -> f32 [].
+  (a, b: the GEMM's operands, which only `operand_scaled_error` reads.)"""
   y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
   return jnp.sum(jnp.abs(y - ref)) / (jnp.sum(jnp.abs(ref)) + _TINY)
 
 
-def elementwise_mean_error(y: jax.Array, ref: jax.Array) -> jax.Array:
+def elementwise_mean_error(y: jax.Array, ref: jax.Array, a=None, b=None) -> jax.Array:
   """LoKA's per-element form, mean_ij |y_ij - ref_ij| / |ref_ij| (no finite expectation for outputs
   with density at 0, see above; for comparison with the paper only, never for the plan)."""
   y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
   return jnp.mean(jnp.abs(y - ref) / (jnp.abs(ref) + _TINY))
 
 
-def elementwise_median_error(y: jax.Array, ref: jax.Array) -> jax.Array:
+def elementwise_median_error(y: jax.Array, ref: jax.Array, a=None, b=None) -> jax.Array:
   """median_ij |y_ij - ref_ij| / |ref_ij|: the per-element form made robust to outputs near 0."""
   y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
   return jnp.median(jnp.abs(y - ref) / (jnp.abs(ref) + _TINY))
 
 
-METRICS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    "mere": mere, "elementwise_mean": elementwise_mean_error, "elementwise_median": elementwise_median_error}
+def operand_scaled_error(y: jax.Array, ref: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """sum|y - ref| / sum_ij sqrt(sum_k a_ik^2 b_kj^2) for y ~ a [M, C] @ b [C, N]: the error in units of
+  the operand products' magnitude, the scale rounding errors add up on, instead of the output's.
+  MERE divides by sum|ref|, which operands whose products add up coherently (non-zero means, as
+  after a ReLU) make large and zero-mean ones make small, with the same rounding error: the ratio of
+  two distributions' MEREs is then mostly their outputs' coherence (comparisons only)."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  y, ref = y.astype(jnp.float32), ref.astype(jnp.float32)
+  scale = jnp.sqrt(reference_matmul(a * a, b * b))
+  return jnp.sum(jnp.abs(y - ref)) / (jnp.sum(scale) + _TINY)
+
+
+METRICS: dict[str, Callable[..., jax.Array]] = {
+    "mere": mere, "elementwise_mean": elementwise_mean_error, "elementwise_median": elementwise_median_error,
+    "operand_scaled": operand_scaled_error}
 """Error metrics the error model can score with; "mere" (the default) is the one plans use."""
 
 
@@ -304,7 +318,8 @@ def _site_meres(x, w, dy, candidates: tuple[Candidate, ...], metric: str = "mere
   score = _metric(metric)
   operands = _gemm_operands(x, w, dy)
   refs = {g: reference_matmul(*operands[g]) for g in GEMMS}
-  return jnp.stack([jnp.stack([score(c.gemm(g)(*operands[g]), refs[g]) for g in GEMMS]) for c in candidates])
+  return jnp.stack([jnp.stack([score(c.gemm(g)(*operands[g]), refs[g], *operands[g]) for g in GEMMS])
+                    for c in candidates])
 
 
 @functools.partial(jax.jit, static_argnames=("candidates", "batch", "metric"), compiler_options=COMPILER_OPTIONS)

@@ -35,12 +35,22 @@ from jaxrec.precision.stats import MatrixNormalEMA, Welford
 _UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
 
 
+def spread_rows(v: jax.Array, max_rows: int) -> jax.Array:
+  """At most `max_rows` rows of v [..., F] (flattened to rows), evenly spaced over all of them: a
+  training batch's rows are sorted (in time, on the ads world), and its first `max_rows` covered only
+  the earliest part of the period the batch spans."""
+  v = v.reshape(-1, v.shape[-1])
+  n = v.shape[0]
+  return v if n <= max_rows else v[(np.arange(max_rows) * n) // max_rows]
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
   every: int = 250
   """probe one batch every this many training steps (0 = off)"""
   max_rows: int = 512
-  """rows of the probed batch fed to the activation statistics (the first ones)"""
+  """rows of the probed batch fed to the activation (and dy) statistics, spread evenly over the batch
+  (its rows come in time order on the ads world: the first ones would be its earliest quarter)"""
   weight_decay: float = 0.9
   """EMA decay of the weights' matrix-normal estimate"""
 
@@ -74,7 +84,7 @@ class ProbeState:
                      | (set(self.grads) - set(grads)))
     if missing:
       raise ValueError(f"probe update lacks GEMM sites {missing}")
-    rows = lambda v: v.reshape(-1, v.shape[-1])[:max_rows]  # noqa: E731
+    rows = lambda v: spread_rows(v, max_rows)  # noqa: E731
     new_acts = {s: self.acts[s].update(rows(acts[s])) for s in self.acts}
     new_grads = {s: self.grads[s].update(rows(grads[s])) for s in self.grads}
     new_w = {}

@@ -9,7 +9,7 @@ import pytest
 
 from jaxrec.ops.fp8_scaling import E4M3, E5M2, quantize_lhs
 from jaxrec.precision import error_model
-from jaxrec.precision.error_model import (CANDIDATES, GEMMS, Candidate, Gaussian, MatrixNormal, MereEstimate,
+from jaxrec.precision.error_model import (CANDIDATES, GEMMS, METRICS, Candidate, Gaussian, MatrixNormal, MereEstimate,
                                           check_real_quantization, mere, mere_for_site, mere_on_operands,
                                           reference_matmul, sample_gaussian, sample_matrix_normal)
 from jaxrec.precision.stats import Welford, flip_flop
@@ -221,7 +221,7 @@ def test_elementwise_metrics_known_values_and_unknown_metric():
   y = jnp.array([[1.5, -4.0], [2.5, 2.0]])  # relative errors 0.5, 0, 0.25, 1/3
   assert float(error_model.elementwise_mean_error(y, ref)) == pytest.approx((0.5 + 0.25 + 1 / 3) / 4, rel=1e-6)
   assert float(error_model.elementwise_median_error(y, ref)) == pytest.approx((0.25 + 1 / 3) / 2, rel=1e-6)
-  assert set(error_model.METRICS) == {"mere", "elementwise_mean", "elementwise_median"}
+  assert set(error_model.METRICS) == {"mere", "elementwise_mean", "elementwise_median", "operand_scaled"}
   std = (Gaussian.standard(64), MatrixNormal.standard(64, 32))
   kw = dict(candidates=["fp8_tensor"], num_samples=2, batch=32)
   med = mere_for_site(jax.random.key(0), *std, metric="elementwise_median", **kw)["fp8_tensor"]["fwd"].mean
@@ -231,3 +231,22 @@ def test_elementwise_metrics_known_values_and_unknown_metric():
     mere_for_site(jax.random.key(0), *std, metric="nope", **kw)
   with pytest.raises(ValueError, match="unknown error metric"):
     mere_on_operands(jnp.ones((1, 4, 64)), jnp.ones((64, 32)), jnp.ones((1, 4, 32)), candidates=["bf16"], metric="x")
+
+
+def test_operand_scaled_error_separates_rounding_from_output_coherence():
+  """Post-ReLU-like operands (non-zero means) make outputs add up coherently: MERE, divided by the
+  output's size, reads far lower than on N(0, 1) operands while the rounding error per operand
+  magnitude is the same, which operand_scaled_error shows (an audit found this behind claim 1's
+  learned / N(0, 1) MERE ratios of 0.4-0.6)."""
+  rng = np.random.default_rng(0)
+  x0, w0 = rng.normal(size=(256, 128)), rng.normal(size=(128, 64))
+  x1, w1 = rng.normal(size=(256, 128)) + 1.0, rng.normal(size=(128, 64)) + 0.3  # non-zero means
+  ratio = {}
+  for cand in ("bf16", "fp8_tensor", "fp8_row"):
+    for name in ("mere", "operand_scaled"):
+      score = {}
+      for key, (x, w) in {"standard": (x0, w0), "coherent": (x1, w1)}.items():
+        x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+        score[key] = float(METRICS[name](CANDIDATES[cand].fwd(x, w), reference_matmul(x, w), x, w))
+      ratio[cand, name] = score["coherent"] / score["standard"]
+    assert ratio[cand, "mere"] < 0.5 and 0.9 < ratio[cand, "operand_scaled"] < 1.1, ratio

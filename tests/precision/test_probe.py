@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.precision.probe import ProbeConfig, ProbeState
+from jaxrec.precision.probe import ProbeConfig, ProbeState, spread_rows
 
 SITES = [("a", 6, 4), ("b", 4, 3)]
 
@@ -40,14 +40,25 @@ def test_streaming_activation_stats_equal_batch_stats():
   for i, acts in enumerate(batches(0)):
     dys = grads(i)
     st = update(st, acts, weights(i), dys)
-    seen.append(np.asarray(acts["a"])[:32])
-    seen_dy.append(np.asarray(dys["a"])[:32])
+    spread = (np.arange(32) * 40) // 32  # 32 of the 40 rows, evenly spaced (spread_rows)
+    seen.append(np.asarray(acts["a"])[spread])
+    seen_dy.append(np.asarray(dys["a"])[spread])
   x, dy = np.concatenate(seen), np.concatenate(seen_dy)
   np.testing.assert_allclose(st.acts["a"].mean, x.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(st.acts["a"].covariance(), np.cov(x.T), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(st.grads["a"].mean, dy.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(st.grads["a"].covariance(), np.cov(dy.T), rtol=1e-4, atol=1e-4)
   assert int(st.updates) == 5 and float(st.acts["a"].count) == 160.0 == float(st.grads["b"].count)
+
+
+def test_rows_are_spread_over_the_batch_not_its_first():
+  """A training batch's rows come sorted (in time on the ads world): the statistics took its first
+  max_rows, about its earliest quarter; they take rows spread over all of it."""
+  x = jnp.arange(16.0)[:, None] * jnp.ones((1, 6))  # row i holds i
+  st = ProbeState.init(SITES).update({"a": x, "b": jnp.ones((16, 4))}, weights(0), max_rows=4,
+                                     grads={"a": jnp.ones((16, 4)), "b": jnp.ones((16, 3))})
+  np.testing.assert_allclose(st.acts["a"].mean, np.full(6, (0 + 4 + 8 + 12) / 4))
+  np.testing.assert_array_equal(spread_rows(x, 100), x)  # fewer rows than max_rows: all of them
 
 
 def test_weight_ema_starts_at_the_weight_and_tracks_it():
