@@ -26,8 +26,8 @@ caller's thread while the worker keeps serving, then replaces the served one bet
 (one reference assignment), so no request fails and each is scored wholly by one version;
 `reload` also swaps in the user model's newest checkpoint, compiled first and switched with the
 ranker (refreshes use it from then on, and the cache's stabilization averages the versions); rankers
-that share a user model reload together (`reload_together`, `Registry.reload`). Another schema or graph raises SwapError and the
-old checkpoint stays.
+that share a user model reload together (`reload_together`, `Registry.reload`). Another schema or
+graph raises SwapError and the old checkpoint stays.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ class Engine:
                     "failed_swaps": 0}
     # every bin from the start (a batch holds at most max_rows requests): a histogram whose bins
     # appear over time gives wrong increases to a scraper
-    self._batch_hist: dict[str, int] = {str(1 << i): 0 for i in range(int(_batch_bins(cfg.max_rows)).bit_length())}
+    self._batch_hist: dict[str, int] = {str(1 << i): 0 for i in range((cfg.max_rows - 1).bit_length() + 1)}
 
   @property
   def ranker(self) -> LoadedRanker:

@@ -240,8 +240,7 @@ def write_engine_stats(out: Exposition, model: str, stats: Mapping) -> None:
     elif key == "batch_requests_hist" and isinstance(value, Mapping):
       bins = sorted((int(k), int(n)) for k, n in value.items())
       bounds = [b for b, _ in bins]
-      # every batch's requests are in stats["requests"]: the exact sum, not the bins' bounds
-      total = float(stats.get("requests", sum(b * n for b, n in bins)))
+      total = float(stats["requests"])  # every batch's requests: the exact sum, not the bins' bounds
       out.add_histogram("jaxrec_engine_batch_requests", "Requests per batch (bucket bounds are powers of two, "
                         "all present from the start).", bounds, [n for _, n in bins] + [0], total, m)
     elif key == "queue_depth" and _is_number(value):

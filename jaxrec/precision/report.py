@@ -35,8 +35,7 @@ def plot_mere_heatmap(mere: dict, sites: list[str], candidates: list[str], out_p
   fig, axes = plt.subplots(1, len(GEMMS), figsize=(4.2 * len(GEMMS), 0.5 * len(sites) + 2.0), squeeze=False)
   vals = np.array([[[mere[s][setting][c][g]["mean"] for c in candidates] for s in sites] for g in GEMMS])
   vmin, vmax = colour_range(mere, sites, candidates)
-  logv = np.ma.masked_less_equal(vals, 0.0)
-  logv = np.ma.log10(logv)
+  logv = np.ma.log10(np.ma.masked_less_equal(vals, 0.0))
   cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
   for ax, g, grid, lg in zip(axes[0], GEMMS, vals, logv):
     im = ax.imshow(lg, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
