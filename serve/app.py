@@ -18,7 +18,9 @@ of the offending value (e.g. "candidates[3].features.ad_price") or null:
 
     400 malformed_json     the body is not JSON (or not UTF-8, or nested too deep)
     415 unsupported_media_type  a Content-Type other than application/json (none is taken as JSON)
-    413 too_large          the body is over HttpConfig.max_body_bytes
+    408 body_timeout       the body did not wholly arrive within HttpConfig.body_timeout_s (connection closed)
+    413 too_large          the body is over HttpConfig.max_body_bytes, or holds more JSON values than the
+                           largest valid request to any served model (max_candidates x features)
     422 invalid_request    wrong types, unknown or missing fields, NaN/Infinity, ids out of range,
                            too many candidates (pydantic's checks and the engine's RequestError alike),
                            or feature values so extreme that the model's scores are not finite
@@ -26,8 +28,8 @@ of the offending value (e.g. "candidates[3].features.ad_price") or null:
     401 / 403              admin endpoints: wrong or missing token / no token configured ("admin disabled")
     409 swap_failed        /admin/reload: the new checkpoint cannot replace the served one (kept)
     503 overloaded         more than max_in_flight rank requests at once (refused before parsing the
-                           body), the engine's queue is full, or the request outwaited
-                           request_timeout_s; carries Retry-After (seconds)
+                           body; requests still receiving theirs do not count), the engine's queue is
+                           full, or the request outwaited request_timeout_s; carries Retry-After (seconds)
 
 A client that closes the connection before its body has arrived gets nothing; /metrics counts the
 request under code="499".
@@ -39,7 +41,6 @@ import asyncio
 import dataclasses
 import gc
 import hmac
-import re
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -74,14 +75,22 @@ class HttpConfig:
   retry_after_s: int = 1
   """the Retry-After header of a 503"""
   max_in_flight: int = 32
-  """rank requests handled at once (reading, validating, queued or scoring); beyond, 503 at once
-  without parsing the body. Bounds the wait to about max_in_flight / throughput"""
+  """rank requests handled at once once their body has arrived (validating, queued or scoring);
+  beyond, 503 without parsing the body. Bounds the wait to about max_in_flight / throughput. A
+  request still receiving its body does not count: slow senders cannot take every slot"""
   max_body_bytes: int = 2 << 20
-  """larger request bodies are answered 413 (1024 candidates of the ads world take about 250 kB)"""
+  """larger request bodies are answered 413 (1024 candidates of the ads world take about 250 kB);
+  so is a body with more JSON values than any served model's largest valid request holds
+  (serve.request.RequestEncoder.max_json_values), before it is parsed"""
+  body_timeout_s: float = 10.0
+  """a rank request whose body has not wholly arrived this long after the server started reading it
+  is answered 408 and its connection closed"""
 
   def __post_init__(self):
-    if self.request_timeout_s <= 0 or self.retry_after_s < 0 or self.max_body_bytes < 1 or self.max_in_flight < 1:
-      raise ValueError("request_timeout_s, max_in_flight and max_body_bytes must be positive, retry_after_s >= 0")
+    if (self.request_timeout_s <= 0 or self.body_timeout_s <= 0 or self.retry_after_s < 0 or self.max_body_bytes < 1
+        or self.max_in_flight < 1):
+      raise ValueError("request_timeout_s, body_timeout_s, max_in_flight and max_body_bytes must be positive, "
+                       "retry_after_s >= 0")
 
 
 # ---- request and response bodies
@@ -174,19 +183,14 @@ def _loc_to_field(loc: tuple) -> str | None:
   return out or None
 
 
-_ENGINE_FIELD = re.compile(r"^(candidates\[\d+\]|features|candidates|user_id)(\.[^:\s]+)?: ")
-
-
 def _engine_error(e: RequestError) -> JSONResponse:
-  """RequestError's "candidates[3].ad_id: ..." names the field in the engine's terms; the body's
-  field is candidates[3].features.ad_id."""
-  msg = str(e)
-  m = _ENGINE_FIELD.match(msg)
-  if not m:
-    return _error(422, "invalid_request", msg)
-  head, name = m.group(1), m.group(2) or ""
-  field = head + (".features" + name if name and head.startswith("candidates[") else name)
-  return _error(422, "invalid_request", f"{field}: {msg[m.end():]}", field)
+  """RequestError's where="candidates[3]", name="ad_id" is the body's candidates[3].features.ad_id."""
+  if e.where is None:
+    return _error(422, "invalid_request", str(e))
+  field = e.where
+  if e.name is not None:
+    field += (".features." if e.where.startswith("candidates[") else ".") + e.name
+  return _error(422, "invalid_request", f"{field}: {e.reason}", field)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -231,16 +235,31 @@ async def _discard_body(receive) -> None:
     pass
 
 
+class _InFlight:
+  """Rank requests whose body has arrived and that are being validated, queued or scored (touched on
+  the event loop's thread only)."""
+
+  def __init__(self, limit: int):
+    self.limit, self.count = limit, 0
+
+  def full(self) -> bool:
+    return self.count >= self.limit
+
+  def shed(self, retry_after_s: int) -> JSONResponse:
+    return _error(503, "overloaded", f"{self.count} rank requests in flight (max_in_flight)",
+                  headers={"Retry-After": str(retry_after_s)})
+
+
 class _Front:
   """Pure ASGI, around the whole app: counts and times every HTTP request into HttpMetrics (route
   template, model, status); answers 413 to a Content-Length over the limit (a chunked body over it
-  fails to parse); and sheds rank requests beyond `max_in_flight` with 503 before parsing their body,
-  so an overloaded server refuses work for the price of reading it."""
+  fails to parse); and sheds rank requests with 503 while `max_in_flight` are in flight, before
+  parsing their body, so an overloaded server refuses work for the price of reading it. The rank
+  handler counts a request in flight once its body has arrived (and sheds it then if the count is
+  full): a client trickling its body holds a socket, not a slot."""
 
-  def __init__(self, app, metrics: HttpMetrics, cfg: HttpConfig):
-    self.app, self.metrics, self.cfg = app, metrics, cfg
-    self.in_flight = 0
-    """rank requests being read, validated, queued or scored (the event loop's thread only)"""
+  def __init__(self, app, metrics: HttpMetrics, cfg: HttpConfig, in_flight: _InFlight):
+    self.app, self.metrics, self.cfg, self.in_flight = app, metrics, cfg, in_flight
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
@@ -269,16 +288,11 @@ class _Front:
         await _error(400, "malformed_json", "invalid Content-Length")(scope, receive, send_observed)
       elif int(length) > limit:
         await _error(413, "too_large", f"request body over {limit} bytes")(scope, receive, send_observed)
-      elif rank and self.in_flight >= self.cfg.max_in_flight:
+      elif rank and self.in_flight.full():
         await _discard_body(receive)  # a socket closed with unread data resets: the client would lose the 503
-        await _error(503, "overloaded", f"{self.in_flight} rank requests in flight (max_in_flight)",
-                     headers={"Retry-After": str(self.cfg.retry_after_s)})(scope, receive, send_observed)
+        await self.in_flight.shed(self.cfg.retry_after_s)(scope, receive, send_observed)
       else:
-        self.in_flight += rank
-        try:
-          await self.app(scope, receive_limited, send_observed)
-        finally:
-          self.in_flight -= rank
+        await self.app(scope, receive_limited, send_observed)
     finally:
       path = getattr(scope.get("route"), "path", "/v1/rank" if rank else "other")
       self.metrics.observe(path, scope.get("jaxrec.model", ""), status, time.perf_counter() - t0)
@@ -324,7 +338,16 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
   app.add_exception_handler(HTTPException, _on_http_error)
   app.add_exception_handler(ApiError, _on_api_error)
   app.add_exception_handler(Exception, _on_unexpected)
-  app.add_middleware(_Front, metrics=metrics, cfg=cfg)
+  in_flight = _InFlight(cfg.max_in_flight)
+  app.add_middleware(_Front, metrics=metrics, cfg=cfg, in_flight=in_flight)
+  limits: list[tuple[int, int]] = []  # RequestEncoder's (max_json_objects, max_json_values) over every model
+
+  def json_limits() -> tuple[int, int]:
+    if not limits:
+      encoders = [registry.engines[n].encoder() for n in registry.names]
+      limits.append((max(e.max_json_objects() for e in encoders), max(e.max_json_values() for e in encoders)))
+    return limits[0]
+
   app.state.registry, app.state.metrics = registry, metrics
   errors = {c: {"model": ErrorReply} for c in (400, 404, 413, 422, 503)}
 
@@ -346,11 +369,35 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
     if kind is not None and not _is_json(kind):
       return _error(415, "unsupported_media_type", "the body must be JSON sent as Content-Type: application/json")
     try:
-      body = RankBody.model_validate_json(await request.body())
-    except ValidationError as e:
-      return _validation_error(e.errors())
+      raw = await asyncio.wait_for(request.body(), cfg.body_timeout_s)
     except ClientDisconnect:  # the client hung up before sending its body: nobody to answer, not a 5xx
       return Response(status_code=CLIENT_CLOSED)
+    except TimeoutError:
+      return _error(408, "body_timeout", f"the request body did not arrive within {cfg.body_timeout_s} s",
+                    headers={"Connection": "close"})
+    if in_flight.full():
+      return in_flight.shed(cfg.retry_after_s)
+    # Parsing holds the event loop per JSON object and value (2 MiB of tiny candidates: 210 ms and 78 MiB of
+    # heap, bench/body_parse_cost.py): a body with more objects or values than the largest valid request is
+    # refused before it (each object, array and item needs one of these bytes)
+    max_objects, max_values = json_limits()
+    objects = raw.count(b"{")
+    values = objects + raw.count(b"[") + raw.count(b",")
+    if objects > max_objects or values > max_values:
+      return _error(413, "too_large", f"the body holds {objects} JSON objects and {values} values (objects, arrays, "
+                    f"items); the largest valid request to the served models holds at most {max_objects} and "
+                    f"{max_values} (max_candidates x features)")
+    in_flight.count += 1
+    try:
+      return await _rank(request, raw)
+    finally:
+      in_flight.count -= 1
+
+  async def _rank(request: Request, raw: bytes) -> Response:
+    try:
+      body = RankBody.model_validate_json(raw)
+    except ValidationError as e:
+      return _validation_error(e.errors())
     eng = engine_for(request, body.model)
     req = RankRequest(features=body.features, candidates=[c.features for c in body.candidates],
                       user_id=body.user_id)
@@ -408,7 +455,8 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
     if admin_token is None:
       raise ApiError(403, "admin_disabled", "admin disabled: start the server with --admin_token or JAXREC_ADMIN_TOKEN")
     given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
+    # Starlette decodes header bytes as latin-1: back to the bytes sent (a UTF-8 token's included)
+    if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {admin_token}".encode()):
       raise ApiError(401, "unauthorized", "missing or wrong admin token (send Authorization: Bearer TOKEN)",
                      headers={"WWW-Authenticate": "Bearer"})
     if model is not None:

@@ -31,7 +31,22 @@ MAX_HASHED_ID = 2**31 - 1  # ids of hashed features (vocab_size None) must fit i
 
 
 class RequestError(ValueError):
-  """A request the engine cannot score; the message names the offending field (HTTP 4xx)."""
+  """A request the engine cannot score (HTTP 4xx); the message names the offending field.
+
+  `where` is the part of the request ("features", "candidates", "candidates[3]", "user_id", or None
+  for the request as a whole), `name` the feature's name within it (or None), `reason` the message
+  without them: "candidates[3].ad_id: id 7 out of range" is where="candidates[3]", name="ad_id".
+  Kept apart, so that a feature name holding ": " or spaces cannot be misread (serve.app maps them
+  to the body's path).
+  """
+
+  def __init__(self, reason: str, where: str | None = None, name: str | None = None):
+    field = where if name is None else f"{where}.{name}"
+    super().__init__(reason if field is None else f"{field}: {reason}")
+    self.reason, self.where, self.name = reason, where, name
+
+  def __reduce__(self):  # pickled across the worker processes' link with its parts
+    return type(self), (self.reason, self.where, self.name)
 
 
 MAX_USER_ID = 2**63 - 1  # user ids key the user-embedding cache as int64
@@ -95,14 +110,14 @@ def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int, req
     raise RequestError(f"expected a RankRequest, got {type(req).__name__}")
   check_user_id(req.user_id, required=require_user_id)
   if not isinstance(req.features, dict):
-    raise RequestError(f"features: expected a dict, got {type(req.features).__name__}")
+    raise RequestError(f"expected a dict, got {type(req.features).__name__}", "features")
   if not isinstance(req.candidates, list):
-    raise RequestError(f"candidates: expected a list, got {type(req.candidates).__name__}")
+    raise RequestError(f"expected a list, got {type(req.candidates).__name__}", "candidates")
   n = len(req.candidates)
   if n == 0:
-    raise RequestError("candidates: at least one candidate is needed")
+    raise RequestError("at least one candidate is needed", "candidates")
   if n > max_candidates:
-    raise RequestError(f"candidates: {n} candidates, at most {max_candidates} are allowed")
+    raise RequestError(f"{n} candidates, at most {max_candidates} are allowed", "candidates")
   dense_idx = {name: i for i, name in enumerate(schema.dense)}
   sparse_idx = {f.name: i for i, f in enumerate(schema.sparse)}
   rows = empty_rows(n, schema)
@@ -114,7 +129,7 @@ def encode_request(req: RankRequest, schema: Schema, *, max_candidates: int, req
   rows = empty_rows(n, schema)  # the per-candidate path: it raises the first error in request order
   for r, cand in enumerate(req.candidates):
     if not isinstance(cand, dict):
-      raise RequestError(f"candidates[{r}]: expected a dict of features, got {type(cand).__name__}")
+      raise RequestError(f"expected a dict of features, got {type(cand).__name__}", f"candidates[{r}]")
     own = _check_features(_known(cand, f"candidates[{r}]", server_filled, frozenset()), f"candidates[{r}]",
                           schema, dense_idx, sparse_idx)
     for name, value in {**shared, **own}.items():
@@ -199,12 +214,12 @@ def check_user_id(user_id, *, required: bool) -> None:
   """RequestError unless `user_id` is None (and not required) or an int in [0, 2**63)."""
   if user_id is None:
     if required:
-      raise RequestError("user_id: required (this ranker consumes a user embedding, cached per user)")
+      raise RequestError("required (this ranker consumes a user embedding, cached per user)", "user_id")
     return
   if isinstance(user_id, bool) or not isinstance(user_id, (int, np.integer)):
-    raise RequestError(f"user_id: must be an integer, got {type(user_id).__name__}")
+    raise RequestError(f"must be an integer, got {type(user_id).__name__}", "user_id")
   if not 0 <= user_id <= MAX_USER_ID:
-    raise RequestError(f"user_id: {user_id} out of range [0, 2**63 - 1]")
+    raise RequestError(f"{user_id} out of range [0, 2**63 - 1]", "user_id")
 
 
 def encode_user_row(features: dict, schema: Schema, names: frozenset[str]) -> Rows:
@@ -229,11 +244,11 @@ def encode_user_row(features: dict, schema: Schema, names: frozenset[str]) -> Ro
 def _known(feats, where: str, server_filled: frozenset[str], skip: frozenset[str]) -> dict:
   """`feats` without the names in `skip`; RequestError for a server-filled one."""
   if not isinstance(feats, dict):
-    raise RequestError(f"{where}: expected a dict, got {type(feats).__name__}")
+    raise RequestError(f"expected a dict, got {type(feats).__name__}", where)
   out = {}
   for name, value in feats.items():
     if name in server_filled:
-      raise RequestError(f"{where}.{name}: filled by the server (the user model's embedding); do not send it")
+      raise RequestError("filled by the server (the user model's embedding); do not send it", where, name)
     if name not in skip:
       out[name] = value
   return out
@@ -242,15 +257,15 @@ def _known(feats, where: str, server_filled: frozenset[str], skip: frozenset[str
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def _dense_value(value: int | float, field: str) -> float:
+def _dense_value(value: int | float, where: str, name: str) -> float:
   """`value` as a float that float32 holds (finite, |x| <= 3.4e38); RequestError otherwise."""
   try:
     x = float(value)
   except OverflowError:  # an int beyond float64
     x = math.inf
   if not math.isfinite(x) or abs(x) > F32_MAX:
-    raise RequestError(f"{field}: dense feature must be finite and within float32 range "
-                       f"(|x| <= {F32_MAX:.3g}), got {value if math.isfinite(x) else x}")
+    raise RequestError(f"dense feature must be finite and within float32 range "
+                       f"(|x| <= {F32_MAX:.3g}), got {value if math.isfinite(x) else x}", where, name)
   return x
 
 
@@ -259,26 +274,25 @@ def _check_features(feats: dict, where: str, schema: Schema, dense_idx: dict[str
   """{name: float (dense) or list of ids (sparse)} of one feature dict, validated."""
   out: dict[str, float | list[int]] = {}
   for name, value in feats.items():
-    field = f"{where}.{name}"
     if name in dense_idx:
       if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{field}: dense feature must be a number, got {type(value).__name__}")
-      out[name] = _dense_value(value, field)
+        raise RequestError(f"dense feature must be a number, got {type(value).__name__}", where, name)
+      out[name] = _dense_value(value, where, name)
     elif name in sparse_idx:
       feat = schema.sparse[sparse_idx[name]]
       ids = value if isinstance(value, list) else [value]
       if len(ids) > feat.max_len:
-        raise RequestError(f"{field}: {len(ids)} ids, the feature holds at most {feat.max_len}")
+        raise RequestError(f"{len(ids)} ids, the feature holds at most {feat.max_len}", where, name)
       hi = MAX_HASHED_ID if feat.vocab_size is None else feat.vocab_size - 1
       for i in ids:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-          raise RequestError(f"{field}: sparse feature ids must be integers, got {type(i).__name__}")
+          raise RequestError(f"sparse feature ids must be integers, got {type(i).__name__}", where, name)
         if not 0 <= i <= hi:
-          raise RequestError(f"{field}: id {i} out of range [0, {hi}]")
+          raise RequestError(f"id {i} out of range [0, {hi}]", where, name)
       out[name] = [int(i) for i in ids]
     else:
-      raise RequestError(f"{field}: unknown feature (the model's features are "
-                         f"{list(schema.dense) + list(sparse_idx)})")
+      raise RequestError(f"unknown feature (the model's features are "
+                         f"{list(schema.dense) + list(sparse_idx)})", where, name)
   return out
 
 
@@ -306,6 +320,28 @@ class RequestEncoder:
   user_schema: Schema | None = None
   user_features: frozenset[str] = frozenset()
   server_filled: frozenset[str] = frozenset()
+
+  def max_json_values(self) -> int:
+    """An upper bound on the '{', '[' and ',' bytes of any valid JSON body (serve.app's RankBody) for
+    this model: max_candidates candidates, each and the request sending every feature once, sparse
+    ones with max_len ids. serve.app refuses a body with more before parsing it: parsing costs time
+    and heap per value, and two megabytes of tiny candidates held the event loop for hundreds of ms
+    (docs/BENCHMARKS.md), however few candidates the model accepts."""
+    lens = {f.name: f.max_len for f in self.schema.sparse}
+    names = {n for n in self.schema.dense if n not in self.server_filled} | set(lens)
+    if self.user_schema is not None:
+      u = {f.name: f.max_len for f in self.user_schema.sparse if f.name in self.user_features}
+      lens = {**u, **lens}
+      names |= set(self.user_features)
+    per_dict = max(1, len(names) + sum(lens.get(n, 0) for n in names))  # '{' and commas; each list's '[' and commas
+    per_candidate = 3 + per_dict  # its '{', the comma after item_id, the comma after it
+    return 5 + per_dict + self.max_candidates * per_candidate + 64  # the body's '{', '[', 3 commas; slack
+
+  def max_json_objects(self) -> int:
+    """An upper bound on the '{' bytes of any valid JSON body for this model: the body's, its
+    features', and two per candidate (itself and its features), plus slack. Each candidate needs
+    one, so this bounds the candidates a body can make the server parse to about max_candidates."""
+    return 2 + 2 * self.max_candidates + 8
 
   def encode(self, req: RankRequest) -> EncodedRequest:
     """Validates and encodes `req`; raises RequestError naming the offending field."""

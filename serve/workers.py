@@ -301,6 +301,10 @@ class RemoteEngine:
   def submit(self, req) -> concurrent.futures.Future:
     return self._link.request("rank", self.name, self._encoder.encode(req))
 
+  def encoder(self):
+    """The engine's serve.request.RequestEncoder (sent once, in the engine process's hello)."""
+    return self._encoder
+
   def describe(self) -> dict:
     return self._link.call("describe", self.name)
 
