@@ -45,7 +45,8 @@ def is_ranker_run(path: Path) -> bool:
   """True for a ranker training run's workdir (see the module docstring)."""
   ckpt = path / "checkpoints"
   return ((path / "config.json").is_file() and (path / "schema.json").is_file() and ckpt.is_dir()
-          and not (path / "user_model.json").exists() and any(ckpt.iterdir()))
+          and not (path / "user_model.json").exists()
+          and any(p.name.isdigit() for p in ckpt.iterdir()))  # a finished one: not only <step>.orbax-checkpoint-tmp
 
 
 def discover_runs(root: Path, max_depth: int = 3) -> dict[str, Path]:
@@ -76,8 +77,9 @@ def discover_runs(root: Path, max_depth: int = 3) -> dict[str, Path]:
 
   walk(root, 1)
   if not runs:
-    raise NoRunsError(f"{root} holds no ranker run (a directory with config.json, schema.json and "
-                      f"checkpoints/, searched {max_depth} levels deep); train one with "
+    raise NoRunsError(f"{root} holds no ranker run (a directory with config.json, schema.json and a finished "
+                      f"checkpoint under checkpoints/, searched {max_depth} levels deep; a run still writing its "
+                      "first checkpoint is not one yet); train one with "
                       f"`python -m train.ranker --workdir {root}`")
   return dict(sorted(runs.items()))
 

@@ -45,7 +45,6 @@ from flax import nnx
 
 from jaxrec.config import parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
-from jaxrec.data.sources import open_train_eval
 from jaxrec.interrupts import entrypoint
 from jaxrec.layers.dense import gemm_sites, prequantize_fp8_weights
 from jaxrec.metrics import log_loss
@@ -53,7 +52,7 @@ from jaxrec.models import build_model
 from jaxrec.precision.plan import GEMMS, PlanError, PrecisionPlan
 from jaxrec.progress import progress
 from jaxrec.training import sharding
-from jaxrec.training.loop import make_workdir
+from jaxrec.training.loop import make_workdir, open_run_data
 from jaxrec.training.restore import read_run_config, restore_ranker
 from jaxrec.training.state import merge_state, plan_train_state
 from jaxrec.training.step import batch_shardings, dense_optimizer, make_train_step
@@ -149,7 +148,7 @@ def run(args: Args) -> dict:
   if cfg.model.kind != "dcnv2":
     raise ValueError(f"the run's model is {cfg.model.kind!r}; precision plans apply to dcnv2 rankers")
   plans = variant_plans(args, run_dir)
-  _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
+  _, eval_src = open_run_data(run_dir, cfg)
   schema = eval_src.schema
   mesh = sharding.make_mesh(1)
   model_cfg = dataclasses.replace(cfg.model, precision_plan="",

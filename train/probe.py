@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxrec.config import config_to_dict, parse_config
 from jaxrec.data.errors import DataFormatError, DataSpecError
-from jaxrec.data.sources import DataConfig, open_train_eval
+from jaxrec.data.sources import DataConfig
 from jaxrec.interrupts import entrypoint, exit_status
 from jaxrec.layers.dense import capture_gemm_operands, dense_modules, gemm_sites
 from jaxrec.models import DCNv2Config, ModelConfig, build_model
@@ -41,7 +41,8 @@ from jaxrec.precision.report import SETTINGS, plot_mere_heatmap, write_report
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.losses import weighted_bce
-from jaxrec.training.loop import LoopConfig, RankerConfig, WorkdirConflictError, make_workdir, train_and_evaluate
+from jaxrec.training.loop import (LoopConfig, RankerConfig, WorkdirConflictError, make_workdir, open_run_data,
+                                  train_and_evaluate)
 from jaxrec.training.restore import read_run, read_run_config, restore_ranker
 from jaxrec.training.state import merge_state
 from jaxrec.training.step import OptimConfig
@@ -147,15 +148,23 @@ def check_run(run_dir: Path) -> ProbeState:
   if missing:
     raise ValueError(f"probe_stats.npz of {run_dir} lacks GEMM sites {missing} of the model")
   ckpts = run_dir / "checkpoints"
-  if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+  done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+  if not done:
     raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/STEP): the run saved none")
+  saved = ProbeState.saved_step(stats_path)
+  if saved is not None and saved != done[-1]:  # probing would pair these statistics with the newest checkpoint
+    why = ("the run went on without --probe.every: resume it with --probe.every N to bring them up to date"
+           if saved < done[-1] else f"the run stopped while saving step {saved:,}: resume it (the same command) "
+           "to finish that checkpoint")
+    raise ValueError(f"probe_stats.npz of {run_dir} holds the statistics of step {saved:,}, but its newest checkpoint "
+                     f"is step {done[-1]:,}, which probing restores ({why})")
   return stats
 
 
 def load_run(run_dir: Path) -> tuple[RankerConfig, object, object]:
   """(config, trained model, eval source) of a finished run."""
   cfg = read_run_config(run_dir)
-  _, eval_src = open_train_eval(cfg.data, cfg.train.steps * cfg.data.batch_size)
+  _, eval_src = open_run_data(run_dir, cfg)
   graphdef, state, _ = restore_ranker(cfg, eval_src.schema, run_dir, sharding.make_mesh(1), row_multiple=1)
   return cfg, merge_state(graphdef, state), eval_src
 

@@ -243,13 +243,14 @@ def train_eval_specs(cfg: DataConfig) -> tuple[DataSpec, DataSpec]:
   return train_spec, eval_spec
 
 
-def open_train_eval(cfg: DataConfig, train_examples: int = 0,
-                    eval_span: int | None = None) -> tuple[BatchSource, BatchSource]:
+def open_train_eval(cfg: DataConfig, train_examples: int = 0, eval_span: int | None = None, *,
+                    user_model_step: int | None = None) -> tuple[BatchSource, BatchSource]:
   """The training and eval sources of a DataConfig, with the eval spec defaulted and checked.
 
   `train_examples` (steps x batch size): what the training stream must hold. An ads-world eval
   stream is spread over the first `eval_span` examples of its stream (default `train_examples`: the
-  training period).
+  training period). With `cfg.user_model`, its checkpoint at `user_model_step` (default the newest)
+  adds the user embeddings.
   """
   train_spec, eval_spec = train_eval_specs(cfg)
   files = "adsworld" not in (train_spec.format, eval_spec.format)
@@ -273,7 +274,7 @@ def open_train_eval(cfg: DataConfig, train_examples: int = 0,
                           "the evaluation, spread over the training period,")
   if cfg.user_model:
     from jaxrec.data.user_embedding import with_user_embedding  # imports the model stack: only when asked
-    train, evl = with_user_embedding(train, evl, cfg.user_model)
+    train, evl = with_user_embedding(train, evl, cfg.user_model, step=user_model_step)
   check_compatible(train, evl, str(train_spec), str(eval_spec))
   return train, evl
 

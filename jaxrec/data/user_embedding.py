@@ -60,11 +60,12 @@ class UserEmbeddingSource:
       yield self._with_embedding(b)
 
 
-def with_user_embedding(train, evl, workdir: str | Path) -> tuple[UserEmbeddingSource, UserEmbeddingSource]:
-  """Wraps a (train, eval) pair of ads-world sources with the frozen tower of `workdir` (loaded once).
-  UserModelError when the eval stream is the one the tower trained on: its embeddings would carry the
-  eval rows' own labels into the ranker's inputs."""
-  tower = load_user_model(workdir)
+def with_user_embedding(train, evl, workdir: str | Path, *,
+                        step: int | None = None) -> tuple[UserEmbeddingSource, UserEmbeddingSource]:
+  """Wraps a (train, eval) pair of ads-world sources with the frozen tower of `workdir` (loaded once,
+  its checkpoint at `step`, default the newest). UserModelError when the eval stream is the one the
+  tower trained on: its embeddings would carry the eval rows' own labels into the ranker's inputs."""
+  tower = load_user_model(workdir, step)
   if isinstance(evl, AdsWorldSource) and evl.stream == tower.config.data.train:
     raise UserModelError(f"user model {str(workdir)!r} was trained on the ads world's {evl.stream!r} stream, "
                          "the ranker's eval data: evaluating on rows the user model learned from would overstate "

@@ -99,14 +99,18 @@ class Checkpointer:
                        f"{', ...' if len(differ) > 3 else ''}): it cannot be restored into this one")
     try:
       restored = self.manager.restore(step, args=ocp.args.StandardRestore(want, strict=not differ))
-    except ValueError as e:  # tensorstore: array data missing or truncated
+    except Exception as e:  # tensorstore: array data missing or truncated; orbax re-raises some as bare Exception
       raise self._damaged(step, e) from None
     return TrainState(**{"fp8": {}, **restored})
 
   def _damaged(self, step: int, e: Exception) -> CheckpointError:
+    root = e  # the innermost cause says what is wrong (OUT_OF_RANGE ...); the outer ones carry TensorStore specs
+    while (root.__cause__ or root.__context__) is not None:
+      root = root.__cause__ or root.__context__
+    line = (str(root).splitlines() or [type(root).__name__])[0]
+    line = line if len(line) <= 300 else line[:300] + "..."
     return CheckpointError(f"the checkpoint at step {step} under {self.directory} is incomplete or damaged "
-                           f"({str(e).splitlines()[0][:300]}); remove {self.directory / str(step)} to use the one "
-                           "before it")
+                           f"({line}); remove {self.directory / str(step)} to use the one before it")
 
   def _unwritable(self, e: Exception) -> CheckpointError:
     line = (str(e).splitlines() or [type(e).__name__])[0]

@@ -123,8 +123,9 @@ class WorkdirConflictError(ValueError):
 
 TRAINED_PLAN = "trained_plan.json"
 EVAL_SPAN = "eval_span.json"
+USER_MODEL_STEP = "user_model_step.json"
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "config.json", "schema.json", "probe_stats.npz",
-             TRAINED_PLAN, EVAL_SPAN)
+             TRAINED_PLAN, EVAL_SPAN, USER_MODEL_STEP)
 
 
 def eval_span(workdir: Path, examples: int) -> int:
@@ -148,6 +149,57 @@ def eval_span(workdir: Path, examples: int) -> int:
     return saved
   path.write_text(json.dumps({"examples": examples}) + "\n")
   return examples
+
+
+def _user_model_steps(user_model: str | Path) -> list[int]:
+  ckpts = Path(user_model) / "checkpoints"
+  return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def user_model_step(workdir: Path, user_model: str) -> int | None:
+  """The checkpoint step of `user_model` (--data.user_model) a ranker run trains on: on resume the
+  step its first start used (WORKDIR/user_model_step.json, written by `pin_user_model_step`), so
+  that a user model trained on meanwhile does not change the ranker's inputs halfway; None on a
+  first start (the newest step), without a user model, or for a run started before steps were
+  pinned. WorkdirConflictError when the user model no longer holds that step."""
+  path = workdir / USER_MODEL_STEP
+  if not user_model or not (has_checkpoint(workdir) and path.exists()):
+    return None
+  try:
+    step = int(json.loads(path.read_text())["step"])
+  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+    raise WorkdirConflictError(f"{path} is unreadable ({type(e).__name__}: {e}), so the run in {workdir} cannot be "
+                               "resumed on the user-model checkpoint it trained on; pass --fresh to start over, or "
+                               "use another --workdir") from None
+  steps = _user_model_steps(user_model)
+  if step not in steps:
+    raise WorkdirConflictError(
+        f"{workdir} trained on user model {user_model}'s checkpoint at step {step:,}, which it no longer holds "
+        f"(it holds steps {steps}): resuming on another would change the ranker's inputs halfway; pass --fresh to "
+        "start over on the newest one, or use another --workdir")
+  if steps[-1] != step:
+    print(f"note: training on user model {user_model}'s step {step:,}, the one this run started on, not its "
+          f"newest step {steps[-1]:,} (pass --fresh to start over on that one)", file=sys.stderr)
+  return step
+
+
+def pin_user_model_step(workdir: Path, user_model: str, step: int) -> None:
+  """Records the user-model checkpoint step a ranker run trains on (see `user_model_step`)."""
+  (workdir / USER_MODEL_STEP).write_text(json.dumps({"user_model": str(user_model), "step": int(step)}) + "\n")
+
+
+def open_run_data(run_dir: Path, cfg) -> tuple[BatchSource, BatchSource]:
+  """The (train, eval) sources of a finished or stopped ranker run, as it trained and evaluated:
+  its first start's eval span and user-model step, where it recorded them."""
+  examples = cfg.train.steps * cfg.data.batch_size
+  span_path = run_dir / EVAL_SPAN
+  span = examples
+  if span_path.exists():
+    try:
+      span = int(json.loads(span_path.read_text())["examples"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+      raise WorkdirConflictError(f"{span_path} is unreadable ({type(e).__name__}: {e})") from None
+  return open_train_eval(cfg.data, examples, span, user_model_step=user_model_step(run_dir, cfg.data.user_model))
 
 
 def make_workdir(path: str | Path) -> Path:
@@ -249,7 +301,16 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
         raise WorkdirConflictError(
             f"{workdir} holds {what} with a different '{section}' config; resume it with the same "
             "settings, pass --fresh to start over, or use another --workdir")
+  done = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] if has_checkpoint(
+      workdir) else []
+  if done and max(done) > cfg.train.steps:  # refused before config.json takes the refused --train.steps
+    raise _past_steps(workdir, max(done), cfg.train.steps)
   saved.write_text(json.dumps(mine, indent=2) + "\n")
+
+
+def _past_steps(workdir: Path, latest: int, steps: int) -> WorkdirConflictError:
+  return WorkdirConflictError(f"{workdir} holds a checkpoint at step {latest:,}, past --train.steps {steps:,}: "
+                              f"pass --train.steps {latest} or more to go on from it, or --fresh to start over")
 
 
 def pin_precision_plan(spec: str, plan: PrecisionPlan | None, workdir: Path) -> None:
@@ -309,8 +370,7 @@ def open_checkpointer(workdir: Path, max_to_keep: int, steps: int, *, init: Call
   try:
     latest = ckpt.latest_step()
     if latest is not None and latest > steps:
-      raise WorkdirConflictError(f"{workdir} holds a checkpoint at step {latest:,}, past --train.steps {steps:,}: "
-                                 f"pass --train.steps {latest} or more to go on from it, or --fresh to start over")
+      raise _past_steps(workdir, latest, steps)
     state = init() if latest is None else ckpt.restore(abstract, shardings, table_rows_used=table_rows_used(model_fn))
   except BaseException:
     ckpt.close()
@@ -373,7 +433,10 @@ def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
   prepare_workdir(cfg, workdir)
   pin_precision_plan(cfg.model.precision_plan, plan, workdir)
   examples = cfg.train.steps * cfg.data.batch_size
-  train_src, eval_src = open_train_eval(cfg.data, examples, eval_span(workdir, examples))
+  um_step = user_model_step(workdir, cfg.data.user_model)
+  train_src, eval_src = open_train_eval(cfg.data, examples, eval_span(workdir, examples), user_model_step=um_step)
+  if cfg.data.user_model:
+    pin_user_model_step(workdir, cfg.data.user_model, train_src.tower.step)
   schema = train_src.schema
   (workdir / "schema.json").write_text(json.dumps(schema.to_json(), indent=2) + "\n")
 
@@ -405,11 +468,19 @@ def train_and_evaluate(cfg: RankerConfig, workdir: Path) -> dict:
       print(f"note: {probe_path} belongs to step {saved_step:,}, not to the checkpoint at step {start:,} this "
             "run resumes from; the Probe's statistics start afresh", file=sys.stderr)
     elif start and probe_path.exists():  # resumed: continue the saved statistics
-      loaded = ProbeState.load(probe_path, cfg.probe.weight_decay)
+      try:
+        loaded = ProbeState.load(probe_path, cfg.probe.weight_decay)
+      except ValueError as e:  # truncated or damaged
+        print(f"note: {e}; the Probe's statistics start afresh", file=sys.stderr)
+        loaded = fresh_probe
       if set(loaded.acts) == set(fresh_probe.acts):
         if not loaded.grads:  # saved before output gradients were probed: start their statistics now
           loaded = loaded.replace(grads=jax.device_get(fresh_probe.grads))
         probe_state = place_probe(loaded, mesh)
+  elif start and probe_path.exists() and start < cfg.train.steps:
+    print(f"note: {probe_path} holds the Probe's statistics up to step {ProbeState.saved_step(probe_path) or 0:,}; "
+          "this run goes on without --probe.every, so they will not match its newer checkpoints (python -m "
+          "train.probe --from_run refuses such a run); pass --probe.every N to keep them up to date", file=sys.stderr)
   metrics_path = workdir / "metrics.jsonl"
   steps, bs = cfg.train.steps, cfg.data.batch_size
   # logged by the killed run after its last checkpoint; a run with no steps left re-evaluates its last

@@ -104,14 +104,16 @@ def test_history_features_keep_ad_zero():
 # ----- the frozen tower as a feature source -----------------------------------------------------------
 
 
+TOWER = UserModelConfig(
+    data=UserDataConfig(batch_size=128, eval_batch_size=512, eval_examples=1024, world=SMALL, history=HIST),
+    model=UserTowerConfig(embed_dim=8, user_mlp=(16,), emb_dim=8, num_embeddings=2, mix_mlp=(16,)),
+    train=LoopConfig(steps=6, log_every=3, checkpoint_every=6, num_devices=1, progress=False))
+
+
 @pytest.fixture(scope="module")
 def tower_dir(tmp_path_factory):
   wd = tmp_path_factory.mktemp("user_model")
-  cfg = UserModelConfig(
-      data=UserDataConfig(batch_size=128, eval_batch_size=512, eval_examples=1024, world=SMALL, history=HIST),
-      model=UserTowerConfig(embed_dim=8, user_mlp=(16,), emb_dim=8, num_embeddings=2, mix_mlp=(16,)),
-      train=LoopConfig(steps=6, log_every=3, checkpoint_every=6, num_devices=1, progress=False))
-  train_user_model(cfg, wd)
+  train_user_model(TOWER, wd)
   return wd
 
 
@@ -169,6 +171,35 @@ def test_downstream_training_leaves_the_tower_frozen(tower_dir, tmp_path):
   for a, b in ((params_before, jax.tree.map(np.array, (after.params, after.table))),
                (in_use, jax.tree.map(np.array, (train.tower.params, train.tower.table)))):
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_a_resumed_ranker_keeps_the_user_model_step_it_started_on(tower_dir, tmp_path, capsys):
+  """A user model trained on while a ranker that consumes it was stopped: the resumed ranker used
+  to switch to the newest user-model step halfway (its second half trained and evaluated on other
+  embeddings, silently). It keeps its first start's step, and is refused once that step is gone."""
+  import shutil
+  from jaxrec.training.loop import WorkdirConflictError
+  tower = tmp_path / "tower"
+  shutil.copytree(tower_dir, tower)
+
+  def ranker_cfg(steps):
+    return RankerConfig(data=_data(tower), model=ModelConfig(dcnv2=DCNv2Config(embed_dim=4, bottom_mlp=(8,),
+                                                                               top_mlp=(8,))),
+                        train=LoopConfig(steps=steps, log_every=3, checkpoint_every=3, num_devices=1, progress=False))
+
+  whole = train_and_evaluate(ranker_cfg(6), tmp_path / "whole")  # on the tower's step 6 throughout
+  train_and_evaluate(ranker_cfg(3), tmp_path / "resumed")
+  assert json.loads((tmp_path / "resumed" / "user_model_step.json").read_text())["step"] == 6
+  train_user_model(dataclasses.replace(TOWER, train=dataclasses.replace(TOWER.train, steps=12)), tower)
+  assert load_user_model(tower).step == 12
+  capsys.readouterr()
+  resumed = train_and_evaluate(ranker_cfg(6), tmp_path / "resumed")
+  err = capsys.readouterr().err
+  assert "training on user model" in err and "step 6, the one this run started on, not its newest step 12" in err
+  assert resumed["eval_ne"] == whole["eval_ne"]  # the same embeddings: the same model
+  shutil.rmtree(tower / "checkpoints" / "6")
+  with pytest.raises(WorkdirConflictError, match="checkpoint at step 6, which it no longer holds"):
+    train_and_evaluate(ranker_cfg(9), tmp_path / "resumed")
 
 
 def test_bad_user_model_workdirs_are_clear(tower_dir, tmp_path):

@@ -114,8 +114,11 @@ def test_fewer_steps_than_the_workdir_holds_is_refused(tmp_path, capsys):
   wd = tmp_path / "run"
   assert ranker.main(["--workdir", str(wd), "--train.steps", "4"] + SMOKE) == 0
   capsys.readouterr()
+  config = (wd / "config.json").read_text()
   assert ranker.main(["--workdir", str(wd), "--train.steps", "2"] + SMOKE) == 2
-  assert "checkpoint at step 4, past --train.steps 2" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "checkpoint at step 4, past --train.steps 2" in err and "note:" not in err  # refused first
+  assert (wd / "config.json").read_text() == config  # the refused --train.steps was written there
   assert json.loads((wd / "summary.json").read_text())["steps"] == 4
   assert ranker.main(["--workdir", str(wd), "--train.steps", "2", "--fresh"] + SMOKE) == 0
   assert json.loads((wd / "summary.json").read_text())["steps"] == 2
@@ -123,6 +126,7 @@ def test_fewer_steps_than_the_workdir_holds_is_refused(tmp_path, capsys):
 
 def test_probe_statistics_resume_with_their_checkpoint(tmp_path, capsys):
   from jaxrec.precision.probe import ProbeState
+  from train.probe import check_run
   common = ["--train.checkpoint_every", "5", "--probe.every", "1"] + SMOKE
   a, b = tmp_path / "a", tmp_path / "b"
   assert ranker.main(["--workdir", str(a), "--train.steps", "10"] + common) == 0
@@ -138,6 +142,19 @@ def test_probe_statistics_resume_with_their_checkpoint(tmp_path, capsys):
   assert ranker.main(["--workdir", str(b), "--train.steps", "10"] + common) == 0
   assert "belongs to step 10, not to the checkpoint at step 5" in capsys.readouterr().err
   assert int(ProbeState.load(b / "probe_stats.npz").updates) == 5
+  # a damaged statistics file on resume: a note and fresh statistics, not a traceback
+  with (b / "probe_stats.npz").open("r+b") as f:
+    f.truncate(100)
+  shutil.rmtree(b / "checkpoints" / "10")
+  assert ranker.main(["--workdir", str(b), "--train.steps", "10"] + common) == 0
+  assert "not a probe_stats.npz" in capsys.readouterr().err
+  assert int(ProbeState.load(b / "probe_stats.npz").updates) == 5  # steps 6-10
+  check_run(b)
+  # going on without --probe.every leaves the statistics behind the checkpoints: said, and probing refuses them
+  assert ranker.main(["--workdir", str(b), "--train.steps", "15", "--train.checkpoint_every", "5"] + SMOKE) == 0
+  assert "holds the Probe's statistics up to step 10; this run goes on without --probe.every" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="statistics of step 10, but its newest checkpoint is step 15.*without --probe"):
+    check_run(b)
 
 
 def test_killed_and_resumed_matches_uninterrupted(tmp_path):
