@@ -23,6 +23,28 @@ def test_smoke_bench_runs_checks_and_writes(tmp_path, capsys):
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_wrong_kernel_output_is_caught(tmp_path, capsys, monkeypatch):
+  """Negative control: a variant whose output is twice the reference is marked not ok in the CSV,
+  named WRONG on stdout, and the run exits 1 (one shape: --seconds stops the sweep after it)."""
+  real = bench.variants
+
+  def one_wrong(m, k, n, on_gpu):
+    out = real(m, k, n, on_gpu)
+    return [(op, name, (lambda *a, f=fn: 2 * f(*a)) if name == "jaxrec_fp8" else fn, args, ref)
+            for op, name, fn, args, ref in out]
+
+  monkeypatch.setattr(bench, "variants", one_wrong)
+  assert bench.main(["--smoke", "--iters", "1", "--seconds", "1e-9", "--out", str(tmp_path)]) == 1
+  captured = capsys.readouterr()
+  assert "error: 1 outputs differ from the reference" in captured.err
+  wrong = [line for line in captured.out.splitlines() if line.endswith("WRONG")]
+  assert len(wrong) == 1 and " jaxrec_fp8 " in wrong[0]
+  with (tmp_path / "bench.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert {r["variant"]: r["ok"] for r in rows if r["ok"] == "False"} == {"jaxrec_fp8": "False"}
+  assert float(next(r for r in rows if r["variant"] == "jaxrec_fp8")["rel_err"]) == pytest.approx(1.0, abs=0.05)
+
+
 def test_full_sweep_covers_the_issue_shapes():
   shapes = bench.full_sweep()
   assert len(shapes) == 19 and (8192, 8192, 8192) in shapes and (65536, 1024, 4096) in shapes

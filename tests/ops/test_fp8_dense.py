@@ -72,10 +72,12 @@ def error_bound(a, b, recipe, a_dtype, b_dtype):
   return bound + (k + 2) * 2.0 ** -23 * (np.abs(a) @ np.abs(b)) + 1e-30
 
 
-def realistic(shape, seed, outlier_cols=2):
-  """Normal data with a few outlier columns (x50), the spread that breaks per-tensor scaling."""
+def realistic(shape, seed, outlier_cols=2, row_decades=0.0):
+  """Normal data with a few outlier columns (x50), the spread that breaks per-tensor scaling; with
+  `row_decades`, rows scaled by 10**U(-row_decades, 0) (examples of very different magnitudes: one
+  tensor-wide scale pushes the small rows into FP8's subnormals, which a row recipe avoids)."""
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=shape)
+  x = rng.normal(size=shape) * 10.0 ** rng.uniform(-row_decades, 0, size=(shape[0], 1))
   if shape[1] > outlier_cols:
     x[:, rng.choice(shape[1], outlier_cols, replace=False)] *= 50.0
   return jnp.asarray(x, jnp.float32)
@@ -109,10 +111,13 @@ def test_really_quantized_not_folded_to_f32(recipe):
 
 
 def test_row_and_block_scaling_beat_tensor_scaling_on_outliers():
-  x, w = realistic((64, 512), 5, outlier_cols=4), realistic((512, 64), 6, 0)
+  """Mean per-row relative error, on rows whose magnitudes span four decades: a row recipe that
+  took one tensor-wide scale would tie with "tensor" (it did pass `row <= 1.01 x tensor`)."""
+  x, w = realistic((64, 512), 5, outlier_cols=4, row_decades=4), realistic((512, 64), 6, 0)
   ref = np.asarray(dense_reference(x, w), np.float64)
-  err = {r: np.linalg.norm(np.asarray(fp8_dense(x, w, recipe=r)) - ref) / np.linalg.norm(ref) for r in RECIPES}
-  assert err["block"] < err["tensor"] and err["row"] <= err["tensor"] * 1.01
+  err = {r: np.mean(np.linalg.norm(np.asarray(fp8_dense(x, w, recipe=r), np.float64) - ref, axis=1)
+                    / np.linalg.norm(ref, axis=1)) for r in RECIPES}
+  assert err["block"] < 0.8 * err["tensor"] and err["row"] < 0.8 * err["tensor"], err
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from jaxrec.data.batch import batch_from_numpy
-from serve.engine import Engine, EngineClosed, EngineConfig, Overloaded, load_ranker
-from serve.request import RankRequest, RequestError, concat_rows
+from serve.engine import Engine, EngineClosed, EngineConfig, Overloaded, _batch_bins, load_ranker
+from serve.request import RankRequest, RequestError, concat_rows, empty_rows
 from train import ranker
 from train.probe import load_run
 
@@ -47,9 +47,10 @@ def reference(run_dir):
   """probs(rows) of the trained model, rebuilt by train.probe.load_run and run eagerly on whole rows."""
   _, model, _ = load_run(run_dir)
 
-  def probs(dense, sparse):
+  def probs(dense, sparse, sparse_mask=None):
     n = dense.shape[0]
-    batch = batch_from_numpy(dense=dense, sparse=sparse, sparse_mask=np.ones_like(sparse, bool),
+    mask = np.ones_like(sparse, bool) if sparse_mask is None else sparse_mask
+    batch = batch_from_numpy(dense=dense, sparse=sparse, sparse_mask=mask,
                              labels=np.zeros((n, 2)), weights=np.ones(n), domain=np.zeros(n),
                              timestamp=np.zeros(n))
     return np.asarray(jax.nn.sigmoid(model(jax.tree.map(jax.numpy.asarray, batch))))
@@ -147,10 +148,16 @@ def test_padding_rows_never_leak(loaded):
     np.testing.assert_allclose(together.scores[t], alone.scores[t], rtol=0, atol=1e-6)
 
 
-def test_missing_features_are_empty_rows(engine):
-  """A request with no features scores exactly like the padding rows (zero dense, no ids)."""
+def test_missing_features_are_empty_rows(engine, reference):
+  """A request with no features scores exactly like the padding rows (zero dense, no ids): the
+  model's forward over empty_rows, every task."""
   resp = engine.rank(RankRequest({}, [{}, {}]), timeout=30)
-  assert resp.scores["click"][0] == resp.scores["click"][1]
+  rows = empty_rows(2, engine.schema)
+  assert not rows.sparse_mask.any() and not rows.dense.any()
+  assert_matches(resp, reference(rows.dense, rows.sparse, rows.sparse_mask), engine.schema.labels)
+  # control: the same forward with every sparse slot on (id 0 present) scores differently
+  with pytest.raises(AssertionError):
+    assert_matches(resp, reference(rows.dense, rows.sparse), engine.schema.labels)
 
 
 @pytest.mark.parametrize("features, candidates, match", [
@@ -316,6 +323,14 @@ def test_describe_example_and_stats_are_json(engine):
   st = json.loads(json.dumps(engine.stats()))
   assert st["requests"] >= 1 and st["rows"] >= 3 and st["failed_batches"] == 0 and st["queue_depth"] == 0
   assert sum(st["batches"].values()) == sum(st["batch_requests_hist"].values()) >= 1
+  engine.rank(RankRequest(body["features"], body["candidates"]), timeout=30)  # alone: a batch of one request
+  after = engine.stats()["batch_requests_hist"]
+  assert {k: after[k] - st["batch_requests_hist"][k] for k in after} == {k: int(k == "1") for k in after}
+
+
+@pytest.mark.parametrize("n, bin_", [(1, "1"), (2, "2"), (3, "4"), (4, "4"), (5, "8"), (33, "64"), (64, "64")])
+def test_batch_bins_are_the_power_of_two_at_or_above(n, bin_):
+  assert _batch_bins(n) == bin_
 
 
 @pytest.mark.parametrize("plan", ["uniform:fp8_row", "uniform:fp8_delayed"])

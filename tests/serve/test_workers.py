@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from serve.engine import EngineClosed, Overloaded
-from serve.metrics import HttpMetrics
+from serve.metrics import AGE_BUCKETS_S, LATENCY_BUCKETS_S, HttpMetrics
 from serve.registry import Registry, UnknownModel
 from serve.request import RankRequest, RequestError
 from serve.app import HttpConfig
@@ -78,8 +78,13 @@ def test_metrics_merge_sums_counts_and_histograms():
   merged = HttpMetrics.merged([a.snapshot(), b.snapshot()]).snapshot()
   assert merged["counts"] == {("/v1/rank", "m", 200): 2, ("/v1/rank", "m", 503): 1}
   counts, total = merged["latency"][("/v1/rank", "m")]
-  assert sum(counts) == 3 and total == pytest.approx(0.205)
-  assert sum(merged["age"]["m"][0]) == 1
+  # LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, ...): bounds are inclusive
+  want = [0] * (len(LATENCY_BUCKETS_S) + 1)
+  want[0], want[2], want[7] = 1, 1, 1  # 0.001 (on the bound), 0.004, 0.2
+  assert counts == want and total == pytest.approx(0.205)
+  age = [0] * (len(AGE_BUCKETS_S) + 1)
+  age[3] = 1  # 30 s: above 15, at most 60
+  assert merged["age"]["m"][0] == age
 
 
 def test_bridge_keeps_each_workers_newest_metrics_snapshot(registry):
