@@ -58,7 +58,7 @@ from starlette.requests import ClientDisconnect
 from serve.engine import EngineClosed, Overloaded, RankResponse, SwapError
 from serve.metrics import CONTENT_TYPE, HttpMetrics, render
 from serve.registry import Registry, UnknownModel
-from serve.request import RankRequest, RequestError
+from serve.request import RankRequest, RequestError, json_counts
 
 __all__ = ["ApiError", "Candidate", "HttpConfig", "RankBody", "RankReply", "create_app"]
 
@@ -381,8 +381,7 @@ def create_app(registry: Registry, cfg: HttpConfig = HttpConfig(), *, admin_toke
     # heap, bench/body_parse_cost.py): a body with more objects or values than the largest valid request is
     # refused before it (each object, array and item needs one of these bytes)
     max_objects, max_values = json_limits()
-    objects = raw.count(b"{")
-    values = objects + raw.count(b"[") + raw.count(b",")
+    objects, values = json_counts(raw)
     if objects > max_objects or values > max_values:
       return _error(413, "too_large", f"the body holds {objects} JSON objects and {values} values (objects, arrays, "
                     f"items); the largest valid request to the served models holds at most {max_objects} and "

@@ -306,6 +306,14 @@ class EncodedRequest:
   user_row: Rows | None = None
 
 
+def json_counts(raw: bytes) -> tuple[int, int]:
+  """(objects, values) of a JSON body, counted without parsing it: its '{' bytes, and its '{', '['
+  and ',' bytes (each object, array and item needs one; strings holding them only add): what
+  `RequestEncoder.max_json_objects` / `max_json_values` bound."""
+  objects = raw.count(b"{")
+  return objects, objects + raw.count(b"[") + raw.count(b",")
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestEncoder:
   """Everything validation and encoding need, apart from the engine (plain data, picklable: the

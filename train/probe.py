@@ -41,8 +41,8 @@ from jaxrec.precision.report import SETTINGS, plot_mere_heatmap, write_report
 from jaxrec.progress import progress
 from jaxrec.training import sharding
 from jaxrec.training.losses import weighted_bce
-from jaxrec.training.loop import (LoopConfig, RankerConfig, WorkdirConflictError, make_workdir, open_run_data,
-                                  train_and_evaluate)
+from jaxrec.training.loop import (LoopConfig, RankerConfig, WorkdirConflictError, checkpoint_steps, make_workdir,
+                                  open_run_data, train_and_evaluate)
 from jaxrec.training.restore import read_run, read_run_config, restore_ranker
 from jaxrec.training.state import merge_state
 from jaxrec.training.step import OptimConfig
@@ -147,8 +147,7 @@ def check_run(run_dir: Path) -> ProbeState:
   missing = sorted({s for s, _, _ in sites} - set(stats.acts))
   if missing:
     raise ValueError(f"probe_stats.npz of {run_dir} lacks GEMM sites {missing} of the model")
-  ckpts = run_dir / "checkpoints"
-  done = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+  done = checkpoint_steps(run_dir)
   if not done:
     raise FileNotFoundError(f"{run_dir} has no checkpoint (checkpoints/STEP): the run saved none")
   saved = ProbeState.saved_step(stats_path)

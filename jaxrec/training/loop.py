@@ -102,11 +102,16 @@ def checked_mean_loss(losses: list[jax.Array], done: int, workdir: Path) -> floa
   return loss
 
 
-def has_checkpoint(workdir: str | Path) -> bool:
-  """Whether WORKDIR/checkpoints holds a finished checkpoint (a <step> folder; one being written is
-  <step>.orbax-checkpoint-tmp)."""
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+  """The steps of WORKDIR/checkpoints' finished checkpoints, ascending (a <step> folder; one being
+  written is <step>.orbax-checkpoint-tmp)."""
   ckpts = Path(workdir) / "checkpoints"
-  return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+  return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+
+
+def has_checkpoint(workdir: str | Path) -> bool:
+  """Whether WORKDIR/checkpoints holds a finished checkpoint."""
+  return bool(checkpoint_steps(workdir))
 
 
 def interrupted_message(workdir: str | Path) -> str:
@@ -136,12 +141,7 @@ def eval_span(workdir: Path, examples: int) -> int:
   (its eval then covers the first start's period, said on stderr)."""
   path = workdir / EVAL_SPAN
   if has_checkpoint(workdir) and path.exists():
-    try:
-      saved = int(json.loads(path.read_text())["examples"])
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
-      raise WorkdirConflictError(f"{path} is unreadable ({type(e).__name__}: {e}), so the run in {workdir} cannot "
-                                 "be resumed on its eval rows; pass --fresh to start over, or use another "
-                                 "--workdir") from None
+    saved = _read_saved(path, "examples", "be resumed on its eval rows")
     if saved != examples:
       print(f"note: evaluating on the rows this run evaluated before (spread over its first start's "
             f"{saved:,} training examples, not over {examples:,}), so that its eval records stay comparable",
@@ -151,9 +151,14 @@ def eval_span(workdir: Path, examples: int) -> int:
   return examples
 
 
-def _user_model_steps(user_model: str | Path) -> list[int]:
-  ckpts = Path(user_model) / "checkpoints"
-  return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+def _read_saved(path: Path, key: str, why: str) -> int:
+  """The integer `key` of a run's JSON record at `path` (eval_span.json, user_model_step.json);
+  WorkdirConflictError when it is unreadable (the run cannot `why`)."""
+  try:
+    return int(json.loads(path.read_text())[key])
+  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+    raise WorkdirConflictError(f"{path} is unreadable ({type(e).__name__}: {e}), so the run in {path.parent} cannot "
+                               f"{why}; pass --fresh to start over, or use another --workdir") from None
 
 
 def user_model_step(workdir: Path, user_model: str) -> int | None:
@@ -165,13 +170,8 @@ def user_model_step(workdir: Path, user_model: str) -> int | None:
   path = workdir / USER_MODEL_STEP
   if not user_model or not (has_checkpoint(workdir) and path.exists()):
     return None
-  try:
-    step = int(json.loads(path.read_text())["step"])
-  except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
-    raise WorkdirConflictError(f"{path} is unreadable ({type(e).__name__}: {e}), so the run in {workdir} cannot be "
-                               "resumed on the user-model checkpoint it trained on; pass --fresh to start over, or "
-                               "use another --workdir") from None
-  steps = _user_model_steps(user_model)
+  step = _read_saved(path, "step", "be resumed on the user-model checkpoint it trained on")
+  steps = checkpoint_steps(user_model)
   if step not in steps:
     raise WorkdirConflictError(
         f"{workdir} trained on user model {user_model}'s checkpoint at step {step:,}, which it no longer holds "
@@ -193,12 +193,7 @@ def open_run_data(run_dir: Path, cfg) -> tuple[BatchSource, BatchSource]:
   its first start's eval span and user-model step, where it recorded them."""
   examples = cfg.train.steps * cfg.data.batch_size
   span_path = run_dir / EVAL_SPAN
-  span = examples
-  if span_path.exists():
-    try:
-      span = int(json.loads(span_path.read_text())["examples"])
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
-      raise WorkdirConflictError(f"{span_path} is unreadable ({type(e).__name__}: {e})") from None
+  span = _read_saved(span_path, "examples", "be evaluated on its eval rows") if span_path.exists() else examples
   return open_train_eval(cfg.data, examples, span, user_model_step=user_model_step(run_dir, cfg.data.user_model))
 
 
@@ -301,10 +296,9 @@ def prepare_workdir(cfg, workdir: Path, *, run_files: tuple[str, ...] = RUN_FILE
         raise WorkdirConflictError(
             f"{workdir} holds {what} with a different '{section}' config; resume it with the same "
             "settings, pass --fresh to start over, or use another --workdir")
-  done = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] if has_checkpoint(
-      workdir) else []
-  if done and max(done) > cfg.train.steps:  # refused before config.json takes the refused --train.steps
-    raise _past_steps(workdir, max(done), cfg.train.steps)
+  done = checkpoint_steps(workdir)
+  if done and done[-1] > cfg.train.steps:  # refused before config.json takes the refused --train.steps
+    raise _past_steps(workdir, done[-1], cfg.train.steps)
   saved.write_text(json.dumps(mine, indent=2) + "\n")
 
 
