@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from jaxrec.config import config_from_dict, config_to_dict
+from jaxrec.training.loop import has_checkpoint
 from serve.engine import Engine, EngineConfig, open_engine, reload_together
 
 __all__ = ["NoRunsError", "Registry", "UnknownModel", "discover_runs", "engine_configs", "is_ranker_run"]
@@ -43,10 +44,8 @@ class UnknownModel(KeyError):
 
 def is_ranker_run(path: Path) -> bool:
   """True for a ranker training run's workdir (see the module docstring)."""
-  ckpt = path / "checkpoints"
-  return ((path / "config.json").is_file() and (path / "schema.json").is_file() and ckpt.is_dir()
-          and not (path / "user_model.json").exists()
-          and any(p.name.isdigit() for p in ckpt.iterdir()))  # a finished one: not only <step>.orbax-checkpoint-tmp
+  return ((path / "config.json").is_file() and (path / "schema.json").is_file()
+          and not (path / "user_model.json").exists() and has_checkpoint(path))  # not only <step>.orbax-checkpoint-tmp
 
 
 def discover_runs(root: Path, max_depth: int = 3) -> dict[str, Path]:
