@@ -118,7 +118,7 @@ def test_fewer_steps_than_the_workdir_holds_is_refused(tmp_path, capsys):
   assert ranker.main(["--workdir", str(wd), "--train.steps", "2"] + SMOKE) == 2
   err = capsys.readouterr().err
   assert "checkpoint at step 4, past --train.steps 2" in err and "note:" not in err  # refused first
-  assert (wd / "config.json").read_text() == config  # the refused --train.steps was written there
+  assert (wd / "config.json").read_text() == config  # the refused --train.steps used to be written there
   assert json.loads((wd / "summary.json").read_text())["steps"] == 4
   assert ranker.main(["--workdir", str(wd), "--train.steps", "2", "--fresh"] + SMOKE) == 0
   assert json.loads((wd / "summary.json").read_text())["steps"] == 2
